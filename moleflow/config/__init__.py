@@ -1,0 +1,1 @@
+from moleflow.config.ablation import AblationConfig, ConfigError, PRESETS, DEMO_SETTINGS, MVTEC_CLASSES

@@ -1,0 +1,61 @@
+"""--resume: continue an interrupted experiment, or extend a finished one with new classes."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Optional
+
+from moleflow.config.ablation import AblationConfig, ConfigError, apply_overrides
+
+
+def resolve_resume(config: AblationConfig, explicit: dict[str, Any]):
+    """Turn ``--resume DIR`` into (config, ResumeState); without it return (config, None).
+
+    The saved settings are the base; explicit flags override them, but a flag that changes the
+    architecture (backbone, D, rank, blocks, switches, ...) is refused with the difference named.
+    An unfinished run continues in its own folder; a finished run given ``--task_classes NEW...``
+    is extended in a new folder with the new classes as further tasks.
+    """
+    if config.resume is None:
+        return config, None
+    from moleflow.data import split_tasks
+    from moleflow.runner import ResumeState
+    from moleflow.trainer.checkpoint import CHECKPOINT_NAME, architecture_differences, load_checkpoint
+
+    exp_dir = Path(config.resume)
+    if not exp_dir.is_dir():
+        raise ConfigError(f"--resume {exp_dir} is not a folder; pass an experiment folder under --log_dir")
+    ckpt = load_checkpoint(exp_dir / CHECKPOINT_NAME)
+    saved: dict[str, Any] = dict(ckpt["config"])
+    known = {f.name for f in dataclasses.fields(AblationConfig)}
+    base = AblationConfig(**{k: v for k, v in saved.items() if k in known})
+    overrides = {k: v for k, v in explicit.items() if k not in ("task_classes", "demo")}
+    resolved = apply_overrides(base, {**overrides, "resume": str(exp_dir), "demo": False})
+    diffs = architecture_differences(saved, resolved.to_dict())
+    if diffs:
+        raise ConfigError(f"cannot resume {exp_dir}: {'; '.join(diffs)}; drop those flags or start a new run")
+    saved_tasks: list[list[str]] = [list(t) for t in ckpt["tasks"]]
+    done = int(ckpt["tasks_done"])
+    old_classes = [c for t in saved_tasks for c in t]
+    if "task_classes" not in explicit:
+        if done >= len(saved_tasks):
+            raise ConfigError(f"{exp_dir} already finished its {done} task(s); add classes with "
+                              f"--resume {exp_dir} --task_classes NEW_CLASS ...")
+        return resolved.validate(), ResumeState(ckpt, exp_dir, extend=False, tasks=saved_tasks)
+    if done < len(saved_tasks):
+        raise ConfigError(f"{exp_dir} stopped after {done} of {len(saved_tasks)} tasks; finish it with "
+                          f"--resume {exp_dir} (no --task_classes) before adding classes")
+    new = list(explicit["task_classes"])
+    again = [c for c in new if c in old_classes]
+    if again:
+        raise ConfigError(f"classes {again} were already learned in {exp_dir}; --task_classes must name new classes")
+    _, per_task = _scenario_step(resolved.cl_scenario)
+    tasks = saved_tasks + split_tasks(new, f"{per_task}-{per_task}")
+    resolved = apply_overrides(resolved, {"task_classes": old_classes + new}).validate()
+    return resolved, ResumeState(ckpt, exp_dir, extend=True, tasks=tasks)
+
+
+def _scenario_step(scenario: str) -> tuple[int, int]:
+    from moleflow.data import parse_cl_scenario
+    return parse_cl_scenario(scenario)

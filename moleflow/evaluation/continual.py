@@ -1,0 +1,116 @@
+"""Continual-learning accuracy matrices, forgetting and backward transfer.
+
+``R[i][j]`` is a metric on task ``j`` measured right after training task ``i`` (NaN where
+``j > i`` or not measured). With ``T`` the last trained task:
+
+- forgetting  FM  = mean over j < T of ( max_{i in [j, T-1]} R[i][j] - R[T][j] )
+- backward transfer BWT = mean over j < T of ( R[T][j] - R[j][j] )
+
+Entries that were not measured (NaN) are left out of the max and the means; a value that
+cannot be formed from any measured entry is NaN.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from typing import Mapping
+
+import numpy as np
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+class ContinualMatrix:
+    """Accuracy matrix of one metric over a sequence of tasks.
+
+    Args:
+        num_tasks: Number of tasks in the sequence.
+        task_names: One name per task (e.g. the class, or ``'bottle+cable'`` for a group).
+    """
+
+    def __init__(self, num_tasks: int, task_names: list[str]) -> None:
+        if num_tasks < 1:
+            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+        if len(task_names) != num_tasks:
+            raise ValueError(f"{len(task_names)} task names for {num_tasks} tasks")
+        self.num_tasks = num_tasks
+        self.task_names = list(task_names)
+        self._values = np.full((num_tasks, num_tasks), np.nan)
+        self._trained = np.zeros(num_tasks, dtype=bool)
+
+    @property
+    def values(self) -> np.ndarray:
+        """A copy of ``R``, ``(num_tasks, num_tasks)``, NaN where not measured."""
+        return self._values.copy()
+
+    @property
+    def last_task(self) -> int:
+        """``T``, the last task with a measured row; -1 if nothing was set."""
+        trained = np.flatnonzero(self._trained)
+        return int(trained[-1]) if trained.size else -1
+
+    def set(self, after_task: int, task: int, value: float) -> None:
+        """Record ``R[after_task][task] = value``.
+
+        Raises:
+            ValueError: If an index is out of range or ``task > after_task``.
+        """
+        for name, idx in (("after_task", after_task), ("task", task)):
+            if not 0 <= idx < self.num_tasks:
+                raise ValueError(f"{name}={idx} outside [0, {self.num_tasks - 1}]")
+        if task > after_task:
+            raise ValueError(f"task {task} is not trained yet after task {after_task}")
+        self._values[after_task, task] = float(value)
+        self._trained[after_task] = True
+
+    def final_mean(self) -> float:
+        """Mean of the last measured row over tasks 0..T (NaN if nothing was set)."""
+        last = self.last_task
+        if last < 0:
+            return float("nan")
+        return _nanmean(self._values[last, : last + 1].tolist())
+
+    def forgetting(self) -> float:
+        """Forgetting measure FM; NaN if ``T == 0`` (nothing to forget yet)."""
+        last = self.last_task
+        gaps = []
+        for j in range(max(last, 0)):
+            earlier = self._values[j:last, j]
+            if np.isnan(earlier).all():
+                continue
+            gaps.append(float(np.nanmax(earlier)) - self._values[last, j])
+        return _nanmean(gaps)
+
+    def backward_transfer(self) -> float:
+        """Backward transfer BWT (negative = forgetting); NaN if ``T == 0``."""
+        last = self.last_task
+        return _nanmean([self._values[last, j] - self._values[j, j] for j in range(max(last, 0))])
+
+    def to_csv(self, path: str | os.PathLike) -> None:
+        """Write ``R``: header ``after_task, <task names>``, rows ``after_task_i``; NaN -> empty."""
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["after_task", *self.task_names])
+            for i, row in enumerate(self._values):
+                writer.writerow([f"after_task_{i}", *("" if math.isnan(v) else repr(float(v))
+                                                      for v in row)])
+
+
+def write_continual_summary(matrices: Mapping[str, ContinualMatrix], path: str | os.PathLike) -> None:
+    """Write ``continual_summary.csv``: one row per metric with final_mean, forgetting, bwt.
+
+    Args:
+        matrices: ``{metric_name: ContinualMatrix}``.
+        path: Output CSV path.
+    """
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["metric", "final_mean", "forgetting", "bwt"])
+        for name, matrix in matrices.items():
+            cells = (matrix.final_mean(), matrix.forgetting(), matrix.backward_transfer())
+            writer.writerow([name, *("" if math.isnan(v) else repr(v) for v in cells)])

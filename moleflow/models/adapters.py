@@ -1,0 +1,99 @@
+"""Input stage of the flow: positional encoding, per-task input adapters, spatial context mixer.
+
+These modules condition the features before the invertible part; the density (and its
+log-determinant) is that of the adapted features, as in the reference design.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def positional_encoding_2d(height: int, width: int, dim: int) -> Tensor:
+    """Fixed 2-D sinusoidal encoding.
+
+    The first D/2 channels encode the column, the last D/2 the row; inside each half channel
+    2i = sin(pos * w_i), 2i+1 = cos(pos * w_i), w_i = 10000^(-2i / (D/2)).
+
+    Args:
+        height: grid rows H.
+        width: grid columns W.
+        dim: D, divisible by 4.
+
+    Returns:
+        (H, W, D) tensor.
+    """
+    if dim % 4 != 0:
+        raise ValueError(f"positional encoding needs D divisible by 4, got {dim}")
+    half = dim // 2
+    omega = torch.exp(-math.log(10000.0) * torch.arange(0, half, 2, dtype=torch.float64) / half)
+
+    def encode(positions: Tensor) -> Tensor:  # (P,) -> (P, half)
+        angles = positions[:, None].double() * omega[None, :]
+        out = torch.zeros(len(positions), half, dtype=torch.float64)
+        out[:, 0::2] = torch.sin(angles)
+        out[:, 1::2] = torch.cos(angles)
+        return out
+
+    cols = encode(torch.arange(width))[None, :, :].expand(height, width, half)
+    rows = encode(torch.arange(height))[:, None, :].expand(height, width, half)
+    return torch.cat([cols, rows], dim=-1).float()
+
+
+class WhiteningAdapter(nn.Module):
+    """y = gamma * LN(x) + beta, LN without affine; gamma in (0.5, 2), beta in (-2, 2).
+
+    Args:
+        dim: D.
+        gamma_raw_init: initial gamma_raw (-0.7 for task 0 gives gamma ~ 1, 0 for later tasks).
+    """
+
+    def __init__(self, dim: int, gamma_raw_init: float) -> None:
+        super().__init__()
+        self.gamma_raw = nn.Parameter(torch.full((dim,), float(gamma_raw_init)))
+        self.beta_raw = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., D) -> (..., D)."""
+        gamma = 0.5 + 1.5 * torch.sigmoid(self.gamma_raw)
+        beta = 2.0 * torch.tanh(self.beta_raw)
+        return gamma * F.layer_norm(x, x.shape[-1:]) + beta
+
+
+class FiLMAdapter(nn.Module):
+    """Fallback adapter (``--no_whitening_adapter``): y = LN_affine(x * (1 + scale) + shift)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.zeros(dim))
+        self.shift = nn.Parameter(torch.zeros(dim))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., D) -> (..., D)."""
+        return self.norm(x * (1.0 + self.scale) + self.shift)
+
+
+class SpatialContextMixer(nn.Module):
+    """x' = (1 - g) x + g DWConv_k(x), g = sigmoid(r), r0 = 0.5, conv initialised as a box filter.
+
+    Args:
+        dim: D.
+        kernel_size: odd k.
+    """
+
+    def __init__(self, dim: int, kernel_size: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=False)
+        nn.init.constant_(self.conv.weight, 1.0 / kernel_size**2)
+        self.gate = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, H, W, D) -> (B, H, W, D)."""
+        g = torch.sigmoid(self.gate)
+        mixed = self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return (1.0 - g) * x + g * mixed

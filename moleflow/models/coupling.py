@@ -1,0 +1,135 @@
+"""Invertible blocks of the flow: shared MoLE coupling blocks and per-task DIA blocks.
+
+Every block maps (x, task) -> (y, log|det J|) per patch and has an exact reverse.
+
+Why the MoLE block is custom rather than a FrEIA module: the loss and the anomaly score need
+the log-determinant *per patch*, but FrEIA's couplings sum it over all non-batch axes; the
+subnet also needs the patch grid (depthwise scale-context conv) and the task id to pick the
+LoRA expert, neither of which FrEIA's ``subnet(x)`` call can carry. The fixed permutation is
+ours too because FrEIA's ``PermuteRandom`` reseeds numpy's global RNG as a side effect.
+The DIA blocks act on single patch vectors, where FrEIA's ``AffineCouplingOneSided`` fits
+exactly, so they use it.
+"""
+
+from __future__ import annotations
+
+import torch
+from FrEIA.modules import AffineCouplingOneSided
+from torch import Tensor, nn
+
+from moleflow.models.lora import MoLESubnet
+
+
+class MoLECouplingBlock(nn.Module):
+    """Affine coupling (AllInOneBlock style) followed by a fixed, seeded channel permutation.
+
+    u1, u2 = split(x); (a_s, a_t) = 0.1 * subnet(u1, task); s = c * tanh(a_s);
+    u2' = u2 * exp(s) + a_t; y = permute([u1, u2']); log|det J_p| = sum(s).
+
+    Args:
+        dim: D, the patch-feature width.
+        rank: LoRA rank (0 = no LoRA experts).
+        alpha: LoRA alpha.
+        clamp: soft clamp c of the log-scale.
+        scale_context_kernel: depthwise kernel of the scale branch (0 = off).
+        permutation_seed: seed of this block's permutation.
+    """
+
+    def __init__(self, dim: int, rank: int, alpha: float, clamp: float,
+                 scale_context_kernel: int, permutation_seed: int) -> None:
+        super().__init__()
+        self.split1 = dim // 2
+        self.split2 = dim - self.split1
+        self.clamp = clamp
+        self.subnet = MoLESubnet(self.split1, self.split2, rank, alpha, scale_context_kernel)
+        generator = torch.Generator().manual_seed(permutation_seed)
+        perm = torch.randperm(dim, generator=generator)
+        self.register_buffer("perm", perm)
+        self.register_buffer("perm_inv", torch.argsort(perm))
+
+    def _coefficients(self, u1: Tensor, task_id: int) -> tuple[Tensor, Tensor]:
+        s_logits, t = self.subnet(u1, task_id)
+        s = self.clamp * torch.tanh(0.1 * s_logits)
+        return s, 0.1 * t
+
+    def forward(self, x: Tensor, task_id: int, rev: bool = False) -> tuple[Tensor, Tensor]:
+        """Run the block.
+
+        Args:
+            x: (B, H, W, D).
+            task_id: LoRA expert to use.
+            rev: run the inverse.
+
+        Returns:
+            (y (B, H, W, D), log|det J| (B, H, W)) of the direction run.
+        """
+        if rev:
+            x = x[..., self.perm_inv]
+        u1, u2 = x[..., : self.split1], x[..., self.split1:]
+        s, t = self._coefficients(u1, task_id)
+        if rev:
+            y2 = (u2 - t) * torch.exp(-s)
+            return torch.cat([u1, y2], dim=-1), -s.sum(dim=-1)
+        y2 = u2 * torch.exp(s) + t
+        return torch.cat([u1, y2], dim=-1)[..., self.perm], s.sum(dim=-1)
+
+
+class DIASubnet(nn.Module):
+    """Separate s and t MLPs (in -> h -> h -> out/2 each), last layers zero-initialised.
+
+    Returns [s / clamp ; t] so that FrEIA's ``clamp * tanh(.)`` gives s = c * tanh(s_raw / c).
+    """
+
+    def __init__(self, dim_in: int, dim_out: int, hidden: int, clamp: float) -> None:
+        super().__init__()
+        half = dim_out // 2
+        self.clamp = clamp
+        self.s_net = self._mlp(dim_in, hidden, half)
+        self.t_net = self._mlp(dim_in, hidden, half)
+
+    @staticmethod
+    def _mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:
+        last = nn.Linear(hidden, dim_out)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        return nn.Sequential(nn.Linear(dim_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), last)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([self.s_net(x) / self.clamp, self.t_net(x)], dim=-1)
+
+
+class DIABlock(nn.Module):
+    """One task-owned affine coupling on each patch vector (FrEIA AffineCouplingOneSided).
+
+    Odd blocks transform the first half instead of the second (halves alternate); each block
+    starts as the identity because the subnets' last layers are zero.
+
+    Args:
+        dim: D.
+        hidden: hidden width of the s and t MLPs.
+        clamp: soft clamp c.
+        swap: transform the first half (odd blocks).
+    """
+
+    def __init__(self, dim: int, hidden: int, clamp: float, swap: bool) -> None:
+        super().__init__()
+        self.dim = dim
+        self.swap = swap
+        first = dim - dim // 2 if swap else dim // 2
+
+        def subnet(c_in: int, c_out: int) -> nn.Module:
+            return DIASubnet(c_in, c_out, hidden, clamp)
+
+        self.coupling = AffineCouplingOneSided([(dim,)], subnet_constructor=subnet, clamp=clamp,
+                                               clamp_activation="TANH", split_len=first)
+
+    def _swap(self, x: Tensor, inverse: bool) -> Tensor:
+        if not self.swap:
+            return x
+        cut = self.dim // 2 if not inverse else self.dim - self.dim // 2
+        return torch.cat([x[:, cut:], x[:, :cut]], dim=1)
+
+    def forward(self, x: Tensor, rev: bool = False) -> tuple[Tensor, Tensor]:
+        """Args: x (N, D). Returns (y (N, D), log|det J| (N,))."""
+        (y,), log_det = self.coupling([self._swap(x, inverse=False)], rev=rev)
+        return self._swap(y, inverse=True), log_det

@@ -1,0 +1,138 @@
+"""LoRALinear (a shared linear layer with one low-rank expert per task) and MoLESubnet.
+
+The task whose expert is used is passed explicitly to ``forward`` (no hidden "active task"
+state), so one module can serve images of different tasks in different calls.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class LoRALinear(nn.Module):
+    """h = W x + b + (alpha / r) * B_t A_t x + b_t.
+
+    W, b are shared (trained on task 0, then frozen). Every task t, task 0 included, owns
+    A_t (r, in) Xavier-uniform, B_t (out, r) zero and b_t (out,) zero, so a new expert starts
+    exactly as the base layer. With ``rank=0`` the layer is a plain linear layer.
+
+    Args:
+        in_features: input width.
+        out_features: output width.
+        rank: LoRA rank r (0 disables experts).
+        alpha: LoRA scaling numerator (scale = alpha / r).
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float = 1.0) -> None:
+        super().__init__()
+        self.base = nn.Linear(in_features, out_features)
+        self.rank = rank
+        self.scaling = alpha / rank if rank > 0 else 0.0
+        self.lora_A = nn.ParameterList()
+        self.lora_B = nn.ParameterList()
+        self.task_bias = nn.ParameterList()
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.lora_A)
+
+    def add_expert(self, generator: Optional[torch.Generator] = None) -> None:
+        """Append a new task's expert (no-op when rank is 0)."""
+        if self.rank == 0:
+            return
+        weight = self.base.weight
+        a = torch.empty(self.rank, self.base.in_features, device=weight.device, dtype=weight.dtype)
+        bound = math.sqrt(6.0 / (self.rank + self.base.in_features))
+        a.uniform_(-bound, bound, generator=generator)
+        self.lora_A.append(nn.Parameter(a))
+        self.lora_B.append(nn.Parameter(torch.zeros(self.base.out_features, self.rank,
+                                                    device=weight.device, dtype=weight.dtype)))
+        self.task_bias.append(nn.Parameter(torch.zeros(self.base.out_features,
+                                                       device=weight.device, dtype=weight.dtype)))
+
+    def forward(self, x: Tensor, task_id: int) -> Tensor:
+        """Apply the base layer plus expert ``task_id``.
+
+        Args:
+            x: (..., in_features).
+            task_id: index of the expert to use.
+
+        Returns:
+            (..., out_features).
+        """
+        out = self.base(x)
+        if self.rank == 0:
+            return out
+        if not 0 <= task_id < self.num_experts:
+            raise IndexError(f"task {task_id} has no LoRA expert (experts: {self.num_experts})")
+        low = F.linear(x, self.lora_A[task_id])
+        return out + self.scaling * F.linear(low, self.lora_B[task_id]) + self.task_bias[task_id]
+
+    def expert_parameters(self, task_id: int) -> list[nn.Parameter]:
+        """Parameters owned by one task."""
+        if self.rank == 0:
+            return []
+        return [self.lora_A[task_id], self.lora_B[task_id], self.task_bias[task_id]]
+
+
+class MoLESubnet(nn.Module):
+    """Coupling subnet with per-task LoRA experts; returns scale and shift logits for u2.
+
+    Scale branch input: [u1 ; a * DWConv_k(u1)] (scale context, zero-initialised depthwise
+    conv on the patch grid, a = 0.2 * sigmoid(p), p0 = 0) or u1 alone without scale context.
+    Shift branch input: u1. Each branch: LoRALinear(-> 2 d) -> ReLU -> LoRALinear(-> d).
+
+    Args:
+        dim_in: width of u1.
+        dim_out: width of u2 (= d).
+        rank: LoRA rank (0 = no LoRA).
+        alpha: LoRA alpha.
+        scale_context_kernel: kernel of the depthwise conv, or 0 for no scale context.
+    """
+
+    def __init__(self, dim_in: int, dim_out: int, rank: int, alpha: float,
+                 scale_context_kernel: int) -> None:
+        super().__init__()
+        hidden = 2 * dim_out
+        self.use_context = scale_context_kernel > 0
+        if self.use_context:
+            self.context_conv = nn.Conv2d(dim_in, dim_in, scale_context_kernel,
+                                          padding=scale_context_kernel // 2, groups=dim_in)
+            nn.init.zeros_(self.context_conv.weight)
+            nn.init.zeros_(self.context_conv.bias)
+            self.context_gate = nn.Parameter(torch.zeros(()))
+        scale_in = 2 * dim_in if self.use_context else dim_in
+        self.scale1 = LoRALinear(scale_in, hidden, rank, alpha)
+        self.scale2 = LoRALinear(hidden, dim_out, rank, alpha)
+        self.shift1 = LoRALinear(dim_in, hidden, rank, alpha)
+        self.shift2 = LoRALinear(hidden, dim_out, rank, alpha)
+
+    def lora_layers(self) -> list[LoRALinear]:
+        return [self.scale1, self.scale2, self.shift1, self.shift2]
+
+    def context_alpha(self) -> Tensor:
+        return 0.2 * torch.sigmoid(self.context_gate)
+
+    def forward(self, u1: Tensor, task_id: int) -> tuple[Tensor, Tensor]:
+        """Compute coupling coefficients.
+
+        Args:
+            u1: (B, H, W, d_in) conditioning half on the patch grid.
+            task_id: expert to use.
+
+        Returns:
+            (s_logits, t), each (B, H, W, d_out).
+        """
+        scale_in = u1
+        if self.use_context:
+            grid = u1.permute(0, 3, 1, 2)
+            ctx = self.context_conv(grid).permute(0, 2, 3, 1)
+            scale_in = torch.cat([u1, self.context_alpha() * ctx], dim=-1)
+        s = self.scale2(F.relu(self.scale1(scale_in, task_id)), task_id)
+        t = self.shift2(F.relu(self.shift1(u1, task_id)), task_id)
+        return s, t

@@ -1,0 +1,99 @@
+"""Prototype router: one Gaussian prototype per task, test images go to the nearest task."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.covariance import LedoitWolf
+from torch import Tensor
+
+
+@dataclass
+class TaskPrototype:
+    """Mean and shrinkage precision of one task's image features.
+
+    Attributes:
+        mean: (D,) mean router feature.
+        precision: (D, D) inverse of the Ledoit-Wolf shrinkage covariance.
+        shrinkage: Ledoit-Wolf shrinkage coefficient used.
+        num_samples: training images the prototype was estimated from.
+    """
+
+    mean: Tensor
+    precision: Tensor
+    shrinkage: float
+    num_samples: int
+
+    @classmethod
+    def fit(cls, features: Tensor) -> "TaskPrototype":
+        """Estimate the prototype from all training images of a task.
+
+        Args:
+            features: (N, D) router features (mean patch feature per image), N >= 2.
+        """
+        if features.ndim != 2 or features.shape[0] < 2:
+            raise ValueError(f"a task prototype needs (N>=2, D) features, got {tuple(features.shape)}")
+        data = features.detach().double().cpu().numpy()
+        estimator = LedoitWolf(assume_centered=False).fit(data)
+        precision = np.linalg.inv(estimator.covariance_)
+        return cls(mean=torch.from_numpy(data.mean(axis=0)).float(),
+                   precision=torch.from_numpy(precision).float(),
+                   shrinkage=float(estimator.shrinkage_), num_samples=int(data.shape[0]))
+
+    def state(self) -> dict[str, Tensor]:
+        return {"mean": self.mean, "precision": self.precision,
+                "shrinkage": torch.tensor(self.shrinkage), "num_samples": torch.tensor(self.num_samples)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor]) -> "TaskPrototype":
+        return cls(mean=state["mean"], precision=state["precision"],
+                   shrinkage=float(state["shrinkage"]), num_samples=int(state["num_samples"]))
+
+
+class PrototypeRouter:
+    """Route each image to argmin_t distance(f, prototype_t) over the tasks seen so far.
+
+    Args:
+        mahalanobis: Mahalanobis distance with the shrinkage precision (default) or Euclidean.
+    """
+
+    def __init__(self, mahalanobis: bool = True) -> None:
+        self.mahalanobis = mahalanobis
+        self.prototypes: list[TaskPrototype] = []
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.prototypes)
+
+    def add_task(self, features: Tensor) -> None:
+        """Add the next task's prototype from its (N, D) training router features."""
+        self.prototypes.append(TaskPrototype.fit(features))
+
+    def distances(self, features: Tensor) -> Tensor:
+        """(N, D) -> (N, T) squared distances to every prototype."""
+        if not self.prototypes:
+            raise RuntimeError("the router has no task prototypes yet")
+        feats = features.float()
+        out = []
+        for proto in self.prototypes:
+            diff = feats - proto.mean.to(feats.device)
+            if self.mahalanobis:
+                out.append(((diff @ proto.precision.to(feats.device)) * diff).sum(dim=1))
+            else:
+                out.append(diff.pow(2).sum(dim=1))
+        return torch.stack(out, dim=1)
+
+    def route(self, features: Tensor) -> Tensor:
+        """(N, D) -> (N,) task ids."""
+        return self.distances(features).argmin(dim=1)
+
+    def state(self) -> dict:
+        return {"mahalanobis": self.mahalanobis, "prototypes": [p.state() for p in self.prototypes]}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "PrototypeRouter":
+        router = cls(mahalanobis=bool(state["mahalanobis"]))
+        router.prototypes = [TaskPrototype.from_state(s) for s in state["prototypes"]]
+        return router

@@ -1,0 +1,235 @@
+"""run(config): data -> features -> continual training -> evaluation -> experiment folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from moleflow.config.ablation import AblationConfig, ConfigError
+from moleflow.data import AnomalyDataset, ClassSplit, generate_demo_dataset, load_class_split, split_tasks, validate_samples
+from moleflow.evaluation.continual import ContinualMatrix, write_continual_summary
+from moleflow.evaluation.evaluator import ClassEvaluation, evaluate_class
+from moleflow.extractors import build_extractor
+from moleflow.models.mole_nf import build_flow
+from moleflow.models.routing import PrototypeRouter
+from moleflow.trainer.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from moleflow.trainer.continual_trainer import MoLEContinualTrainer
+from moleflow.trainer.features import FeatureSet, extract_features
+from moleflow.utils.experiment import (
+    close_logger, create_experiment_dir, format_table, library_versions, setup_logger, write_config, write_results_csv,
+)
+from moleflow.utils.seed import seed_everything
+
+MATRIX_METRICS = ("img_auroc", "pixel_auroc", "img_ap", "pixel_ap", "aupro", "routing_acc")
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced."""
+
+    exp_dir: Path
+    final_rows: list[dict]
+    mean_row: dict
+    oracle_mean_row: Optional[dict]
+
+
+@dataclass
+class ResumeState:
+    """A loaded checkpoint plus the folder to continue in."""
+
+    checkpoint: dict[str, Any]
+    exp_dir: Path
+    extend: bool
+    tasks: list[list[str]]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return torch.device(name)
+
+
+class Run:
+    """One experiment: holds the model, router, cached features and the result bookkeeping."""
+
+    def __init__(self, config: AblationConfig, resume: Optional[ResumeState] = None, progress: bool = True) -> None:
+        self.config = config
+        self.progress = progress
+        self.device = resolve_device(config.device)
+        if config.demo:
+            generate_demo_dataset(Path(config.data_path), seed=0)
+        self.tasks = resume.tasks if resume else split_tasks(config.task_classes, config.cl_scenario)
+        self.class_task = {c: t for t, classes in enumerate(self.tasks) for c in classes}
+        self.splits: dict[str, ClassSplit] = {}
+        for name in config.task_classes:  # fail fast on any data problem before training starts
+            split = load_class_split(config.dataset, Path(config.data_path), name)
+            validate_samples([*split.train, *split.test])
+            self.splits[name] = split
+        self.resume = resume
+        self.exp_dir = resume.exp_dir if resume and not resume.extend else create_experiment_dir(
+            config.log_dir, config.experiment_name)
+        self.log = setup_logger(self.exp_dir, quiet=not progress)
+        extra: dict[str, Any] = {"tasks": self.tasks}
+        if resume:
+            extra["resumed_from"] = str(resume.exp_dir)
+        write_config(self.exp_dir, config, extra)
+        seed_everything(config.seed)
+        self.extractor = build_extractor(config.backbone_name, feature_dim=config.feature_dim, img_size=config.img_size,
+                                         weights="pretrained", weights_path=config.backbone_weights,
+                                         amp=config.amp and self.device.type == "cuda").to(self.device)
+        self._warn_feature_dim()
+        self.model = build_flow(config, config.feature_dim).to(self.device)
+        self.router = PrototypeRouter(mahalanobis=config.use_mahalanobis)
+        self.trainer = MoLEContinualTrainer(config, self.model, self.router, self.device, self.log, progress)
+        self.storage = self.device
+        self.test_cache: dict[str, FeatureSet] = {}
+        names = ["+".join(t) for t in self.tasks]
+        self.matrices = {m: ContinualMatrix(len(self.tasks), names) for m in MATRIX_METRICS}
+        self.done = 0
+        if resume:
+            self._restore(resume.checkpoint)
+
+    # ------------------------------------------------------------------ setup helpers
+    def _warn_feature_dim(self) -> None:
+        dims = self.extractor.layer_dims()
+        if min(dims) < self.config.feature_dim:
+            self.log.info(f"warning: --feature_dim {self.config.feature_dim} exceeds the backbone's per-layer width "
+                          f"{dims}; adaptive pooling repeats channels (features span < D dimensions)")
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        for _ in range(int(ckpt["tasks_done"])):
+            self.model.add_task()
+        self.model.load_state_dict(ckpt["model"])
+        self.router = PrototypeRouter.from_state(ckpt["router"])
+        self.trainer.router = self.router
+        self.done = int(ckpt["tasks_done"])
+        for metric, values in ckpt["history"].items():
+            for i, row in enumerate(values):
+                for j, value in enumerate(row):
+                    if j <= i:
+                        self.matrices[metric].set(i, j, float(value))
+        self.log.info(f"resumed from {self.resume.exp_dir / CHECKPOINT_NAME}: {self.done} task(s) already trained")
+
+    # ------------------------------------------------------------------ data
+    def _dataset(self, samples: list) -> AnomalyDataset:
+        return AnomalyDataset(samples, self.config.img_size, augment=False)
+
+    def _train_features(self, task_id: int) -> FeatureSet:
+        samples = [s for c in self.tasks[task_id] for s in self.splits[c].train]
+        dataset = AnomalyDataset(samples, self.config.img_size, augment=self.config.use_augmentation)
+        return extract_features(self.extractor, dataset, self.config.batch_size, self.device, self.storage,
+                                keep_masks=False, desc=f"task {task_id} features",
+                                num_workers=self.config.num_workers, progress=self.progress)
+
+    def _test_features(self, class_name: str) -> FeatureSet:
+        if class_name not in self.test_cache:
+            self.test_cache[class_name] = extract_features(
+                self.extractor, self._dataset(self.splits[class_name].test), self.config.batch_size, self.device,
+                self.storage, keep_masks=True, desc=f"{class_name} test features",
+                num_workers=self.config.num_workers, progress=self.progress)
+        return self.test_cache[class_name]
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate_seen(self, after_task: int, oracle: bool, keep_maps: bool = False) -> list[ClassEvaluation]:
+        results = []
+        for task_id in range(after_task + 1):
+            for name in self.tasks[task_id]:
+                results.append(evaluate_class(self.model, self.router, self._test_features(name), name, task_id,
+                                              self.config, self.device, oracle=oracle, keep_maps=keep_maps))
+        return results
+
+    def _record(self, after_task: int, results: list[ClassEvaluation]) -> None:
+        for task_id in range(after_task + 1):
+            rows = [r.row for r in results if r.row["task_id"] == task_id]
+            for metric in MATRIX_METRICS:
+                self.matrices[metric].set(after_task, task_id, sum(r[metric] for r in rows) / len(rows))
+
+    def _checkpoint(self) -> None:
+        history = {m: self.matrices[m].values().tolist() for m in MATRIX_METRICS}
+        save_checkpoint(self.exp_dir / CHECKPOINT_NAME, {
+            "model": self.model.state_dict(), "router": self.router.state(), "config": self.config.to_dict(),
+            "tasks": self.tasks, "tasks_done": self.done, "history": history, "versions": library_versions(),
+        })
+
+    # ------------------------------------------------------------------ the task loop
+    def execute(self) -> RunResult:
+        cfg = self.config
+        self.log.info(f"experiment {self.exp_dir} | device {self.device} | tasks {self.tasks}")
+        for task_id in range(self.done, len(self.tasks)):
+            started = time.time()
+            self.log.info(f"=== task {task_id}: {', '.join(self.tasks[task_id])} ===")
+            stats = self.trainer.train_task(task_id, self._train_features(task_id))
+            self.log.info(f"task {task_id} trained in {time.time() - started:.1f}s "
+                          f"({stats.steps} steps, {stats.skipped_batches} skipped, final loss {stats.final_loss:.4f})")
+            results = self.evaluate_seen(task_id, oracle=False)
+            self._record(task_id, results)
+            mean = write_results_csv(self.exp_dir / f"results_after_task_{task_id}.csv", [r.row for r in results])
+            self.log.info(f"after task {task_id}: mean img AUROC {mean['img_auroc']:.4f} pixel AUROC "
+                          f"{mean['pixel_auroc']:.4f} routing {mean['routing_acc']:.4f}")
+            self.done = task_id + 1
+            self._checkpoint()
+        return self.finish()
+
+    def finish(self) -> RunResult:
+        cfg = self.config
+        last = len(self.tasks) - 1
+        routed = self.evaluate_seen(last, oracle=False, keep_maps=cfg.run_diagnostics)
+        rows = [r.row for r in routed]
+        mean = write_results_csv(self.exp_dir / "final_results.csv", rows)
+        oracle_mean = None
+        oracle_results: list[ClassEvaluation] = []
+        if cfg.eval_oracle:
+            oracle_results = self.evaluate_seen(last, oracle=True)
+            oracle_mean = write_results_csv(self.exp_dir / "final_results_oracle.csv", [r.row for r in oracle_results])
+        for metric, matrix in self.matrices.items():
+            matrix.to_csv(self.exp_dir / f"matrix_{metric}.csv")
+        write_continual_summary(self.matrices, self.exp_dir / "continual_summary.csv")
+        confusion = self._confusion(routed)
+        _write_confusion(self.exp_dir, confusion, ["+".join(t) for t in self.tasks])
+        if cfg.run_diagnostics:
+            from moleflow.utils.run_diagnostics import write_diagnostics
+            write_diagnostics(self, routed, confusion)
+        self.log.info("final results (routed, %):\n" + format_table([*rows, mean]))
+        if oracle_mean is not None:
+            self.log.info(f"oracle mean: img AUROC {oracle_mean['img_auroc']:.4f} pixel AUROC "
+                          f"{oracle_mean['pixel_auroc']:.4f}")
+        self.log.info(f"results written to {self.exp_dir}")
+        close_logger(self.log)
+        return RunResult(self.exp_dir, rows, mean, oracle_mean)
+
+    def _confusion(self, results: list[ClassEvaluation]) -> torch.Tensor:
+        n = len(self.tasks)
+        conf = torch.zeros(n, n, dtype=torch.long)
+        for r in results:
+            for routed in r.routed.tolist():
+                conf[r.row["task_id"], routed] += 1
+        return conf
+
+
+def _write_confusion(exp_dir: Path, confusion: torch.Tensor, names: list[str]) -> None:
+    from moleflow.utils.diagnostics import plot_confusion_matrix, save_confusion_csv
+    save_confusion_csv(confusion.numpy(), names, exp_dir / "routing_confusion.csv")
+    plot_confusion_matrix(confusion.numpy(), names, exp_dir / "routing_confusion.png")
+
+
+def run(config: AblationConfig, resume: Optional[ResumeState] = None, progress: bool = True) -> RunResult:
+    """Run (or continue) one experiment end to end."""
+    return Run(config, resume=resume, progress=progress).execute()
+
+
+def read_saved_config(exp_dir: Path) -> dict[str, Any]:
+    """The resolved settings stored in <exp_dir>/config.json."""
+    path = exp_dir / "config.json"
+    try:
+        return json.loads(path.read_text())["config"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"cannot read {path} ({err}); --resume needs a MoLE-Flow experiment folder") from err

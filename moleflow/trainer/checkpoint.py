@@ -1,0 +1,63 @@
+"""Checkpoints: written atomically after every task, read back as data only (weights_only)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = "moleflow-checkpoint-v1"
+
+# Settings that fix the shape or meaning of the saved model; a resumed run must keep them.
+ARCHITECTURE_FIELDS: tuple[str, ...] = (
+    "backbone_name", "backbone_weights", "feature_dim", "img_size", "num_coupling_layers", "dia_n_blocks",
+    "lora_rank", "lora_alpha", "clamp_alpha", "dia_hidden_ratio", "scale_context_kernel",
+    "spatial_context_kernel", "use_lora", "use_dia", "use_task_adapter", "use_whitening_adapter",
+    "use_pos_embed", "use_spatial_context", "use_scale_context", "use_mahalanobis", "seed",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or does not fit the requested run."""
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` via a temporary file, fsync and rename (never half-written)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save({"format": CHECKPOINT_FORMAT, **payload}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}; free disk space "
+                              f"or pass --log_dir on a writable disk") from err
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint safely (tensors and plain containers only; no code is unpickled)."""
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}; --resume needs an experiment folder that "
+                              f"finished at least one task")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({reason[:120]}); resume from an "
+                              f"intact copy or start a new run") from err
+    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a MoLE-Flow checkpoint (format {CHECKPOINT_FORMAT} expected)")
+    return data
+
+
+def architecture_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human-readable list of architecture settings that differ ('lora_rank: saved 64, now 8')."""
+    return [f"{key}: saved {saved.get(key)!r}, now {current.get(key)!r}"
+            for key in ARCHITECTURE_FIELDS if saved.get(key) != current.get(key)]

@@ -1,0 +1,166 @@
+"""MoLEContinualTrainer: trains one task at a time on cached features.
+
+Task 0 trains everything (shared base + its own expert). From task 1 on, with the base frozen,
+a task trains only its LoRA experts, task biases, adapter and DIA blocks. The optional SLOW
+stage unfreezes the last ``slow_blocks_k`` shared blocks for the final epochs of a later task.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from moleflow.config.ablation import AblationConfig
+from moleflow.models.loss import moleflow_loss
+from moleflow.models.mole_nf import MoLESpatialAwareNF
+from moleflow.models.routing import PrototypeRouter
+from moleflow.trainer.features import FeatureSet
+
+
+class TrainingError(RuntimeError):
+    """Training cannot produce a usable model (e.g. too many non-finite batches)."""
+
+
+@dataclass
+class TaskStats:
+    """What training one task did."""
+
+    task_id: int
+    epochs: int
+    steps: int
+    skipped_batches: int
+    final_loss: float
+    trainable_params: int
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class MoLEContinualTrainer:
+    """Owns the model and the router and trains them task after task.
+
+    Args:
+        config: run settings.
+        model: the flow (tasks are added by ``train_task``).
+        router: prototype router (a prototype is added per task).
+        device: where the flow trains.
+        logger: run logger (training.log).
+        progress: show tqdm bars.
+    """
+
+    def __init__(self, config: AblationConfig, model: MoLESpatialAwareNF, router: PrototypeRouter,
+                 device: torch.device, logger: logging.Logger, progress: bool = True) -> None:
+        self.config = config
+        self.model = model
+        self.router = router
+        self.device = device
+        self.log = logger
+        self.progress = progress
+
+    def _trainable(self, task_id: int, slow: bool) -> list[nn.Parameter]:
+        """Set requires_grad for this task's stage and return the parameters to optimise."""
+        shared = self.model.shared_parameters()
+        own = self.model.task_parameters(task_id)
+        train_shared = task_id == 0 or not self.config.freeze_base
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        params = own + (shared if train_shared else [])
+        if slow:
+            params = params + self.model.slow_parameters(self.config.slow_blocks_k)
+        unique = list({id(p): p for p in params}.values())
+        for p in unique:
+            p.requires_grad_(True)
+        return unique
+
+    def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        cls = torch.optim.AdamW if self.config.optimizer == "adamw" else torch.optim.Adam
+        kwargs = {"weight_decay": self.config.weight_decay} if self.config.optimizer == "adamw" else {}
+        opt = cls([{"params": params, "base_lr": self.config.lr}], lr=self.config.lr, **kwargs)
+        return opt
+
+    def train_task(self, task_id: int, train: FeatureSet) -> TaskStats:
+        """Add task ``task_id`` to the model and router and train it.
+
+        Args:
+            task_id: must equal the number of tasks already trained.
+            train: cached training features of the task (all its classes).
+        """
+        cfg = self.config
+        if task_id != self.model.num_tasks:
+            raise ValueError(f"task {task_id} cannot follow {self.model.num_tasks} trained tasks")
+        torch.manual_seed(cfg.seed * 7919 + task_id)
+        self.model.add_task()
+        params = self._trainable(task_id, slow=False)
+        n_params = sum(p.numel() for p in params)
+        self.log.info(f"task {task_id}: {len(train)} training images, trainable parameters {n_params:,} "
+                      f"(shared {'trained' if task_id == 0 or not cfg.freeze_base else 'frozen'})")
+        optimizer = self._optimizer(params)
+        n = len(train)
+        steps_per_epoch = math.ceil(n / cfg.batch_size)
+        total = cfg.num_epochs * steps_per_epoch
+        warmup = cfg.warmup_epochs * steps_per_epoch if task_id > 0 else 0
+        warmup = min(warmup, total - 1) if total > 1 else 0
+        slow_epoch = math.ceil(cfg.slow_stage_start * cfg.num_epochs)
+        use_slow = cfg.enable_slow_stage and task_id > 0 and slow_epoch < cfg.num_epochs
+        generator = torch.Generator().manual_seed(cfg.seed * 104729 + task_id)
+        step, skipped, last_loss = 0, 0, float("nan")
+        self.model.train()
+        bar = tqdm(range(cfg.num_epochs), desc=f"task {task_id} train", leave=False, disable=not self.progress)
+        for epoch in bar:
+            if use_slow and epoch == slow_epoch:
+                slow = self.model.slow_parameters(cfg.slow_blocks_k)
+                self._trainable(task_id, slow=True)
+                optimizer.add_param_group({"params": slow, "base_lr": cfg.lr * cfg.slow_lr_ratio,
+                                           "lr": cfg.lr * cfg.slow_lr_ratio})
+                params = params + slow
+                self.log.info(f"task {task_id}: SLOW stage from epoch {epoch + 1}: last {cfg.slow_blocks_k} "
+                              f"shared blocks unfrozen at lr x {cfg.slow_lr_ratio}")
+            order = torch.randperm(n, generator=generator)
+            losses: list[float] = []
+            for start in range(0, n, cfg.batch_size):
+                factor = lr_factor(step, total, warmup)
+                for group in optimizer.param_groups:
+                    group["lr"] = group["base_lr"] * factor
+                step += 1
+                idx = order[start:start + cfg.batch_size]
+                feats = train.patches[idx.to(train.patches.device)].to(self.device, non_blocking=True)
+                loss = self._loss(feats, task_id)
+                if not torch.isfinite(loss):
+                    skipped += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    continue
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optimizer.step()
+                losses.append(loss.item())
+            if skipped > cfg.max_skip_fraction * step:
+                raise TrainingError(
+                    f"task {task_id}: {skipped} of {step} batches had a non-finite loss (limit "
+                    f"{cfg.max_skip_fraction:.0%}); lower --lr or check the features; earlier tasks' "
+                    f"checkpoint stays usable")
+            last_loss = sum(losses) / len(losses) if losses else float("nan")
+            bar.set_postfix(loss=f"{last_loss:.2f}")
+            self.log.info(f"task {task_id} epoch {epoch + 1}/{cfg.num_epochs} loss {last_loss:.4f} "
+                          f"lr {optimizer.param_groups[0]['lr']:.2e} skipped {skipped}")
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.router.add_task(train.router)
+        return TaskStats(task_id, cfg.num_epochs, step, skipped, last_loss, n_params)
+
+    def _loss(self, feats: Tensor, task_id: int) -> Tensor:
+        cfg = self.config
+        z, log_det = self.model(feats, task_id)
+        return moleflow_loss(z, log_det, tail_weight=cfg.tail_weight, tail_ratio=cfg.tail_top_k_ratio,
+                             lambda_logdet=cfg.lambda_logdet, tail_aware=cfg.use_tail_aware_loss)

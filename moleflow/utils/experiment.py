@@ -1,0 +1,171 @@
+"""The experiment folder: logs/<experiment_name>_<timestamp>/ with config.json and training.log."""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+from moleflow.config.ablation import AblationConfig
+
+
+class ExperimentError(RuntimeError):
+    """The experiment folder cannot be created or written; the message names the path and fix."""
+
+
+MIN_FREE_BYTES = 200 * 1024 * 1024
+
+
+def check_writable(directory: Path, min_free_bytes: int = MIN_FREE_BYTES) -> None:
+    """Fail fast when ``directory`` can't be created/written or its disk is (nearly) full."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_test_", delete=True) as handle:
+            handle.write(b"x" * 4096)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as err:
+        raise ExperimentError(f"cannot write to log dir {directory}: {err.strerror or err}; "
+                              f"pass --log_dir pointing at a writable folder") from err
+    free = shutil.disk_usage(directory).free
+    if free < min_free_bytes:
+        raise ExperimentError(f"only {free / 2**20:.0f} MiB free on the disk of {directory}; "
+                              f"free space or pass --log_dir on another disk (need >= {min_free_bytes // 2**20} MiB)")
+
+
+def create_experiment_dir(log_dir: str, experiment_name: str, now: Optional[_dt.datetime] = None) -> Path:
+    """Create logs/<name>_<timestamp>/ and never reuse an existing folder."""
+    root = Path(log_dir)
+    check_writable(root)
+    stamp = (now or _dt.datetime.now()).strftime("%Y%m%d_%H%M%S")
+    path = root / f"{experiment_name}_{stamp}"
+    suffix = 1
+    while True:
+        try:
+            path.mkdir(parents=False, exist_ok=False)
+            return path
+        except FileExistsError:
+            path = root / f"{experiment_name}_{stamp}_{suffix}"
+            suffix += 1
+
+
+def setup_logger(exp_dir: Path, quiet: bool = False) -> logging.Logger:
+    """Logger writing timestamped lines to <exp_dir>/training.log (append) and to stdout."""
+    logger = logging.getLogger(f"moleflow.{exp_dir.resolve()}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    fmt = logging.Formatter("%(asctime)s | %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    file_handler = logging.FileHandler(exp_dir / "training.log", mode="a", encoding="utf-8")
+    file_handler.setFormatter(fmt)
+    logger.addHandler(file_handler)
+    if not quiet:
+        stream = logging.StreamHandler(sys.stdout)
+        stream.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(stream)
+    return logger
+
+
+def close_logger(logger: logging.Logger) -> None:
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def _git_commit() -> str:
+    try:
+        repo = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that decide the numbers."""
+    import numpy
+    import sklearn
+    import timm
+    import torch
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+                "numpy": numpy.__version__, "scikit-learn": sklearn.__version__}
+    try:
+        import FrEIA  # noqa: F401
+        from importlib.metadata import version
+        versions["FrEIA"] = version("FrEIA")
+    except Exception:  # pragma: no cover - metadata missing
+        versions["FrEIA"] = "unknown"
+    return versions
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_config(exp_dir: Path, config: AblationConfig, extra: Optional[dict[str, Any]] = None) -> None:
+    """config.json: every resolved setting, the command line, versions, git commit."""
+    payload = {
+        "config": config.to_dict(),
+        "command_line": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "versions": library_versions(),
+        "git_commit": _git_commit(),
+        "created": _dt.datetime.now().isoformat(timespec="seconds"),
+        **(extra or {}),
+    }
+    atomic_write_text(exp_dir / "config.json", json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+RESULT_COLUMNS = ["task_id", "class_name", "routing_acc", "img_auroc", "pixel_auroc", "img_ap", "pixel_ap", "aupro"]
+
+
+def write_results_csv(path: Path, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Write one row per class plus a last 'mean' row (unweighted mean of the rows above).
+
+    Returns:
+        the mean row.
+    """
+    mean_row: dict[str, Any] = {"task_id": "mean", "class_name": "mean"}
+    for col in RESULT_COLUMNS[2:]:
+        values = [float(r[col]) for r in rows]
+        mean_row[col] = sum(values) / len(values) if values else float("nan")
+    lines: list[list[str]] = [RESULT_COLUMNS]
+    for row in [*rows, mean_row]:
+        lines.append([_fmt(row[c]) for c in RESULT_COLUMNS])
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows(lines)
+    os.replace(tmp, path)
+    return mean_row
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6f}"
+    return str(value)
+
+
+def format_table(rows: Iterable[dict[str, Any]], columns: Sequence[str] = RESULT_COLUMNS) -> str:
+    """A fixed-width text table of result rows (metrics in percent)."""
+    header = f"{'task':>4} {'class':<16}" + "".join(f"{c:>12}" for c in columns[2:])
+    out = [header, "-" * len(header)]
+    for row in rows:
+        cells = "".join(f"{100 * float(row[c]):>12.2f}" for c in columns[2:])
+        out.append(f"{str(row['task_id']):>4} {str(row['class_name']):<16}" + cells)
+    return "\n".join(out)
