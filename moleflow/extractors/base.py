@@ -1,0 +1,142 @@
+"""The frozen feature-extractor base class and the parameter-free channel pooling.
+
+Every extractor maps ImageNet-normalised images ``(B, 3, S_h, S_w)`` to a patch-feature grid
+``(B, H', W', D)``. Widths differ between backbones (C*9 per CNN layer, the token width for a ViT);
+they are brought to ``D`` by :func:`channel_pool`, an adaptive average pooling over the channel
+axis with no parameters, so no randomly initialised projection ever enters the features.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ImgSize = Union[int, tuple[int, int]]
+
+
+def as_hw(img_size: ImgSize) -> tuple[int, int]:
+    """Normalise an image size to ``(height, width)``.
+
+    Args:
+        img_size: One int (square) or a ``(height, width)`` pair.
+
+    Returns:
+        ``(height, width)`` as ints.
+
+    Raises:
+        ValueError: If a side is not a positive int.
+    """
+    hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    if len(hw) != 2 or not all(isinstance(s, int) and s > 0 for s in hw):
+        raise ValueError(f"img_size must be a positive int or (height, width), got {img_size!r}")
+    return int(hw[0]), int(hw[1])
+
+
+def channel_pool(x: Tensor, out_dim: int) -> Tensor:
+    """Reduce the last axis to ``out_dim`` by adaptive average pooling (no parameters).
+
+    Output channel ``i`` is the mean of input channels ``[floor(i*C/D), ceil((i+1)*C/D))``, the
+    windows of :func:`torch.nn.functional.adaptive_avg_pool1d`. When ``out_dim > C`` the windows
+    hold one channel each and channels are repeated.
+
+    Args:
+        x: ``(..., C)`` features.
+        out_dim: ``D``, the output width.
+
+    Returns:
+        ``(..., D)`` pooled features, same dtype as ``x``.
+    """
+    lead = x.shape[:-1]
+    pooled = F.adaptive_avg_pool1d(x.reshape(-1, 1, x.shape[-1]), out_dim)
+    return pooled.reshape(*lead, out_dim)
+
+
+class FeatureExtractor(nn.Module):
+    """Base class of the frozen extractors: always in eval mode, no parameter requires grad.
+
+    Subclasses set ``self.backbone`` and ``self._grid`` and implement :meth:`_extract`.
+
+    Attributes:
+        feature_dim: ``D``, the width of every patch feature.
+        img_size: ``(height, width)`` of the images :meth:`forward` accepts.
+        amp: On CUDA, run the backbone in bfloat16 autocast (and channels-last for CNNs).
+    """
+
+    feature_dim: int
+
+    def __init__(self, feature_dim: int, img_size: ImgSize, amp: bool = False) -> None:
+        super().__init__()
+        if not isinstance(feature_dim, int) or feature_dim <= 0:
+            raise ValueError(f"feature_dim must be a positive int, got {feature_dim!r}")
+        self.feature_dim = feature_dim
+        self.img_size = as_hw(img_size)
+        self.amp = bool(amp)
+        self._grid: tuple[int, int] = (0, 0)
+
+    def _freeze(self) -> None:
+        """Turn off gradients for every parameter and put every module in eval mode."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "FeatureExtractor":
+        """Keep the extractor in eval mode whatever ``mode`` is asked (BN statistics stay frozen).
+
+        Args:
+            mode: Ignored; a parent's ``.train()`` must not put the frozen backbone in train mode.
+
+        Returns:
+            self.
+        """
+        return super().train(False)
+
+    def grid_size(self) -> tuple[int, int]:
+        """Return ``(H', W')``, the patch grid for ``img_size``."""
+        return self._grid
+
+    def layer_dims(self) -> list[int]:
+        """Return the width pooled to ``D`` for each used layer (C*9 for CNNs, token width for ViTs).
+
+        A caller can warn when ``D`` exceeds one of them: pooling then repeats channels.
+        """
+        raise NotImplementedError
+
+    def _extract(self, images: Tensor) -> Tensor:
+        """Compute ``(B, H', W', D)`` features; called under inference mode."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def _autocast(self, images: Tensor) -> Iterator[None]:
+        """bfloat16 autocast on CUDA when ``amp`` is set; a no-op otherwise."""
+        if self.amp and images.is_cuda:
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+                yield
+        else:
+            yield
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Extract patch features.
+
+        Args:
+            images: ``(B, 3, S_h, S_w)`` ImageNet-normalised images, ``(S_h, S_w) == img_size``.
+
+        Returns:
+            ``(B, H', W', D)`` float32 features, an ordinary tensor without grad history (usable
+            as the input of a trained model).
+
+        Raises:
+            ValueError: If ``images`` does not have the expected shape.
+        """
+        if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != self.img_size:
+            raise ValueError(
+                f"expected images of shape (B, 3, {self.img_size[0]}, {self.img_size[1]}), "
+                f"got {tuple(images.shape)}"
+            )
+        with torch.inference_mode(), self._autocast(images):
+            feats = self._extract(images)
+        # clone outside inference mode -> a normal tensor that autograd may save for backward
+        return feats.float().clone()

@@ -1,0 +1,158 @@
+"""PatchCore-style patch features from a frozen timm CNN (stride-8 and stride-16 stages).
+
+Per used stage: a 3x3 neighbourhood around each position (``F.unfold``, zero padding 1, so C*9
+values per position in channel-major order), reduced to ``D`` by :func:`channel_pool`; the
+stride-16 map is bilinearly upsampled to the stride-8 grid; the stages are averaged. Channel
+pooling and bilinear upsampling are both linear (one over channels, one over space), so pooling
+first and upsampling the ``D``-wide map equals upsampling the C*9-wide patches first (the
+PatchCore order) at a fraction of the memory; a test checks the equality.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moleflow.extractors.base import FeatureExtractor, ImgSize, as_hw, channel_pool
+from moleflow.extractors.weights import BackboneError, create_backbone
+
+DEFAULT_REDUCTIONS = (8, 16)
+
+
+def _probe(backbone_name: str, img_hw: tuple[int, int]) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+    """Ask timm for every feature stage's reduction, channels and spatial size at ``img_hw``.
+
+    Runs on the meta device (no memory, no weights); falls back to a CPU dummy forward.
+
+    Returns:
+        ``(reductions, channels, sizes)``, one entry per stage timm's ``features_only`` exposes.
+    """
+    try:
+        with torch.device("meta"):
+            probe = timm.create_model(backbone_name, features_only=True, pretrained=False)
+            outs = probe(torch.empty(1, 3, *img_hw))
+    except Exception:  # noqa: BLE001 - an op without a meta kernel: pay for a real forward
+        probe = timm.create_model(backbone_name, features_only=True, pretrained=False).eval()
+        with torch.no_grad():
+            outs = probe(torch.zeros(1, 3, *img_hw))
+    sizes = [(int(o.shape[-2]), int(o.shape[-1])) for o in outs]
+    return list(probe.feature_info.reduction()), list(probe.feature_info.channels()), sizes
+
+
+def select_stages(reductions: Sequence[int], wanted: Sequence[int] = DEFAULT_REDUCTIONS) -> list[int]:
+    """Pick, for each wanted reduction, the deepest stage with that reduction.
+
+    Args:
+        reductions: Reduction (stride) of each stage, as ``feature_info.reduction()`` gives.
+        wanted: Reductions to use, e.g. ``(8, 16)``.
+
+    Returns:
+        Stage indices (``out_indices``), in the order of ``wanted``.
+
+    Raises:
+        BackboneError: A wanted reduction is not offered.
+    """
+    picked = []
+    for r in wanted:
+        hits = [i for i, red in enumerate(reductions) if red == r]
+        if not hits:
+            raise BackboneError(
+                f"the backbone has no stage with stride {r} (its strides: {list(reductions)}); "
+                "choose a CNN with stride-8 and stride-16 stages"
+            )
+        picked.append(hits[-1])
+    return picked
+
+
+class CNNPatchCoreExtractor(FeatureExtractor):
+    """Frozen timm CNN -> ``(B, H', W', D)`` locally aware patch features.
+
+    Args:
+        backbone_name: timm CNN name, e.g. ``wide_resnet50_2``, ``resnet18``, ``efficientnet_lite0``.
+        feature_dim: ``D``.
+        img_size: Input size, an int or ``(height, width)``.
+        weights: ``"pretrained"`` or ``"random"`` (tests only); see :func:`create_backbone`.
+        weights_path: Local state dict; overrides ``weights``.
+        layers: Optional ``out_indices`` override; default: the stages with strides 8 and 16.
+        amp: On CUDA, run the backbone channels-last in bfloat16 autocast.
+    """
+
+    def __init__(
+        self,
+        backbone_name: str,
+        feature_dim: int = 768,
+        img_size: ImgSize = 224,
+        weights: str = "pretrained",
+        weights_path: Optional[str] = None,
+        layers: Optional[Sequence[int]] = None,
+        amp: bool = False,
+    ) -> None:
+        super().__init__(feature_dim, img_size, amp)
+        self.backbone_name = backbone_name
+        reductions, channels, sizes = _probe(backbone_name, self.img_size)
+        if layers is None:
+            indices = select_stages(reductions)
+        else:
+            indices = [int(i) for i in layers]
+            bad = [i for i in indices if not 0 <= i < len(reductions)]
+            if bad or not indices:
+                raise ValueError(f"layers {list(layers)} out of range 0..{len(reductions) - 1} for {backbone_name}")
+        self.out_indices = tuple(indices)
+        self.backbone = create_backbone(
+            backbone_name, weights, weights_path, features_only=True, out_indices=self.out_indices
+        )
+        self.channels = [int(c) for c in self.backbone.feature_info.channels()]
+        self.reductions = [int(r) for r in self.backbone.feature_info.reduction()]
+        expected = [channels[i] for i in indices]
+        if self.channels != expected:
+            raise BackboneError(f"{backbone_name}: stage channels {self.channels} differ from the probe {expected}")
+        stage_sizes = [sizes[i] for i in indices]
+        self._grid = max(stage_sizes, key=lambda hw: hw[0] * hw[1])
+        self._channels_last = False
+        self._freeze()
+
+    def layer_dims(self) -> list[int]:
+        """C*9 per used stage (the width pooled to ``D``)."""
+        return [c * 9 for c in self.channels]
+
+    def _extract(self, images: Tensor) -> Tensor:
+        """``(B, 3, S_h, S_w)`` -> ``(B, H', W', D)``; see the module docstring."""
+        if self.amp and images.is_cuda:
+            if not self._channels_last:
+                self.backbone.to(memory_format=torch.channels_last)
+                self._channels_last = True
+            images = images.contiguous(memory_format=torch.channels_last)
+        maps = self.backbone(images)
+        return self.aggregate(maps, self._grid, self.feature_dim)
+
+    @staticmethod
+    def aggregate(maps: Sequence[Tensor], grid: tuple[int, int], feature_dim: int) -> Tensor:
+        """Neighbourhood-aggregate, pool to ``D``, resize to ``grid`` and average the stage maps.
+
+        Args:
+            maps: Stage outputs, each ``(B, C_l, h_l, w_l)``.
+            grid: ``(H', W')`` output grid (the stride-8 one).
+            feature_dim: ``D``.
+
+        Returns:
+            ``(B, H', W', D)`` float32.
+        """
+        out: Optional[Tensor] = None
+        for fmap in maps:
+            fmap = fmap.float()
+            b, c, h, w = fmap.shape
+            patches = F.unfold(fmap, kernel_size=3, padding=1)  # (B, C*9, h*w), channel-major
+            pooled = channel_pool(patches.transpose(1, 2), feature_dim)  # (B, h*w, D)
+            pooled = pooled.transpose(1, 2).reshape(b, feature_dim, h, w)
+            if (h, w) != tuple(grid):
+                pooled = F.interpolate(pooled, size=grid, mode="bilinear", align_corners=False)
+            out = pooled if out is None else out + pooled
+        assert out is not None, "no feature maps"
+        return (out / len(maps)).permute(0, 2, 3, 1).contiguous()
+
+
+__all__ = ["CNNPatchCoreExtractor", "select_stages", "as_hw"]

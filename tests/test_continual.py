@@ -1,0 +1,133 @@
+"""Continual accuracy matrices (FM, BWT) and the multi-run summary CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from moleflow.evaluation import ContinualMatrix, write_continual_summary
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+#            task0  task1  task2
+HAND = [[0.90, None, None],    # after task 0
+        [0.93, 0.95, None],    # after task 1  (task 0 improved: the max is off the diagonal)
+        [0.70, 0.85, 0.99]]    # after task 2
+
+
+def _matrix(rows: list[list[float | None]]) -> ContinualMatrix:
+    matrix = ContinualMatrix(3, ["leather", "grid", "tile"])
+    for i, row in enumerate(rows):
+        for j, value in enumerate(row):
+            if value is not None:
+                matrix.set(i, j, value)
+    return matrix
+
+
+def test_forgetting_and_bwt_on_hand_matrix() -> None:
+    matrix = _matrix(HAND)
+    # FM: j=0: max(.90, .93) - .70 = .23 ; j=1: .95 - .85 = .10  -> .165
+    assert matrix.forgetting() == pytest.approx(0.165, abs=1e-12)
+    # BWT: j=0: .70 - .90 = -.20 ; j=1: .85 - .95 = -.10  -> -.15
+    assert matrix.backward_transfer() == pytest.approx(-0.15, abs=1e-12)
+    assert matrix.final_mean() == pytest.approx((0.70 + 0.85 + 0.99) / 3, abs=1e-12)
+    assert matrix.last_task == 2
+
+
+def test_partial_matrices() -> None:
+    only_first = _matrix(HAND[:1])
+    assert np.isnan(only_first.forgetting()) and np.isnan(only_first.backward_transfer())
+    assert only_first.final_mean() == pytest.approx(0.90)
+    first_two = _matrix(HAND[:2])
+    assert first_two.forgetting() == pytest.approx(0.90 - 0.93, abs=1e-12)  # improvement
+    assert first_two.backward_transfer() == pytest.approx(0.03, abs=1e-12)
+    empty = ContinualMatrix(2, ["a", "b"])
+    assert empty.last_task == -1 and np.isnan(empty.final_mean()) and np.isnan(empty.forgetting())
+
+
+def test_values_nan_above_diagonal_and_set_validation() -> None:
+    matrix = _matrix(HAND)
+    values = matrix.values
+    assert np.isnan(values[0, 1]) and np.isnan(values[1, 2]) and values[2, 1] == 0.85
+    with pytest.raises(ValueError, match="not trained yet"):
+        matrix.set(0, 1, 0.5)
+    with pytest.raises(ValueError, match="outside"):
+        matrix.set(3, 0, 0.5)
+    with pytest.raises(ValueError, match="task names"):
+        ContinualMatrix(2, ["a"])
+
+
+def test_to_csv_layout(tmp_path: Path) -> None:
+    path = tmp_path / "R.csv"
+    _matrix(HAND).to_csv(path)
+    table = pd.read_csv(path, index_col=0)
+    assert list(table.columns) == ["leather", "grid", "tile"]
+    assert list(table.index) == ["after_task_0", "after_task_1", "after_task_2"]
+    assert table.loc["after_task_1", "leather"] == 0.93
+    assert np.isnan(table.loc["after_task_0", "tile"])
+    assert path.read_text().splitlines()[1] == "after_task_0,0.9,,"
+
+
+def test_write_continual_summary(tmp_path: Path) -> None:
+    path = tmp_path / "continual_summary.csv"
+    write_continual_summary({"img_auroc": _matrix(HAND), "pixel_auroc": _matrix(HAND[:1])}, path)
+    table = pd.read_csv(path)
+    assert list(table.columns) == ["metric", "final_mean", "forgetting", "bwt"]
+    assert list(table["metric"]) == ["img_auroc", "pixel_auroc"]
+    assert table.loc[0, "forgetting"] == pytest.approx(0.165, abs=1e-12)
+    assert table.loc[0, "bwt"] == pytest.approx(-0.15, abs=1e-12)
+    assert np.isnan(table.loc[1, "forgetting"])
+
+
+# ---------------------------------------------------------------- summarize CLI
+
+COLUMNS = ["task_id", "class_name", "routing_acc", "img_auroc", "pixel_auroc", "img_ap",
+           "pixel_ap", "aupro"]
+
+
+def _write_run(folder: Path, offset: float) -> None:
+    folder.mkdir()
+    rows = [[0, "leather", 1.0, 0.90 + offset, 0.95, 0.80, 0.50, 0.85],
+            [1, "grid", 1.0, 0.80 + offset, 0.91, 0.70, 0.30, 0.75]]
+    mean = ["", "mean"] + [float(np.mean([r[k] for r in rows])) for k in range(2, 8)]
+    pd.DataFrame(rows + [mean], columns=COLUMNS).to_csv(folder / "final_results.csv", index=False)
+
+
+def _summarize(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run([sys.executable, "-m", "moleflow.summarize", *args], capture_output=True,
+                          text=True, env=env, timeout=60)
+
+
+def test_summarize_two_runs(tmp_path: Path) -> None:
+    _write_run(tmp_path / "run_a", 0.0)
+    _write_run(tmp_path / "run_b", 0.04)
+    out = tmp_path / "summary.csv"
+    done = _summarize(str(tmp_path / "run_a"), str(tmp_path / "run_b"), "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "leather" in done.stdout and "±" in done.stdout
+    table = pd.read_csv(out).set_index("class_name")
+    assert list(table.index) == ["leather", "grid", "mean"]
+    assert table.loc["leather", "img_auroc_mean"] == pytest.approx(0.92, abs=1e-12)
+    # sample std of (0.90, 0.94) = 0.04 / sqrt(2)
+    assert table.loc["leather", "img_auroc_std"] == pytest.approx(0.04 / np.sqrt(2), abs=1e-12)
+    assert table.loc["mean", "img_auroc_mean"] == pytest.approx(0.87, abs=1e-12)
+    assert table.loc["grid", "pixel_ap_std"] == pytest.approx(0.0, abs=1e-12)
+    assert (table["n_runs"] == 2).all()
+
+
+def test_summarize_missing_file_is_one_line_error(tmp_path: Path) -> None:
+    _write_run(tmp_path / "run_a", 0.0)
+    (tmp_path / "empty").mkdir()
+    done = _summarize(str(tmp_path / "run_a"), str(tmp_path / "empty"),
+                      "--out", str(tmp_path / "s.csv"))
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "final_results.csv" in lines[0] and "empty" in lines[0]
+    assert not (tmp_path / "s.csv").exists()
