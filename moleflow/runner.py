@@ -154,7 +154,7 @@ class Run:
                 self.matrices[metric].set(after_task, task_id, sum(r[metric] for r in rows) / len(rows))
 
     def _checkpoint(self) -> None:
-        history = {m: self.matrices[m].values().tolist() for m in MATRIX_METRICS}
+        history = {m: self.matrices[m].values.tolist() for m in MATRIX_METRICS}
         save_checkpoint(self.exp_dir / CHECKPOINT_NAME, {
             "model": self.model.state_dict(), "router": self.router.state(), "config": self.config.to_dict(),
             "tasks": self.tasks, "tasks_done": self.done, "history": history, "versions": library_versions(),

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moleflow.extractors.base import FeatureExtractor, ImgSize, as_hw, channel_pool
+from moleflow.extractors.base import FeatureExtractor, ImgSize, channel_pool
 from moleflow.extractors.weights import BackboneError, create_backbone
 
 DEFAULT_REDUCTIONS = (8, 16)
@@ -155,4 +155,4 @@ class CNNPatchCoreExtractor(FeatureExtractor):
         return (out / len(maps)).permute(0, 2, 3, 1).contiguous()
 
 
-__all__ = ["CNNPatchCoreExtractor", "select_stages", "as_hw"]
+__all__ = ["CNNPatchCoreExtractor", "select_stages"]

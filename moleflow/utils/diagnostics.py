@@ -204,19 +204,20 @@ def plot_anomaly_overlays(images: np.ndarray, maps: np.ndarray, masks: np.ndarra
 def _annotated_heatmap(fig: Figure, values: np.ndarray, task_names: Sequence[str], fmt: str,
                        cmap: str, vmin: float | None, vmax: float | None,
                        colorbar_label: str):
+    """Heatmap of a ``(T, T)`` array with every finite cell annotated; NaN cells stay blank."""
     ax = fig.subplots()
     shown = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax)
-    fig.colorbar(shown, ax=ax, label=colorbar_label)
+    fig.colorbar(shown, ax=ax, label=colorbar_label, shrink=0.8)
     size = len(task_names)
-    fontsize = max(5, 11 - size // 3)
-    ax.set_xticks(range(size), task_names, rotation=60, ha="right", fontsize=fontsize)
-    ax.set_yticks(range(size), task_names, fontsize=fontsize)
-    finite = values[np.isfinite(values)]
-    middle = (finite.min() + finite.max()) / 2 if finite.size else 0.0
+    fontsize = 8 if size > 10 else 10
+    ax.set_xticks(range(size), task_names, rotation=60, ha="right", fontsize=fontsize + 1)
+    ax.set_yticks(range(size), task_names, fontsize=fontsize + 1)
     for (row, col), value in np.ndenumerate(values):
         if np.isfinite(value):
+            red, green, blue, _ = shown.cmap(shown.norm(value))
+            dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
             ax.text(col, row, format(value, fmt), ha="center", va="center", fontsize=fontsize,
-                    color="white" if value > middle else "black")
+                    color="white" if dark else "black")
     return ax
 
 
@@ -259,7 +260,8 @@ def plot_accuracy_matrix(R: np.ndarray, task_names: Sequence[str], metric_name: 
         raise ValueError(f"R must be ({size}, {size}) for {size} tasks, got {R.shape}")
     fig = _new_figure(4 + 0.5 * size, 3.5 + 0.5 * size)
     ax = _annotated_heatmap(fig, R, task_names, ".3f", "viridis", None, None, metric_name)
-    ax.set_yticks(range(size), [f"after {name}" for name in task_names])
+    ax.set_yticks(range(size), [f"after {name}" for name in task_names],
+                  fontsize=9 if size > 10 else 11)
     ax.set(xlabel="evaluated task", ylabel="after training task",
            title=f"Accuracy matrix: {metric_name}")
     _save(fig, path)
