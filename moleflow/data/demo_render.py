@@ -58,12 +58,13 @@ def _rotated(size: int, angle: float, shift: tuple[float, float]) -> tuple[np.nd
 
 
 def render_fabric(rng: np.random.Generator, size: int) -> Scene:
-    """Plain-weave denim-like fabric: blue warp over/under lighter weft, fibre noise, lighting."""
+    """2/1 twill, denim-like: blue warp over two light weft threads, under one; fibre noise."""
     period = size / 18.0 * rng.uniform(0.97, 1.03)
-    u, v = _rotated(size, np.deg2rad(rng.normal(0.0, 2.0)), tuple(rng.uniform(0, 2 * period, 2)))
+    tilt = np.deg2rad(np.clip(rng.normal(0.0, 1.5), -3.0, 3.0))
+    u, v = _rotated(size, tilt, tuple(rng.uniform(0, 3 * period, 2)))
     cu, cv = np.floor(u / period), np.floor(v / period)
     fu, fv = u / period - cu, v / period - cv
-    warp_on_top = (cu + cv) % 2 == 0
+    warp_on_top = (cu + cv) % 3 != 0  # shifts by one each row: diagonal ribs
     # A thread is bright along its centre line and dips where it passes under the crossing thread.
     warp = np.sin(np.pi * fu) ** 0.6 * (0.75 + 0.25 * np.sin(np.pi * fv))
     weft = np.sin(np.pi * fv) ** 0.6 * (0.75 + 0.25 * np.sin(np.pi * fu))
@@ -90,7 +91,7 @@ def render_tile(rng: np.random.Generator, size: int) -> Scene:
     bevel = 1.0 - 0.18 * np.exp(-np.maximum(edge - grout / 2, 0.0) / (size / 90.0))
     tone_ids = (cu.astype(np.int64) * 7919 + cv.astype(np.int64) * 104729) % 97
     tone = 1.0 + 0.04 * rng.standard_normal(97)[tone_ids]
-    mottle = 0.05 * smooth_noise(rng, size, size / 30) + 0.03 * smooth_noise(rng, size, 0.8)
+    mottle = 0.03 * smooth_noise(rng, size, size / 30) + 0.035 * smooth_noise(rng, size, 0.8)
     tile_colour = np.array([0.86, 0.78, 0.64]) + rng.normal(0.0, 0.012, 3)
     grout_colour = np.array([0.50, 0.50, 0.48]) * (1.0 + 0.08 * smooth_noise(rng, size, 1.0))[..., None]
     tiles = tile_colour * (tone * bevel * (1.0 + mottle))[..., None]
@@ -109,7 +110,8 @@ def render_nut(rng: np.random.Generator, size: int) -> Scene:
     hexagon = np.full((size, size), np.inf)
     for k in range(6):  # signed distance to the six sides (negative inside)
         normal = angle + np.pi / 6 + k * np.pi / 3
-        hexagon = np.minimum(hexagon, radius * np.cos(np.pi / 6) - (dx * np.cos(normal) + dy * np.sin(normal)))
+        along = dx * np.cos(normal) + dy * np.sin(normal)
+        hexagon = np.minimum(hexagon, radius * np.cos(np.pi / 6) - along)
     outside = np.minimum(hexagon, radius * 0.97 - dist)  # corners rounded by the chamfer
     hole_radius = radius * 0.42
     coverage = np.clip(outside + 0.5, 0.0, 1.0) * np.clip(dist - hole_radius + 0.5, 0.0, 1.0)

@@ -74,4 +74,5 @@ def check_image_file(path: Path, kind: str) -> None:
         with Image.open(path) as image:
             image.verify()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise DataError(f"cannot read {kind} {path}: {one_line(error)}; replace or remove the file") from error
+        message = f"cannot read {kind} {path}: {one_line(error)}; replace or remove the file"
+        raise DataError(message) from error

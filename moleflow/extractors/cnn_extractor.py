@@ -123,7 +123,8 @@ class CNNPatchCoreExtractor(FeatureExtractor):
         """``(B, 3, S_h, S_w)`` -> ``(B, H', W', D)``; see the module docstring."""
         if self.amp and images.is_cuda:
             if not self._channels_last:
-                self.backbone.to(memory_format=torch.channels_last)
+                with torch.inference_mode(False):  # parameters must stay ordinary tensors
+                    self.backbone.to(memory_format=torch.channels_last)
                 self._channels_last = True
             images = images.contiguous(memory_format=torch.channels_last)
         maps = self.backbone(images)

@@ -83,7 +83,10 @@ def read_state_dict_file(path: str) -> dict[str, Tensor]:
     """
     source = f"--backbone_weights {path}"
     if not os.path.isfile(path):
-        raise BackboneError(f"{source}: file not found; give an existing state-dict file or {WAYS_OUT}")
+        raise BackboneError(
+            f"{source}: file not found; give the path of an existing .pth/.pt/.safetensors state dict, "
+            f"or drop the flag and use `--backbone_name {OFFLINE_BACKBONE}` (offline ImageNet weights)"
+        )
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
