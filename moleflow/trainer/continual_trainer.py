@@ -152,7 +152,7 @@ class MoLEContinualTrainer:
             last_loss = sum(losses) / len(losses) if losses else float("nan")
             bar.set_postfix(loss=f"{last_loss:.2f}")
             self.log.info(f"task {task_id} epoch {epoch + 1}/{cfg.num_epochs} loss {last_loss:.4f} "
-                          f"lr {optimizer.param_groups[0]['lr']:.2e} skipped {skipped}")
+                          f"lr {optimizer.param_groups[0]['lr']:.2e} skipped {skipped}", extra={"file_only": True})
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)

@@ -73,8 +73,12 @@ def setup_logger(exp_dir: Path, quiet: bool = False) -> logging.Logger:
     if not quiet:
         stream = logging.StreamHandler(sys.stdout)
         stream.setFormatter(logging.Formatter("%(message)s"))
+        stream.addFilter(lambda record: not getattr(record, "file_only", False))
         logger.addHandler(stream)
     return logger
+
+
+FILE_ONLY = {"file_only": True}  # pass as ``extra=`` for lines that belong in training.log only
 
 
 def close_logger(logger: logging.Logger) -> None:
