@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny generated data and the flags of a tiny but complete run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MINI_MVTEC = REPO.parent / "shared" / "data" / "mvtec_ad_mini"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """The demo dataset at 64 px with few images (fabric, tile, nut)."""
+    from moleflow.data import generate_demo_dataset
+    root = tmp_path_factory.mktemp("data") / "tiny_demo"
+    generate_demo_dataset(root, seed=0, size=64, n_train=8, n_test_good=3, n_test_defect=1)
+    return root
+
+
+def tiny_flags(data: Path, log_dir: Path, classes=("fabric", "tile"), epochs: int = 2) -> list[str]:
+    """CLI flags of a tiny run: offline efficientnet_lite0, small flow, few epochs."""
+    return ["--dataset", "folder", "--data_path", str(data), "--task_classes", *classes,
+            "--backbone_name", "efficientnet_lite0", "--img_size", "64", "--feature_dim", "32",
+            "--lora_rank", "4", "--num_coupling_layers", "2", "--num_epochs", str(epochs), "--batch_size", "4",
+            "--log_dir", str(log_dir)]
+
+
+def run_cli(args: list[str], cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python run_moleflow.py ARGS`` as a user would."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, str(REPO / "run_moleflow.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def only_experiment(log_dir: Path) -> Path:
+    dirs = [p for p in log_dir.iterdir() if p.is_dir()]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
