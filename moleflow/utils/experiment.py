@@ -102,8 +102,8 @@ def library_versions() -> dict[str, str]:
     import sklearn
     import timm
     import torch
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-                "numpy": numpy.__version__, "scikit-learn": sklearn.__version__}
+    versions = {"python": platform.python_version(), "torch": str(torch.__version__), "timm": str(timm.__version__),
+                "numpy": str(numpy.__version__), "scikit-learn": str(sklearn.__version__)}
     try:
         import FrEIA  # noqa: F401
         from importlib.metadata import version

@@ -1,0 +1,120 @@
+"""Durable runs: SIGKILL + --resume, adding tasks later, reproducibility, broken checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, only_experiment, run_cli, tiny_flags
+from moleflow.cli_main import main
+
+THREE = ("fabric", "tile", "nut")
+
+
+def _rows(path: Path) -> dict[str, dict]:
+    with open(path, newline="") as handle:
+        return {r["class_name"]: r for r in csv.DictReader(handle)}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_data, tmp_path_factory) -> Path:
+    """An uninterrupted 3-task run (seed 0)."""
+    log_dir = tmp_path_factory.mktemp("ref")
+    proc = run_cli([*tiny_flags(tiny_data, log_dir, classes=THREE, epochs=6)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return only_experiment(log_dir)
+
+
+def test_same_seed_same_bytes(reference_run, tiny_data, tmp_path):
+    proc = run_cli([*tiny_flags(tiny_data, tmp_path, classes=THREE, epochs=6)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = only_experiment(tmp_path)
+    for name in ("final_results.csv", "final_results_oracle.csv", "matrix_img_auroc.csv"):
+        assert (again / name).read_bytes() == (reference_run / name).read_bytes(), name
+
+
+def test_sigkill_during_task_2_then_resume_matches(reference_run, tiny_data, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    flags = tiny_flags(tiny_data, tmp_path, classes=THREE, epochs=6)
+    proc = subprocess.Popen([sys.executable, str(REPO / "run_moleflow.py"), *flags], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    log = None
+    while time.time() < deadline:
+        dirs = [p for p in tmp_path.iterdir() if p.is_dir()]
+        if dirs and (dirs[0] / "training.log").is_file():
+            log = dirs[0] / "training.log"
+            if "task 2 epoch 1/" in log.read_text():
+                break
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed; raise its epochs"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    exp = only_experiment(tmp_path)
+    assert not (exp / "final_results.csv").exists()
+    resumed = run_cli(["--resume", str(exp)])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in (exp / "training.log").read_text()
+    for name in ("final_results.csv", "final_results_oracle.csv", "matrix_img_auroc.csv", "continual_summary.csv"):
+        assert (exp / name).read_bytes() == (reference_run / name).read_bytes(), name
+
+
+def test_add_a_task_to_a_finished_run(tiny_data, tmp_path):
+    first = tmp_path / "first"
+    proc = run_cli([*tiny_flags(tiny_data, first, classes=("fabric", "tile"), epochs=3)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    old = only_experiment(first)
+    more = tmp_path / "more"
+    proc = run_cli(["--resume", str(old), "--task_classes", "nut", "--log_dir", str(more)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    new = only_experiment(more)
+    before = _rows(old / "final_results_oracle.csv")
+    after = _rows(new / "final_results_oracle.csv")
+    for name in ("fabric", "tile"):
+        for col in ("img_auroc", "pixel_auroc", "img_ap", "pixel_ap", "aupro"):
+            assert after[name][col] == before[name][col], (name, col)
+    routed = _rows(new / "final_results.csv")
+    assert set(routed) == {"fabric", "tile", "nut", "mean"} and routed["nut"]["task_id"] == "2"
+    with open(new / "routing_confusion.csv") as handle:
+        assert len(list(csv.reader(handle))) == 4  # header + 3 tasks
+    assert (new / "results_after_task_2.csv").is_file()
+
+
+def test_resume_refuses_other_architecture(reference_run, capsys):
+    code = main(["--resume", str(reference_run), "--task_classes", "extra", "--lora_rank", "8"])
+    err = capsys.readouterr().err
+    assert code == 2 and "lora_rank: saved 4, now 8" in err
+
+
+def test_resume_of_finished_run_without_new_classes(reference_run, capsys):
+    assert main(["--resume", str(reference_run)]) == 2
+    assert "--task_classes" in capsys.readouterr().err
+
+
+def test_corrupt_and_truncated_checkpoints(reference_run, tmp_path, capsys):
+    import shutil
+    for mode in ("truncate", "garbage"):
+        exp = tmp_path / mode
+        shutil.copytree(reference_run, exp)
+        ckpt = exp / "checkpoint.pt"
+        data = ckpt.read_bytes()
+        ckpt.write_bytes(data[: len(data) // 2] if mode == "truncate" else b"\x00garbage" * 100)
+        code = main(["--resume", str(exp), "--task_classes", "extra"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "corrupt or truncated" in err and str(ckpt) in err
+        assert len(err.splitlines()) == 1
+
+
+def test_checkpoint_loads_with_weights_only(reference_run):
+    import torch
+    data = torch.load(reference_run / "checkpoint.pt", weights_only=True)
+    assert data["tasks_done"] == 3 and data["tasks"] == [["fabric"], ["tile"], ["nut"]]
