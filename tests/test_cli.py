@@ -51,6 +51,18 @@ def test_cli_end_to_end(tiny_data, tmp_path):
     log = (exp / "training.log").read_text()
     assert "trainable parameters" in log and "epoch 2/2" in log and "after task 2" in log
     assert "mean image AUROC" in proc.stdout
+    if all(float(r["routing_acc"]) == 1.0 for r in rows):
+        assert (exp / "final_results.csv").read_bytes() == (exp / "final_results_oracle.csv").read_bytes()
+
+
+def test_oracle_routing_has_zero_forgetting(tiny_data, tmp_path):
+    proc = run_cli([*tiny_flags(tiny_data, tmp_path, classes=("fabric", "tile", "nut")), "--no_router"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    exp = only_experiment(tmp_path)
+    summary = {r["metric"]: r for r in _rows(exp / "continual_summary.csv")}
+    for metric in ("img_auroc", "pixel_auroc", "img_ap", "pixel_ap", "aupro"):
+        assert float(summary[metric]["forgetting"]) == 0.0 and float(summary[metric]["bwt"]) == 0.0
+    assert (exp / "final_results.csv").read_bytes() == (exp / "final_results_oracle.csv").read_bytes()
 
 
 def _expect_error(argv: list[str], capsys, *needles: str) -> str:
