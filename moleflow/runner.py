@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from torch import Tensor
+from tqdm import tqdm
 
 from moleflow.config.ablation import AblationConfig, ConfigError
 from moleflow.data import AnomalyDataset, ClassSplit, generate_demo_dataset, load_class_split, split_tasks, validate_samples
@@ -92,6 +92,7 @@ class Run:
         self.trainer = MoLEContinualTrainer(config, self.model, self.router, self.device, self.log, progress)
         self.storage = self.device
         self.test_cache: dict[str, FeatureSet] = {}
+        self._train_datasets: dict[tuple[int, bool], AnomalyDataset] = {}
         names = ["+".join(t) for t in self.tasks]
         self.matrices = {m: ContinualMatrix(len(self.tasks), names) for m in MATRIX_METRICS}
         self.done = 0
@@ -123,9 +124,13 @@ class Run:
     def _dataset(self, samples: list) -> AnomalyDataset:
         return AnomalyDataset(samples, self.config.img_size, augment=False)
 
-    def _train_features(self, task_id: int) -> FeatureSet:
+    def _train_features(self, task_id: int, augment: bool = False) -> FeatureSet:
         samples = [s for c in self.tasks[task_id] for s in self.splits[c].train]
-        dataset = AnomalyDataset(samples, self.config.img_size, augment=self.config.use_augmentation)
+        key = (task_id, augment)
+        if key not in self._train_datasets:  # decoded images stay cached across epochs of this task
+            self._train_datasets = {k: v for k, v in self._train_datasets.items() if k[0] == task_id}
+            self._train_datasets[key] = AnomalyDataset(samples, self.config.img_size, augment=augment)
+        dataset = self._train_datasets[key]
         return extract_features(self.extractor, dataset, self.config.batch_size, self.device, self.storage,
                                 keep_masks=False, desc=f"task {task_id} features",
                                 num_workers=self.config.num_workers, progress=self.progress)
@@ -140,12 +145,11 @@ class Run:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate_seen(self, after_task: int, oracle: bool, keep_maps: bool = False) -> list[ClassEvaluation]:
-        results = []
-        for task_id in range(after_task + 1):
-            for name in self.tasks[task_id]:
-                results.append(evaluate_class(self.model, self.router, self._test_features(name), name, task_id,
-                                              self.config, self.device, oracle=oracle, keep_maps=keep_maps))
-        return results
+        pairs = [(task_id, name) for task_id in range(after_task + 1) for name in self.tasks[task_id]]
+        label = "oracle" if oracle else "routed"
+        return [evaluate_class(self.model, self.router, self._test_features(name), name, task_id, self.config,
+                               self.device, oracle=oracle, keep_maps=keep_maps)
+                for task_id, name in tqdm(pairs, desc=f"evaluate ({label})", leave=False, disable=not self.progress)]
 
     def _record(self, after_task: int, results: list[ClassEvaluation]) -> None:
         for task_id in range(after_task + 1):
@@ -167,7 +171,8 @@ class Run:
         for task_id in range(self.done, len(self.tasks)):
             started = time.time()
             self.log.info(f"=== task {task_id}: {', '.join(self.tasks[task_id])} ===")
-            stats = self.trainer.train_task(task_id, self._train_features(task_id))
+            refresh = (lambda t=task_id: self._train_features(t, augment=True)) if cfg.use_augmentation else None
+            stats = self.trainer.train_task(task_id, self._train_features(task_id), refresh=refresh)
             self.log.info(f"task {task_id} trained in {time.time() - started:.1f}s "
                           f"({stats.steps} steps, {stats.skipped_batches} skipped, final loss {stats.final_loss:.4f})")
             results = self.evaluate_seen(task_id, oracle=False)

@@ -162,3 +162,24 @@ def test_real_mvtec_mini_runs(tmp_path):
     rows = _rows(only_experiment(log_dir) / "final_results.csv")
     assert [r["class_name"] for r in rows] == ["hazelnut", "transistor", "mean"]
     assert all(0.0 <= float(r["pixel_auroc"]) <= 1.0 for r in rows)
+
+
+def test_augmentation_recomputes_features_every_epoch(tiny_data, tmp_path, monkeypatch):
+    """--use_augmentation re-runs the backbone on new augmentations each epoch (and changes results)."""
+    import moleflow.runner as runner_mod
+    calls = []
+    real = runner_mod.extract_features
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("desc"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner_mod, "extract_features", counting)
+    assert main([*tiny_flags(tiny_data, tmp_path / "aug", classes=("fabric",), epochs=3), "--use_augmentation"]) == 0
+    assert calls.count("task 0 features") == 3  # clean once + 2 refreshed epochs
+    calls.clear()
+    assert main(tiny_flags(tiny_data, tmp_path / "plain", classes=("fabric",), epochs=3)) == 0
+    assert calls.count("task 0 features") == 1
+    aug = (only_experiment(tmp_path / "aug") / "final_results.csv").read_text()
+    plain = (only_experiment(tmp_path / "plain") / "final_results.csv").read_text()
+    assert aug != plain

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -88,13 +89,18 @@ class MoLEContinualTrainer:
         opt = cls([{"params": params, "base_lr": self.config.lr}], lr=self.config.lr, **kwargs)
         return opt
 
-    def train_task(self, task_id: int, train: FeatureSet) -> TaskStats:
+    def train_task(self, task_id: int, train: FeatureSet,
+                   refresh: Optional[Callable[[], FeatureSet]] = None) -> TaskStats:
         """Add task ``task_id`` to the model and router and train it.
 
         Args:
             task_id: must equal the number of tasks already trained.
-            train: cached training features of the task (all its classes).
+            train: cached training features of the task (all its classes, no augmentation); the
+                router prototype is always estimated from these.
+            refresh: with augmentation on, returns freshly augmented features; called before
+                every epoch after the first (the backbone is re-run on new augmentations).
         """
+        router_features = train.router
         cfg = self.config
         if task_id != self.model.num_tasks:
             raise ValueError(f"task {task_id} cannot follow {self.model.num_tasks} trained tasks")
@@ -125,6 +131,8 @@ class MoLEContinualTrainer:
                 params = params + slow
                 self.log.info(f"task {task_id}: SLOW stage from epoch {epoch + 1}: last {cfg.slow_blocks_k} "
                               f"shared blocks unfrozen at lr x {cfg.slow_lr_ratio}")
+            if refresh is not None and epoch > 0:
+                train = refresh()
             order = torch.randperm(n, generator=generator)
             losses: list[float] = []
             for start in range(0, n, cfg.batch_size):
@@ -156,7 +164,7 @@ class MoLEContinualTrainer:
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.router.add_task(train.router)
+        self.router.add_task(router_features)
         return TaskStats(task_id, cfg.num_epochs, step, skipped, last_loss, n_params)
 
     def _loss(self, feats: Tensor, task_id: int) -> Tensor:
