@@ -34,8 +34,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: finished tasks are saved in the experiment folder; continue with --resume <folder>",
-              file=sys.stderr)
+        print("interrupted: finished tasks are saved in the experiment folder (see the last log line); "
+              "continue with --resume <folder>", file=sys.stderr)
         return 130
     except OSError as err:
         where = f" {err.filename}" if getattr(err, "filename", None) else ""

@@ -166,8 +166,17 @@ class Run:
 
     # ------------------------------------------------------------------ the task loop
     def execute(self) -> RunResult:
-        cfg = self.config
-        self.log.info(f"experiment {self.exp_dir} | device {self.device} | tasks {self.tasks}")
+        try:
+            return self._execute()
+        except KeyboardInterrupt:
+            self.log.info(f"interrupted after {self.done} finished task(s); continue with "
+                          f"python run_moleflow.py --resume {self.exp_dir}")
+            close_logger(self.log)
+            raise
+
+    def _execute(self) -> RunResult:
+        self.log.info(f"experiment {self.exp_dir} | device {self.device} | tasks {self.tasks} | "
+                      f"optimizer {self.config.optimizer}")
         for task_id in range(self.done, len(self.tasks)):
             started = time.time()
             self.log.info(f"=== task {task_id}: {', '.join(self.tasks[task_id])} ===")
