@@ -177,6 +177,7 @@ class Run:
     def _execute(self) -> RunResult:
         self.log.info(f"experiment {self.exp_dir} | device {self.device} | tasks {self.tasks} | "
                       f"optimizer {self.config.optimizer}")
+        cfg = self.config
         for task_id in range(self.done, len(self.tasks)):
             started = time.time()
             self.log.info(f"=== task {task_id}: {', '.join(self.tasks[task_id])} ===")
