@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -93,8 +92,3 @@ def evaluate_class(model: MoLESpatialAwareNF, router: PrototypeRouter, test: Fea
            "routing_acc": float((routed == true_task).float().mean()), **metrics}
     return ClassEvaluation(row=row, routed=routed, image_scores=img, maps=maps if keep_maps else None)
 
-
-def mean_row(rows: list[dict]) -> dict:
-    """Unweighted mean of numeric columns over class rows."""
-    keys = [k for k in rows[0] if k not in ("task_id", "class_name")]
-    return {"task_id": "mean", "class_name": "mean", **{k: float(np.mean([r[k] for r in rows])) for k in keys}}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from moleflow.config.ablation import AblationConfig
+from moleflow.evaluation.metrics import mean_metrics
 
 
 class ExperimentError(RuntimeError):
@@ -145,10 +146,7 @@ def write_results_csv(path: Path, rows: Sequence[dict[str, Any]]) -> dict[str, A
     Returns:
         the mean row.
     """
-    mean_row: dict[str, Any] = {"task_id": "mean", "class_name": "mean"}
-    for col in RESULT_COLUMNS[2:]:
-        values = [float(r[col]) for r in rows]
-        mean_row[col] = sum(values) / len(values) if values else float("nan")
+    mean_row: dict[str, Any] = {"task_id": "mean", "class_name": "mean", **mean_metrics(rows)}
     lines: list[list[str]] = [RESULT_COLUMNS]
     for row in [*rows, mean_row]:
         lines.append([_fmt(row[c]) for c in RESULT_COLUMNS])
