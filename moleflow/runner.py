@@ -89,7 +89,8 @@ class Run:
         self._warn_feature_dim()
         self.model = build_flow(config, config.feature_dim).to(self.device)
         self.router = PrototypeRouter(mahalanobis=config.use_mahalanobis)
-        self.trainer = MoLEContinualTrainer(config, self.model, self.router, self.device, self.log, progress)
+        self.trainer = MoLEContinualTrainer(config, self.model, self.router, self.device, self.log, progress,
+                                            tf32=config.tf32)
         self.storage = self.device
         self.test_cache: dict[str, FeatureSet] = {}
         self._train_datasets: dict[tuple[int, bool], AnomalyDataset] = {}
@@ -148,7 +149,7 @@ class Run:
         pairs = [(task_id, name) for task_id in range(after_task + 1) for name in self.tasks[task_id]]
         label = "oracle" if oracle else "routed"
         return [evaluate_class(self.model, self.router, self._test_features(name), name, task_id, self.config,
-                               self.device, oracle=oracle, keep_maps=keep_maps)
+                               self.device, oracle=oracle, keep_maps=keep_maps, tf32=self.config.tf32)
                 for task_id, name in tqdm(pairs, desc=f"evaluate ({label})", leave=False, disable=not self.progress)]
 
     def _record(self, after_task: int, results: list[ClassEvaluation]) -> None:

@@ -89,6 +89,7 @@ class AblationConfig:
     device: str = "auto"
     num_workers: int = 0
     amp: bool = False
+    tf32: bool = False
     resume: Optional[str] = None
     ablation_preset: str = "full"
     demo: bool = False

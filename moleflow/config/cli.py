@@ -37,6 +37,7 @@ HELP: dict[str, str] = {
     "eval_oracle": "after the last task, also evaluate with the true task id (final_results_oracle.csv)",
     "device": "auto, cpu, cuda or cuda:N",
     "amp": "bf16 autocast for the frozen backbone on CUDA",
+    "tf32": "TF32 float32 matrix products in the flow on CUDA (faster; routing stays full float32)",
     "freeze_base": "freeze shared flow weights after task 0 (off only in baseline_nf: naive fine-tuning)",
 }
 

@@ -1,4 +1,10 @@
-"""Score cached test features with the routed (or true) expert and compute per-class metrics."""
+"""Score cached test features with the routed (or true) expert and compute per-class metrics.
+
+On the CPU everything runs as plain numpy/torch. On a GPU the patch scores, anomaly maps, image
+scores and pixel metrics stay on the device (``metrics_torch``: the same exact curves), scoring
+uses larger batches, and the flow's matrix products may use TF32 (``tf32=True``); routing is
+always computed in full float32 so the expert choice does not depend on that setting.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +15,16 @@ import torch
 from torch import Tensor
 
 from moleflow.config.ablation import AblationConfig
+from moleflow.evaluation import metrics_torch
 from moleflow.evaluation.anomaly_map import anomaly_maps, image_scores
 from moleflow.evaluation.metrics import class_metrics
 from moleflow.models.loss import patch_nll
 from moleflow.models.mole_nf import MoLESpatialAwareNF
 from moleflow.models.routing import PrototypeRouter
 from moleflow.trainer.features import FeatureSet
+from moleflow.trainer.precision import matmul_tf32
+
+GPU_SCORE_BATCH = 128  # images per flow pass when scoring on a GPU
 
 
 @dataclass
@@ -36,7 +46,7 @@ class ClassEvaluation:
 
 @torch.no_grad()
 def score_patches(model: MoLESpatialAwareNF, patches: Tensor, task_ids: Tensor, batch_size: int,
-                  device: torch.device) -> Tensor:
+                  device: torch.device, tf32: bool = False) -> Tensor:
     """Patch NLL scores with each image's own expert.
 
     Args:
@@ -45,25 +55,35 @@ def score_patches(model: MoLESpatialAwareNF, patches: Tensor, task_ids: Tensor, 
         task_ids: (N,) expert per image.
         batch_size: images per forward pass.
         device: where the flow runs.
+        tf32: on CUDA, let the flow's matrix products use TF32.
 
     Returns:
-        (N, H, W) patch scores (nats), on the CPU.
+        (N, H, W) patch scores (nats), on the CPU, or on ``device`` when it is a GPU.
     """
-    out = torch.empty(patches.shape[:3], dtype=torch.float32)
+    keep_on_device = device.type == "cuda"
+    out = torch.empty(patches.shape[:3], dtype=torch.float32, device=device if keep_on_device else "cpu")
     task_ids = task_ids.cpu()
-    for task in task_ids.unique().tolist():
-        idx = (task_ids == task).nonzero().flatten()
-        for start in range(0, len(idx), batch_size):
-            chunk = idx[start:start + batch_size]
-            feats = patches[chunk.to(patches.device)].to(device)
-            z, log_det = model(feats, int(task))
-            out[chunk] = patch_nll(z, log_det).float().cpu()
+    with matmul_tf32(device, tf32):
+        for task in task_ids.unique().tolist():
+            idx = (task_ids == task).nonzero().flatten()
+            for start in range(0, len(idx), batch_size):
+                chunk = idx[start:start + batch_size]
+                feats = patches[chunk.to(patches.device)].to(device)
+                z, log_det = model(feats, int(task))
+                scores = patch_nll(z, log_det).float()
+                out[chunk.to(out.device)] = scores if keep_on_device else scores.cpu()
     return out
+
+
+def route(router: PrototypeRouter, features: Tensor, device: torch.device) -> Tensor:
+    """(N, D) router features -> (N,) task ids on the CPU; distances in full float32 (never TF32)."""
+    with matmul_tf32(device, False):
+        return router.route(features.to(device)).cpu()
 
 
 def evaluate_class(model: MoLESpatialAwareNF, router: PrototypeRouter, test: FeatureSet, class_name: str,
                    true_task: int, config: AblationConfig, device: torch.device, oracle: bool,
-                   keep_maps: bool = False) -> ClassEvaluation:
+                   keep_maps: bool = False, tf32: bool = False) -> ClassEvaluation:
     """Route, score and measure one class's test set.
 
     Args:
@@ -75,20 +95,28 @@ def evaluate_class(model: MoLESpatialAwareNF, router: PrototypeRouter, test: Fea
         config: run settings (batch size, scoring, switches).
         device: where the flow runs.
         oracle: use the true task instead of the router.
-        keep_maps: return the anomaly maps.
+        keep_maps: return the anomaly maps (on the CPU).
+        tf32: on CUDA, let the flow's matrix products use TF32 (routing never does).
     """
     n = len(test)
     if oracle or not config.use_router:
         routed = torch.full((n,), true_task, dtype=torch.long)
     else:
-        routed = router.route(test.router.to(device)).cpu()
-    scores = score_patches(model, test.patches, routed, max(1, 2 * config.batch_size), device)
+        routed = route(router, test.router, device)
+    on_gpu = device.type == "cuda"
+    batch = max(GPU_SCORE_BATCH, 2 * config.batch_size) if on_gpu else max(1, 2 * config.batch_size)
+    scores = score_patches(model, test.patches, routed, batch, device, tf32=tf32)
     img = image_scores(scores, method=config.score_aggregation_mode, k=config.score_aggregation_top_k,
                        percentile=config.score_aggregation_percentile)
-    masks = test.masks
+    masks = test.masks.to(scores.device)
     maps = anomaly_maps(scores, out_size=tuple(masks.shape[-2:]), sigma=config.anomaly_map_sigma)
-    metrics = class_metrics(test.labels.numpy(), img.numpy(), masks.numpy().astype(bool), maps.numpy())
+    if on_gpu:
+        if test.regions is None or test.regions[0].device != masks.device:
+            test.regions = metrics_torch.region_weights(masks)
+        metrics = metrics_torch.class_metrics(test.labels, img, masks, maps, regions=test.regions)
+    else:
+        metrics = class_metrics(test.labels.numpy(), img.numpy(), masks.numpy().astype(bool), maps.numpy())
     row = {"task_id": true_task, "class_name": class_name,
            "routing_acc": float((routed == true_task).float().mean()), **metrics}
-    return ClassEvaluation(row=row, routed=routed, image_scores=img, maps=maps if keep_maps else None)
-
+    return ClassEvaluation(row=row, routed=routed, image_scores=img.cpu(),
+                           maps=maps.cpu() if keep_maps else None)

@@ -63,13 +63,17 @@ class MoLESpatialAwareNF(nn.Module):
         )
         self.adapters = nn.ModuleList()
         self.dia = nn.ModuleList()
+        # The buffer records the task count in checkpoints; the host-side copy is what the passes
+        # read (reading a CUDA buffer with int() would wait for the GPU in every forward pass).
+        # A model is always grown with add_task() before a checkpoint is loaded into it.
         self.register_buffer("_num_tasks", torch.zeros((), dtype=torch.long))
+        self._task_count = 0
         self._pos_cache: dict[tuple[int, int, str], Tensor] = {}
 
     # ----------------------------------------------------------------- tasks and parameters
     @property
     def num_tasks(self) -> int:
-        return int(self._num_tasks)
+        return self._task_count
 
     def lora_layers(self) -> list[LoRALinear]:
         return [m for m in self.modules() if isinstance(m, LoRALinear)]
@@ -94,6 +98,7 @@ class MoLESpatialAwareNF(nn.Module):
                                    for k in range(self.dia_n_blocks))
             self.dia.append(blocks.to(device, dtype))
         self._num_tasks += 1
+        self._task_count += 1
         return task_id
 
     def task_parameters(self, task_id: int) -> list[nn.Parameter]:

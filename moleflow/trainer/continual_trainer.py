@@ -3,6 +3,12 @@
 Task 0 trains everything (shared base + its own expert). From task 1 on, with the base frozen,
 a task trains only its LoRA experts, task biases, adapter and DIA blocks. The optional SLOW
 stage unfreezes the last ``slow_blocks_k`` shared blocks for the final epochs of a later task.
+
+On CUDA a training step never waits for the GPU: the optimizer is the fused AdamW/Adam, a batch
+with a non-finite loss is skipped on the device (the fused step's ``found_inf`` leaves parameters
+and optimizer state untouched, exactly as not stepping), and losses and skip counts are summed
+on the device and read once per epoch. On the CPU the loop is the plain one. ``tf32=True`` lets
+the flow's float32 matrix products use TF32 on CUDA.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from moleflow.models.loss import moleflow_loss
 from moleflow.models.mole_nf import MoLESpatialAwareNF
 from moleflow.models.routing import PrototypeRouter
 from moleflow.trainer.features import FeatureSet
+from moleflow.trainer.precision import matmul_tf32
 
 
 class TrainingError(RuntimeError):
@@ -57,16 +64,25 @@ class MoLEContinualTrainer:
         device: where the flow trains.
         logger: run logger (training.log).
         progress: show tqdm bars.
+        tf32: on CUDA, let the flow's float32 matrix products use TF32.
+
+    Attributes:
+        fused: use the fused optimizer (default: on CUDA).
+        sync_free: skip non-finite batches on the device, without a host sync per step (needs
+            ``fused``; default: on CUDA).
     """
 
     def __init__(self, config: AblationConfig, model: MoLESpatialAwareNF, router: PrototypeRouter,
-                 device: torch.device, logger: logging.Logger, progress: bool = True) -> None:
+                 device: torch.device, logger: logging.Logger, progress: bool = True, tf32: bool = False) -> None:
         self.config = config
         self.model = model
         self.router = router
         self.device = device
         self.log = logger
         self.progress = progress
+        self.tf32 = tf32
+        self.fused = device.type == "cuda"
+        self.sync_free = self.fused
 
     def _trainable(self, task_id: int, slow: bool) -> list[nn.Parameter]:
         """Set requires_grad for this task's stage and return the parameters to optimise."""
@@ -86,6 +102,8 @@ class MoLEContinualTrainer:
     def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         cls = torch.optim.AdamW if self.config.optimizer == "adamw" else torch.optim.Adam
         kwargs = {"weight_decay": self.config.weight_decay} if self.config.optimizer == "adamw" else {}
+        if self.fused:
+            kwargs["fused"] = True
         opt = cls([{"params": params, "base_lr": self.config.lr}], lr=self.config.lr, **kwargs)
         return opt
 
@@ -110,6 +128,9 @@ class MoLEContinualTrainer:
         n_params = sum(p.numel() for p in params)
         self.log.info(f"task {task_id}: {len(train)} training images, trainable parameters {n_params:,} "
                       f"(shared {'trained' if task_id == 0 or not cfg.freeze_base else 'frozen'})")
+        if self.fused:
+            self.log.info(f"task {task_id}: fused {cfg.optimizer}, non-finite batches skipped on the device, "
+                          f"flow matmuls {'TF32' if self.tf32 else 'float32'}", extra={"file_only": True})
         optimizer = self._optimizer(params)
         n = len(train)
         steps_per_epoch = math.ceil(n / cfg.batch_size)
@@ -133,39 +154,67 @@ class MoLEContinualTrainer:
                               f"shared blocks unfrozen at lr x {cfg.slow_lr_ratio}")
             if refresh is not None and epoch > 0:
                 train = refresh()
-            order = torch.randperm(n, generator=generator)
-            losses: list[float] = []
-            for start in range(0, n, cfg.batch_size):
-                factor = lr_factor(step, total, warmup)
-                for group in optimizer.param_groups:
-                    group["lr"] = group["base_lr"] * factor
-                step += 1
-                idx = order[start:start + cfg.batch_size]
-                feats = train.patches[idx.to(train.patches.device)].to(self.device, non_blocking=True)
-                loss = self._loss(feats, task_id)
-                if not torch.isfinite(loss):
-                    skipped += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    continue
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                optimizer.step()
-                losses.append(loss.item())
+            order = torch.randperm(n, generator=generator).to(train.patches.device)
+            with matmul_tf32(self.device, self.tf32):
+                loss_sum, good, bad = self._epoch(task_id, train, order, optimizer, params, step, total, warmup)
+            step += good + bad
+            skipped += bad
             if skipped > cfg.max_skip_fraction * step:
                 raise TrainingError(
                     f"task {task_id}: {skipped} of {step} batches had a non-finite loss (limit "
                     f"{cfg.max_skip_fraction:.0%}); lower --lr or check the features; earlier tasks' "
                     f"checkpoint stays usable")
-            last_loss = sum(losses) / len(losses) if losses else float("nan")
+            last_loss = loss_sum / good if good else float("nan")
             bar.set_postfix(loss=f"{last_loss:.2f}")
             self.log.info(f"task {task_id} epoch {epoch + 1}/{cfg.num_epochs} loss {last_loss:.4f} "
                           f"lr {optimizer.param_groups[0]['lr']:.2e} skipped {skipped}", extra={"file_only": True})
+        optimizer.zero_grad(set_to_none=True)
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.router.add_task(router_features)
         return TaskStats(task_id, cfg.num_epochs, step, skipped, last_loss, n_params)
+
+    def _epoch(self, task_id: int, train: FeatureSet, order: Tensor, optimizer: torch.optim.Optimizer,
+               params: list[nn.Parameter], step: int, total: int, warmup: int) -> tuple[float, int, int]:
+        """One pass over ``train`` in ``order``; returns (sum of finite losses, good batches, skipped)."""
+        cfg = self.config
+        losses: list[float] = []
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        bad_sum = torch.zeros((), dtype=torch.long, device=self.device)
+        batches, skipped = 0, 0
+        for start in range(0, len(order), cfg.batch_size):
+            factor = lr_factor(step + batches, total, warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            batches += 1
+            feats = train.patches[order[start:start + cfg.batch_size]].to(self.device, non_blocking=True)
+            loss = self._loss(feats, task_id)
+            if self.sync_free:
+                bad = ~torch.isfinite(loss)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optimizer.found_inf = bad.float()  # fused step: 1 leaves params and state as they are
+                optimizer.step()
+                loss_sum += torch.where(bad, 0.0, loss.detach().double())
+                bad_sum += bad
+                continue
+            if not torch.isfinite(loss):
+                skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            losses.append(loss.item())
+        if self.sync_free:
+            if hasattr(optimizer, "found_inf"):
+                del optimizer.found_inf
+            skipped = int(bad_sum)
+            return float(loss_sum), batches - skipped, skipped
+        return sum(losses), batches - skipped, skipped
 
     def _loss(self, feats: Tensor, task_id: int) -> Tensor:
         cfg = self.config

@@ -1,14 +1,26 @@
-"""Run the frozen backbone once over a dataset and keep the features (the backbone never trains)."""
+"""Run the frozen backbone once over a dataset and keep the features (the backbone never trains).
+
+Images are decoded by a small thread pool (PIL releases the GIL while it decodes and resizes),
+so a run decodes each image once and in parallel without worker processes; the decoded images
+stay in the dataset's own cache. A dataset that augments draws from torch's global generator,
+so it is read in order on the calling thread (the draws must not depend on thread timing).
+"""
 
 from __future__ import annotations
 
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import default_collate
 from tqdm import tqdm
+
+MAX_DECODE_THREADS = 16
 
 
 @dataclass
@@ -20,15 +32,79 @@ class FeatureSet:
         router: (N, D) router features: mean of the patch features over the grid.
         labels: (N,) 0 good / 1 defect.
         masks: (N, S, S) uint8 ground-truth masks (zeros for good images), or None.
+        regions: per-pixel PRO weights of ``masks`` and the region count, on the device where
+            the evaluator computes pixel metrics; filled by the evaluator on first use (the
+            connected components of fixed masks need computing only once).
     """
 
     patches: Tensor
     router: Tensor
     labels: Tensor
     masks: Optional[Tensor]
+    regions: Optional[tuple[Tensor, int]] = None
 
     def __len__(self) -> int:
         return self.patches.shape[0]
+
+
+def decode_threads() -> int:
+    """Threads used to decode images: the CPUs this process may use, at most 16."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(MAX_DECODE_THREADS, cpus))
+
+
+def iter_batches(dataset: Dataset, batch_size: int, num_workers: int = 0, threads: Optional[int] = None,
+                 pin_memory: bool = False) -> Iterator[dict]:
+    """Yield the dataset's items in order, collated into batches.
+
+    Args:
+        dataset: items are dicts of tensors and ints (AnomalyDataset).
+        batch_size: items per batch.
+        num_workers: > 0: a DataLoader with that many worker processes; 0: a thread pool
+            (or the calling thread alone for an augmenting dataset).
+        threads: thread-pool size; default :func:`decode_threads`.
+        pin_memory: collate into page-locked memory (faster, asynchronous copies to a GPU).
+    """
+    if num_workers > 0:
+        yield from DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                              pin_memory=pin_memory)
+        return
+    threads = decode_threads() if threads is None else threads
+    n = len(dataset)
+    if threads <= 1 or getattr(dataset, "augment", False):
+        for start in range(0, n, batch_size):
+            yield _collate([dataset[i] for i in range(start, min(n, start + batch_size))], pin_memory)
+        return
+    lookahead = max(2 * batch_size, 4 * threads)
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
+        pending: deque[Future] = deque()
+        submitted = 0
+        items: list[dict] = []
+        while submitted < n or pending:
+            while submitted < n and len(pending) < lookahead:
+                pending.append(pool.submit(dataset.__getitem__, submitted))
+                submitted += 1
+            items.append(pending.popleft().result())
+            if len(items) == batch_size or (submitted == n and not pending):
+                yield _collate(items, pin_memory)
+                items = []
+
+
+def _collate(items: list[dict], pin_memory: bool) -> dict:
+    batch = default_collate(items)
+    if pin_memory:
+        batch = {k: v.pin_memory() if isinstance(v, Tensor) else v for k, v in batch.items()}
+    return batch
+
+
+def decode_all(dataset: Dataset, threads: Optional[int] = None) -> int:
+    """Decode every item once (filling a caching dataset's cache); returns the item count."""
+    for _ in iter_batches(dataset, batch_size=64, threads=threads):
+        pass
+    return len(dataset)
 
 
 @torch.no_grad()
@@ -45,12 +121,14 @@ def extract_features(extractor: nn.Module, dataset: Dataset, batch_size: int, de
         storage: where the features are kept (the GPU when there is one).
         keep_masks: keep the masks (test sets) or drop them (training sets).
         desc: progress-bar label.
-        num_workers: DataLoader workers.
+        num_workers: DataLoader worker processes; 0 decodes with a thread pool in this process.
         progress: show a tqdm bar.
     """
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    pin = device.type == "cuda"
     patches, labels, masks = [], [], []
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
+    total = -(-len(dataset) // batch_size)
+    for batch in tqdm(iter_batches(dataset, batch_size, num_workers, pin_memory=pin), total=total, desc=desc,
+                      leave=False, disable=not progress):
         feats = extractor(batch["image"].to(device, non_blocking=True))
         patches.append(feats.float().to(storage))
         labels.append(torch.as_tensor(batch["label"]))

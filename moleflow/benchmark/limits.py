@@ -1,0 +1,282 @@
+"""The hardware limits the issue compares against, measured in the same process, plus our flow alone.
+
+* backbone alone: a timm CNN's stride-8 and stride-16 stages (``features_only``), forward only,
+  on images already on the device; float32 and bfloat16 autocast + channels-last.
+* reference flow alone: a FrEIA ``SequenceINN`` of 8 ``AllInOneBlock`` couplings over the 28x28
+  patches of D = 768 (subnet Linear(D/2, D) - ReLU - Linear(D, D)), trained with Adam on the
+  patch NLL and run forward for inference.
+* our flow alone: ``MoLESpatialAwareNF`` of the main configuration, one training step as the
+  trainer does it (loss, backward, clip, fused AdamW) for task 0 (everything trains) and task 1
+  (frozen base), and inference.
+
+Every figure is images per second, timed with the device synchronised before the clock is read,
+after warm-up steps. On the CPU the same code runs (for tests) with tiny sizes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from moleflow.config.ablation import AblationConfig
+from moleflow.extractors.cnn_extractor import select_stages
+from moleflow.models.loss import moleflow_loss, patch_nll
+from moleflow.models.mole_nf import build_flow
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def images_per_second(step: Callable[[], object], images_per_step: int, device: torch.device,
+                      warmup: int, iters: int) -> float:
+    """Run ``step`` ``warmup`` times, then time ``iters`` runs; return images per second."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    sync(device)
+    return images_per_step * iters / (time.perf_counter() - start)
+
+
+class _TF32:
+    """Set CUDA matmul TF32 for a block (cuDNN keeps its own default).
+
+    The benchmark keeps its own copy of this switch (rather than ``moleflow.trainer.precision``)
+    so that it also runs against older trees of the package, for before/after figures.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __enter__(self) -> None:
+        self.before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = self.enabled
+
+    def __exit__(self, *exc: object) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = self.before
+
+
+@torch.no_grad()
+def backbone_limit(device: torch.device, name: str = "wide_resnet50_2", batch: int = 64, img_size: int = 224,
+                   bf16: bool = False, warmup: int = 5, iters: int = 20) -> float:
+    """Forward images/s of the backbone's stride-8 and stride-16 stages (random weights)."""
+    probe = timm.create_model(name, features_only=True, pretrained=False)
+    indices = select_stages(list(probe.feature_info.reduction()))
+    model = timm.create_model(name, features_only=True, pretrained=False, out_indices=indices).to(device).eval()
+    images = torch.randn(batch, 3, img_size, img_size, device=device)
+    if bf16 and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+
+    def step() -> object:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
+            return model(images)
+
+    return images_per_second(step, batch, device, warmup, iters)
+
+
+class _Subnet(nn.Module):
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(c_in, 2 * c_in), nn.ReLU(), nn.Linear(2 * c_in, c_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def _subnet(c_in: int, c_out: int) -> nn.Module:
+    return _Subnet(c_in, c_out)
+
+
+def reference_flow(dim: int = 768, blocks: int = 8) -> nn.Module:
+    """FrEIA SequenceINN of ``blocks`` AllInOneBlocks on D-vectors (one per patch)."""
+    import FrEIA.framework as Ff
+    import FrEIA.modules as Fm
+    inn = Ff.SequenceINN(dim)
+    for _ in range(blocks):
+        inn.append(Fm.AllInOneBlock, subnet_constructor=_subnet, affine_clamping=2.0, permute_soft=False)
+    return inn
+
+
+def reference_flow_limits(device: torch.device, dim: int = 768, grid: int = 28, blocks: int = 8, batch: int = 64,
+                          tf32: bool = False, warmup: int = 3, iters: int = 10) -> dict[str, float]:
+    """Training and inference images/s of the FrEIA reference flow over ``grid x grid`` patches."""
+    torch.manual_seed(0)
+    flow = reference_flow(dim, blocks).to(device)
+    x = torch.randn(batch * grid * grid, dim, device=device)
+    opt = torch.optim.Adam(flow.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+    def train_step() -> object:
+        z, log_det = flow(x)
+        loss = (0.5 * z.pow(2).sum(dim=1) - log_det).mean() / dim
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    @torch.no_grad()
+    def infer_step() -> object:
+        z, log_det = flow(x)
+        return 0.5 * z.pow(2).sum(dim=1) - log_det
+
+    with _TF32(tf32):
+        train = images_per_second(train_step, batch, device, warmup, iters)
+        infer = images_per_second(infer_step, batch, device, warmup, iters)
+    return {"train_images_per_s": train, "infer_images_per_s": infer}
+
+
+def our_flow_throughput(device: torch.device, config: AblationConfig, dim: int, grid: tuple[int, int],
+                        train_batch: int, infer_batch: int, tf32: bool, warmup: int = 3,
+                        iters: int = 10) -> dict[str, float]:
+    """Our flow alone: training steps (task 0 and task 1, as the trainer does them) and inference."""
+    torch.manual_seed(0)
+    model = build_flow(config, dim).to(device)
+    model.add_task()
+    model.add_task()
+    out: dict[str, float] = {}
+    x = torch.randn(train_batch, *grid, dim, device=device)
+    with _TF32(tf32):
+        for task in (0, 1):
+            for p in model.parameters():
+                p.requires_grad_(False)
+            params = list(model.parameters()) if task == 0 else model.task_parameters(task)
+            for p in params:
+                p.requires_grad_(True)
+            opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=config.weight_decay, fused=device.type == "cuda")
+
+            def train_step(task: int = task, params: list = params, opt: torch.optim.Optimizer = opt) -> object:
+                z, log_det = model(x, task)
+                loss = moleflow_loss(z, log_det, tail_weight=config.tail_weight, tail_ratio=config.tail_top_k_ratio,
+                                     lambda_logdet=config.lambda_logdet, tail_aware=config.use_tail_aware_loss)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                opt.step()
+                return loss
+
+            model.train()
+            out[f"train_task{task}_images_per_s"] = images_per_second(train_step, train_batch, device, warmup, iters)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        xi = torch.randn(infer_batch, *grid, dim, device=device)
+
+        @torch.no_grad()
+        def infer_step() -> object:
+            z, log_det = model(xi, 1)
+            return patch_nll(z, log_det)
+
+        out["infer_images_per_s"] = images_per_second(infer_step, infer_batch, device, warmup, iters)
+    return out
+
+
+def flow_step_diagnostics(device: torch.device, config: AblationConfig, dim: int, grid: tuple[int, int],
+                          batch: int, tf32: bool, iters: int = 20) -> dict[str, object]:
+    """Our flow's task-1 training step (frozen base), eager and captured as one CUDA graph.
+
+    The graph replay shows how much of the eager step is Python and kernel-launch overhead.
+    """
+    out: dict[str, object] = {}
+    torch.manual_seed(0)
+    model = build_flow(config, dim).to(device)
+    model.add_task()
+    model.add_task()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = model.task_parameters(1)
+    for p in params:
+        p.requires_grad_(True)
+    model.train()
+    x = torch.randn(batch, *grid, dim, device=device)
+
+    def loss_of() -> Tensor:
+        z, log_det = model(x, 1)
+        return moleflow_loss(z, log_det, tail_weight=config.tail_weight, tail_ratio=config.tail_top_k_ratio,
+                             lambda_logdet=config.lambda_logdet, tail_aware=config.use_tail_aware_loss)
+
+    with _TF32(tf32):
+        opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=config.weight_decay, fused=device.type == "cuda")
+
+        def eager_step() -> object:
+            loss = loss_of()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            opt.step()
+            return loss
+
+        out["eager_images_per_s"] = images_per_second(eager_step, batch, device, 3, iters)
+        if device.type != "cuda":
+            return out
+        try:
+            lr = torch.tensor(1e-5, device=device)
+            gopt = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay, capturable=True)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    gopt.zero_grad(set_to_none=True)
+                    loss = loss_of()
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                    gopt.step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            gopt.zero_grad(set_to_none=True)
+            with torch.cuda.graph(graph):
+                loss = loss_of()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                gopt.step()
+            out["cuda_graph_images_per_s"] = images_per_second(graph.replay, batch, device, 3, iters)
+        except Exception as error:  # noqa: BLE001 - a diagnostic: report what failed
+            out["cuda_graph_error"] = f"{type(error).__name__}: {error}"[:300]
+    return out
+
+
+def measure_limits(device: torch.device, config: AblationConfig, backbone: str, img_size: int, dim: int,
+                   grid: tuple[int, int], quick: bool = False) -> dict:
+    """All limits and our flow alone, as one JSON-ready dict (``quick``: 1 warm-up, 1 step each)."""
+    reps = {"warmup": 1, "iters": 1} if quick else {}
+    batch = 2 if quick else 64
+    result: dict = {"batch": batch}
+    result["backbone_fp32_images_per_s"] = backbone_limit(device, backbone, batch, img_size, bf16=False, **reps)
+    if device.type == "cuda":
+        result["backbone_bf16_channels_last_images_per_s"] = backbone_limit(device, backbone, batch, img_size,
+                                                                            bf16=True, **reps)
+    ref_blocks = 8
+    result["reference_flow"] = {"blocks": ref_blocks, "dim": dim, "grid": list(grid),
+                                "fp32": _ref(device, dim, grid, ref_blocks, batch, False, reps)}
+    if device.type == "cuda":
+        result["reference_flow"]["tf32"] = _ref(device, dim, grid, ref_blocks, batch, True, reps)
+    ours: dict = {}
+    for tf32 in ((False, True) if device.type == "cuda" else (False,)):
+        for train_batch in sorted({config.batch_size, batch}):
+            key = f"{'tf32' if tf32 else 'fp32'}_train_batch{train_batch}"
+            ours[key] = our_flow_throughput(device, config, dim, grid, train_batch, max(batch, 2 * config.batch_size),
+                                            tf32, **reps)
+    result["our_flow"] = ours
+    result["our_flow_task1_step_diagnostics"] = {
+        f"{'tf32' if tf32 else 'fp32'}_batch{config.batch_size}": flow_step_diagnostics(
+            device, config, dim, grid, config.batch_size, tf32, iters=reps.get("iters", 20))
+        for tf32 in ((False, True) if device.type == "cuda" else (False,))}
+    return result
+
+
+def _ref(device: torch.device, dim: int, grid: tuple[int, int], blocks: int, batch: int, tf32: bool,
+         reps: dict) -> dict[str, float]:
+    if grid[0] != grid[1]:
+        raise ValueError(f"the reference flow is measured on square grids, got {grid}")
+    return reference_flow_limits(device, dim, grid[0], blocks, batch, tf32, **reps)
+
+
+__all__ = ["backbone_limit", "images_per_second", "measure_limits", "our_flow_throughput", "reference_flow_limits",
+           "sync"]

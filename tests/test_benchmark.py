@@ -1,0 +1,66 @@
+"""Smoke test of the speed benchmark (python -m moleflow.benchmark) on tiny data, on the CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from moleflow.benchmark.__main__ import main
+from moleflow.benchmark.synthetic import SyntheticSpec, generate_synthetic_dataset
+from moleflow.data import load_class_split
+
+TINY = ["--data", "synthetic", "--classes", "2", "--n_train", "4", "--n_test", "6", "--min_px", "64",
+        "--max_px", "80", "--weights", "random", "--set", "backbone_name=resnet18", "--set", "img_size=64",
+        "--set", "feature_dim=32", "--set", "lora_rank=4", "--set", "num_coupling_layers=2",
+        "--set", "num_epochs=1", "--set", "batch_size=4", "--quick_limits", "--e2e_images", "4",
+        "--e2e_batch", "2", "--device", "cpu"]
+
+
+def test_synthetic_dataset_layout_and_reuse(tmp_path: Path) -> None:
+    spec = SyntheticSpec(num_classes=2, n_train=3, n_test=5, min_px=40, max_px=60)
+    root = tmp_path / "bench"
+    classes = generate_synthetic_dataset(root, spec, processes=1)
+    assert classes == ["class_00", "class_01"]
+    split = load_class_split("folder", root, "class_01")
+    assert len(split.train) == 3 and len(split.test) == 5
+    assert sum(s.label for s in split.test) == 4 and all(s.mask_path for s in split.test if s.label)
+    stamp = (root / "class_00" / "train" / "good" / "000.png").stat().st_mtime_ns
+    generate_synthetic_dataset(root, spec, processes=1)  # same settings: nothing rewritten
+    assert (root / "class_00" / "train" / "good" / "000.png").stat().st_mtime_ns == stamp
+    with pytest.raises(FileExistsError):
+        generate_synthetic_dataset(tmp_path, spec, processes=1)  # a folder that holds other things
+
+
+def test_benchmark_end_to_end_writes_every_figure(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "bench.json"
+    main([*TINY, "--data_path", str(tmp_path / "data"), "--json", str(out), "--label", "smoke"])
+    printed = capsys.readouterr().out
+    assert "NOTE: random backbone weights" in printed and "ratio training_over_flow_train_limit_fp32" in printed
+    result = json.loads(out.read_text())
+    run = result["run"]
+    assert result["backbone_weights"] == "random" and result["backbone_weights_note"]
+    for phase in ("setup", "data_check", "data_decode", "feature_extraction", "flow_training", "routing",
+                  "evaluation", "e2e_measurement", "other"):
+        assert phase in run["phases_s"]
+    assert all(v >= 0 for k, v in run["phases_s"].items() if k != "other")
+    assert run["run_total_s"] == pytest.approx(sum(v for k, v in run["phases_s"].items() if k != "e2e_measurement"))
+    assert run["images"]["train"] == 8 and run["images"]["test"] == 12 and run["images"]["decoded"] == 20
+    assert run["training"]["image_steps"] == 8 and run["training"]["images_per_s"] > 0
+    assert [p["tasks"] for p in run["inference_e2e"]["per_task_count"]] == [1, 2]
+    growth = run["parameters"]["total_after_each_task"]
+    assert growth[1] - growth[0] == run["parameters"]["per_task"][1] > 0
+    assert all(math.isfinite(v) for v in run["metrics"]["final_routed_mean"].values())
+    assert run["metrics"]["final_oracle_mean"]["routing_acc"] == 1.0
+    limits = result["limits"]
+    assert limits["backbone_fp32_images_per_s"] > 0 and limits["reference_flow"]["fp32"]["train_images_per_s"] > 0
+    assert set(result["ratios"]) >= {"training_over_flow_train_limit_fp32", "e2e_over_serial_limit_backbone_plus_flow_fp32"}
+    assert set(result["goals"]) == {"run_total_s", "e2e_images_per_s", "training_over_flow_limit_fp32",
+                                    "gpu_peak_reserved_gib"}
+
+
+def test_benchmark_needs_an_explicit_weights_choice(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        main(["--data_path", str(tmp_path / "d"), "--skip_run", "--skip_limits"])
