@@ -5,6 +5,7 @@
 #            moleflow/benchmark copied in, so one benchmark file times both trees
 #   .mini    a copy of ../shared/data/mvtec_ad_mini (real images; never committed)
 # Results: $OUT/results.json (every step's JSON, by step name) and $OUT/session.log (every step's output).
+# STEPS="name ..." runs only those steps; no step starts after STOP_AFTER seconds (default 540).
 # Dry run on a small machine: SIZE="--classes 2 --n_train 4 ..." SMALL="--set num_epochs=1 ..." (extra flags).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -32,24 +33,26 @@ step() {  # step NAME TIMEOUT COMMAND...: run it, keep its log, collect everythi
   tail -n 4 "$RES/$name.log"
   collect
 }
+want() {  # want NAME: whether STEPS (space-separated names, default: all) holds NAME and time is left
+  [[ " ${STEPS:-all} " == *" all "* || " ${STEPS:-} " == *" $1 "* ]] && [ "$SECONDS" -lt "${STOP_AFTER:-540}" ]
+}
 { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv; nproc; } > "$RES/00_machine.log" 2>&1
-# the MVTec-size synthetic data, generated in the background while the small real-weight comparisons run
-$AFTER --weights random --skip_run --skip_limits --data_path "$BENCH_DATA" ${SIZE:-} --json "$RES/gen.json" > "$RES/gen.log" 2>&1 &
-GEN=$!
+BIG=(--weights random --data_path "$BENCH_DATA" ${SIZE:-})
+SHORT=(--tasks 2 --skip_limits --set num_epochs=${SHORT_EPOCHS:-10})
 DEMO=(--data demo --data_path /tmp/demo --weights pretrained --demo_settings --skip_limits ${SMALL:-})
 MINI=(--data folder --dataset mvtec --data_path .mini/mvtec_ad_mini --weights pretrained
       --set backbone_name=efficientnet_lite0 --skip_limits ${SMALL:-})
-step demo_before_fp32 60 $BEFORE "${DEMO[@]}" --seeds 0,1 --label "before, fp32"
-step demo_after_fp32 60 $AFTER "${DEMO[@]}" --seeds 0,1 --label "after, fp32"
-step demo_after_fast 60 $AFTER "${DEMO[@]}" --seeds 0,1 --amp --tf32 --label "after, amp+tf32"
-step mini_before_fp32 60 $BEFORE "${MINI[@]}" --label "before, fp32"
-step mini_after_fp32 60 $AFTER "${MINI[@]}" --label "after, fp32"
-step mini_after_fast 60 $AFTER "${MINI[@]}" --amp --tf32 --label "after, amp+tf32"
-wait $GEN; tail -n 2 "$RES/gen.log"
-BIG=(--weights random --data_path "$BENCH_DATA" ${SIZE:-})
-step full_after_fast 330 $AFTER "${BIG[@]}" --amp --tf32 --label "after, amp+tf32, 15 tasks"
-SHORT=(--tasks 2 --skip_limits --set num_epochs=${SHORT_EPOCHS:-10})
-step speed_before_fp32 60 $BEFORE "${BIG[@]}" "${SHORT[@]}" --label "before, fp32, 2 tasks"
-step speed_after_fp32 60 $AFTER "${BIG[@]}" "${SHORT[@]}" --label "after, fp32, 2 tasks"
+if want full_after_fast || want speed_before_fp32; then  # the MVTec-size synthetic data (skipped when present)
+  step gen 120 $AFTER "${BIG[@]}" --skip_run --skip_limits
+fi
+want full_after_fast && step full_after_fast ${FULL_LIMIT:-420} $AFTER "${BIG[@]}" --amp --tf32 --label "after, amp+tf32, 15 tasks"
+want speed_before_fp32 && step speed_before_fp32 60 $BEFORE "${BIG[@]}" "${SHORT[@]}" --label "before, fp32, 2 tasks"
+want speed_after_fp32 && step speed_after_fp32 60 $AFTER "${BIG[@]}" "${SHORT[@]}" --label "after, fp32, 2 tasks"
+want demo_before_fp32 && step demo_before_fp32 60 $BEFORE "${DEMO[@]}" --seeds 0,1 --label "before, fp32"
+want demo_after_fp32 && step demo_after_fp32 60 $AFTER "${DEMO[@]}" --seeds 0,1 --label "after, fp32"
+want demo_after_fast && step demo_after_fast 60 $AFTER "${DEMO[@]}" --seeds 0,1 --amp --tf32 --label "after, amp+tf32"
+want mini_before_fp32 && step mini_before_fp32 60 $BEFORE "${MINI[@]}" --label "before, fp32"
+want mini_after_fp32 && step mini_after_fp32 60 $AFTER "${MINI[@]}" --label "after, fp32"
+want mini_after_fast && step mini_after_fast 60 $AFTER "${MINI[@]}" --amp --tf32 --label "after, amp+tf32"
 collect
 echo "done in ${SECONDS}s"

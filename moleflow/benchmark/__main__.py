@@ -218,6 +218,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         grid = _grid(config)
         result["limits"] = measure_limits(device, config, config.backbone_name, config.img_size, config.feature_dim,
                                           grid, quick=args.quick_limits)
+    path = Path(args.json) if args.json else Path(args.data_path).parent / f"benchmark_{time.strftime('%Y%m%d_%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, default=str))  # the limits survive a run that is stopped
     if not args.skip_run:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [config.seed]
         for seed in seeds:
@@ -233,8 +236,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
     result["goals"] = goals(result)
     for line in summary_lines(result):
         print(line)
-    path = Path(args.json) if args.json else Path(args.data_path).parent / f"benchmark_{time.strftime('%Y%m%d_%H%M%S')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1, default=str))
     print(f"wrote {path}")
     return result
