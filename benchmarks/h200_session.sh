@@ -42,15 +42,23 @@ SHORT=(--tasks 2 --skip_limits --set num_epochs=${SHORT_EPOCHS:-10})
 DEMO=(--data demo --data_path /tmp/demo --weights pretrained --demo_settings --skip_limits ${SMALL:-})
 MINI=(--data folder --dataset mvtec --data_path .mini/mvtec_ad_mini --weights pretrained
       --set backbone_name=efficientnet_lite0 --skip_limits ${SMALL:-})
-if want full_after_fast || want speed_before_fp32; then  # the MVTec-size synthetic data (skipped when present)
-  step gen 120 $AFTER "${BIG[@]}" --skip_run --skip_limits
+# the MVTec-size synthetic data (skipped when present), generated in the background meanwhile
+$AFTER "${BIG[@]}" --skip_run --skip_limits --json "$RES/gen.json" > "$RES/gen.log" 2>&1 &
+GEN=$!
+if want profile; then  # where a training step spends its GPU time (no JSON: a printed table)
+  echo "== profile (t=${SECONDS}s)"
+  timeout 60 env PYTHONPATH=$PWD:/tmp/site python3 -m moleflow.benchmark.profile --tf32 > "$RES/profile.log" 2>&1
+  echo "exit $? after ${SECONDS}s" >> "$RES/profile.log"
 fi
-want full_after_fast && step full_after_fast ${FULL_LIMIT:-420} $AFTER "${BIG[@]}" --amp --tf32 --label "after, amp+tf32, 15 tasks"
-want speed_before_fp32 && step speed_before_fp32 60 $BEFORE "${BIG[@]}" "${SHORT[@]}" --label "before, fp32, 2 tasks"
-want speed_after_fp32 && step speed_after_fp32 60 $AFTER "${BIG[@]}" "${SHORT[@]}" --label "after, fp32, 2 tasks"
 want demo_before_fp32 && step demo_before_fp32 60 $BEFORE "${DEMO[@]}" --seeds 0,1 --label "before, fp32"
 want demo_after_fp32 && step demo_after_fp32 60 $AFTER "${DEMO[@]}" --seeds 0,1 --label "after, fp32"
 want demo_after_fast && step demo_after_fast 60 $AFTER "${DEMO[@]}" --seeds 0,1 --amp --tf32 --label "after, amp+tf32"
+wait $GEN
+want full_e10_after_fast && step full_e10_after_fast 200 $AFTER "${BIG[@]}" --amp --tf32 --skip_limits --set num_epochs=10 \
+  --label "after, amp+tf32, 15 tasks, 10 epochs"
+want full_after_fast && step full_after_fast ${FULL_LIMIT:-420} $AFTER "${BIG[@]}" --amp --tf32 --label "after, amp+tf32, 15 tasks"
+want speed_before_fp32 && step speed_before_fp32 60 $BEFORE "${BIG[@]}" "${SHORT[@]}" --label "before, fp32, 2 tasks"
+want speed_after_fp32 && step speed_after_fp32 60 $AFTER "${BIG[@]}" "${SHORT[@]}" --label "after, fp32, 2 tasks"
 want mini_before_fp32 && step mini_before_fp32 60 $BEFORE "${MINI[@]}" --label "before, fp32"
 want mini_after_fp32 && step mini_after_fp32 60 $AFTER "${MINI[@]}" --label "after, fp32"
 want mini_after_fast && step mini_after_fast 60 $AFTER "${MINI[@]}" --amp --tf32 --label "after, amp+tf32"

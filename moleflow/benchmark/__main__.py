@@ -58,8 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip_limits", action="store_true", help="do not measure the backbone/flow limits")
     p.add_argument("--skip_run", action="store_true", help="measure the limits only")
     p.add_argument("--quick_limits", action="store_true", help="one step per limit (tests)")
-    p.add_argument("--e2e_images", type=int, default=640, help="images in the end-to-end inference set")
-    p.add_argument("--e2e_batch", type=int, default=64, help="batch of the end-to-end inference measurement")
+    p.add_argument("--e2e_images", type=int, default=768, help="images in the end-to-end inference set")
+    p.add_argument("--e2e_batch", type=int, default=256,
+                   help="images per end-to-end inference batch, mixed over classes; the flow runs once per routed expert "
+                        "present in a batch (default 256)")
     p.add_argument("--json", default=None, help="write the results here (default: <data_path>/../benchmark_<time>.json)")
     p.add_argument("--label", default="", help="free text stored in the JSON (e.g. 'before', 'after')")
     p.add_argument("--progress", action="store_true", help="show progress bars")

@@ -20,6 +20,31 @@ from torch import Tensor, nn
 from moleflow.models.lora import MoLESubnet
 
 
+class _PermuteLastDim(torch.autograd.Function):
+    """``x[..., perm]`` whose backward is the inverse gather ``g[..., perm_inv]``.
+
+    Plain advanced indexing differentiates through ``index_put_(accumulate=True)``, which on CUDA
+    sorts all N*D indices in every backward pass; for a permutation the gradient is exactly the
+    inverse permutation of the incoming gradient (each input feeds one output), so the values are
+    the same, bit for bit, at the cost of one gather.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, perm: Tensor, perm_inv: Tensor) -> Tensor:
+        ctx.save_for_backward(perm_inv)
+        return x.index_select(-1, perm)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None]:
+        (perm_inv,) = ctx.saved_tensors
+        return grad.index_select(-1, perm_inv), None, None
+
+
+def permute_last_dim(x: Tensor, perm: Tensor, perm_inv: Tensor) -> Tensor:
+    """``x[..., perm]`` (``perm_inv`` = argsort(perm)) with a gather as its gradient."""
+    return _PermuteLastDim.apply(x, perm, perm_inv)
+
+
 class MoLECouplingBlock(nn.Module):
     """Affine coupling (AllInOneBlock style) followed by a fixed, seeded channel permutation.
 
@@ -64,14 +89,14 @@ class MoLECouplingBlock(nn.Module):
             (y (B, H, W, D), log|det J| (B, H, W)) of the direction run.
         """
         if rev:
-            x = x[..., self.perm_inv]
+            x = permute_last_dim(x, self.perm_inv, self.perm)
         u1, u2 = x[..., : self.split1], x[..., self.split1:]
         s, t = self._coefficients(u1, task_id)
         if rev:
             y2 = (u2 - t) * torch.exp(-s)
             return torch.cat([u1, y2], dim=-1), -s.sum(dim=-1)
         y2 = u2 * torch.exp(s) + t
-        return torch.cat([u1, y2], dim=-1)[..., self.perm], s.sum(dim=-1)
+        return permute_last_dim(torch.cat([u1, y2], dim=-1), self.perm, self.perm_inv), s.sum(dim=-1)
 
 
 class DIASubnet(nn.Module):

@@ -62,6 +62,7 @@ class PrototypeRouter:
     def __init__(self, mahalanobis: bool = True) -> None:
         self.mahalanobis = mahalanobis
         self.prototypes: list[TaskPrototype] = []
+        self._on_device: dict[str, list[tuple[Tensor, Tensor]]] = {}  # device -> [(mean, precision)]
 
     @property
     def num_tasks(self) -> int:
@@ -70,6 +71,16 @@ class PrototypeRouter:
     def add_task(self, features: Tensor) -> None:
         """Add the next task's prototype from its (N, D) training router features."""
         self.prototypes.append(TaskPrototype.fit(features))
+        self._on_device.clear()
+
+    def _prototypes_on(self, device: torch.device) -> list[tuple[Tensor, Tensor]]:
+        """Every prototype's (mean, precision), copied to ``device`` once (not in every call)."""
+        key = str(device)
+        cached = self._on_device.get(key)
+        if cached is None or len(cached) != len(self.prototypes):
+            cached = [(p.mean.to(device), p.precision.to(device)) for p in self.prototypes]
+            self._on_device[key] = cached
+        return cached
 
     def distances(self, features: Tensor) -> Tensor:
         """(N, D) -> (N, T) squared distances to every prototype."""
@@ -77,10 +88,10 @@ class PrototypeRouter:
             raise RuntimeError("the router has no task prototypes yet")
         feats = features.float()
         out = []
-        for proto in self.prototypes:
-            diff = feats - proto.mean.to(feats.device)
+        for mean, precision in self._prototypes_on(feats.device):
+            diff = feats - mean
             if self.mahalanobis:
-                out.append(((diff @ proto.precision.to(feats.device)) * diff).sum(dim=1))
+                out.append(((diff @ precision) * diff).sum(dim=1))
             else:
                 out.append(diff.pow(2).sum(dim=1))
         return torch.stack(out, dim=1)
