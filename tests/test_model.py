@@ -227,6 +227,32 @@ def test_router_separable_clusters_and_shrinkage():
     assert torch.linalg.eigvalsh(cov).min() > 0
 
 
+def test_permutation_gradient_is_the_inverse_gather():
+    from moleflow.models.coupling import permute_last_dim
+    perm = torch.randperm(10, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(2, 3, 10, dtype=torch.float64, requires_grad=True)
+    out = permute_last_dim(x, perm, torch.argsort(perm))
+    assert torch.equal(out, x[..., perm])
+    g = torch.randn_like(out)
+    (ours,) = torch.autograd.grad(out, x, g)
+    (plain,) = torch.autograd.grad(x[..., perm], x, g)
+    assert torch.equal(ours, plain)
+
+
+def test_router_sees_a_task_added_after_routing():
+    """Prototypes are cached per device; adding a task must reach the next route() call."""
+    gen = torch.Generator().manual_seed(2)
+    a, b = torch.randn(30, 6, generator=gen), torch.randn(30, 6, generator=gen) + 5.0
+    router = PrototypeRouter()
+    router.add_task(a)
+    probe = torch.full((1, 6), 5.0)
+    assert router.route(probe).item() == 0  # one task: everything goes to it
+    router.add_task(b)
+    assert router.route(probe).item() == 1
+    restored = PrototypeRouter.from_state(router.state())
+    assert torch.equal(restored.distances(probe), router.distances(probe))
+
+
 def test_mahalanobis_beats_euclidean_on_anisotropic_tasks():
     gen = torch.Generator().manual_seed(1)
     dim = 8

@@ -144,8 +144,9 @@ def goals(result: dict) -> dict[str, Any]:
     if not run:
         return {}
     gpu = run["memory"].get("gpu_peak_reserved_gib")
-    return {
-        "run_total_s": [run["run_total_s"], run["run_total_s"] <= GOALS["run_total_s_max"]],
+    full_size = result["config"]["num_epochs"] == 60 and len(run["tasks"]) == 15
+    return {  # the wall-time goal is about 15 tasks x 60 epochs; other sizes are "n/a" (None)
+        "run_total_s": [run["run_total_s"], run["run_total_s"] <= GOALS["run_total_s_max"] if full_size else None],
         "e2e_images_per_s": [run["inference_e2e"]["images_per_s"],
                              run["inference_e2e"]["images_per_s"] >= GOALS["e2e_images_per_s_min"]],
         "training_over_flow_limit_fp32": [rat.get("training_over_flow_train_limit_fp32"),
@@ -190,7 +191,8 @@ def summary_lines(result: dict) -> list[str]:
     for key, value in (result.get("ratios") or {}).items():
         lines.append(f"ratio {key}: {value:.3f}")
     for key, (value, ok) in (result.get("goals") or {}).items():
-        lines.append(f"goal {key}: {value if value is None else round(value, 3)} -> {'met' if ok else 'NOT met'}")
+        verdict = "n/a (needs 15 tasks x 60 epochs)" if ok is None else ("met" if ok else "NOT met")
+        lines.append(f"goal {key}: {value if value is None else round(value, 3)} -> {verdict}")
     return lines
 
 
