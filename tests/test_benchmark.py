@@ -64,3 +64,10 @@ def test_benchmark_end_to_end_writes_every_figure(tmp_path: Path, capsys: pytest
 def test_benchmark_needs_an_explicit_weights_choice(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         main(["--data_path", str(tmp_path / "d"), "--skip_run", "--skip_limits"])
+
+
+def test_profile_prints_the_three_tables(capsys: pytest.CaptureFixture) -> None:
+    from moleflow.benchmark.profile import main as profile_main
+    profile_main(["--dim", "16", "--grid", "4", "--batch", "2", "--steps", "1", "--rows", "3"])
+    printed = capsys.readouterr().out
+    assert "training step, task 0" in printed and "training step, task 1" in printed and "inference" in printed

@@ -133,6 +133,34 @@ def reference_flow_limits(device: torch.device, dim: int = 768, grid: int = 28, 
     return {"train_images_per_s": train, "infer_images_per_s": infer}
 
 
+def training_step(model: nn.Module, config: AblationConfig, task: int, x: Tensor,
+                  device: torch.device) -> Callable[[], Tensor]:
+    """A training step of ``task`` on the fixed batch ``x``, as the trainer takes it.
+
+    Task 0 trains every parameter, a later task only its own; the step is loss, backward,
+    gradient clip and a (fused on CUDA) AdamW update. Leaves the model in training mode.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = list(model.parameters()) if task == 0 else model.task_parameters(task)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=config.weight_decay, fused=device.type == "cuda")
+    model.train()
+
+    def step() -> Tensor:
+        z, log_det = model(x, task)
+        loss = moleflow_loss(z, log_det, tail_weight=config.tail_weight, tail_ratio=config.tail_top_k_ratio,
+                             lambda_logdet=config.lambda_logdet, tail_aware=config.use_tail_aware_loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        opt.step()
+        return loss
+
+    return step
+
+
 def our_flow_throughput(device: torch.device, config: AblationConfig, dim: int, grid: tuple[int, int],
                         train_batch: int, infer_batch: int, tf32: bool, warmup: int = 3,
                         iters: int = 10) -> dict[str, float]:
@@ -145,25 +173,8 @@ def our_flow_throughput(device: torch.device, config: AblationConfig, dim: int, 
     x = torch.randn(train_batch, *grid, dim, device=device)
     with _TF32(tf32):
         for task in (0, 1):
-            for p in model.parameters():
-                p.requires_grad_(False)
-            params = list(model.parameters()) if task == 0 else model.task_parameters(task)
-            for p in params:
-                p.requires_grad_(True)
-            opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=config.weight_decay, fused=device.type == "cuda")
-
-            def train_step(task: int = task, params: list = params, opt: torch.optim.Optimizer = opt) -> object:
-                z, log_det = model(x, task)
-                loss = moleflow_loss(z, log_det, tail_weight=config.tail_weight, tail_ratio=config.tail_top_k_ratio,
-                                     lambda_logdet=config.lambda_logdet, tail_aware=config.use_tail_aware_loss)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                opt.step()
-                return loss
-
-            model.train()
-            out[f"train_task{task}_images_per_s"] = images_per_second(train_step, train_batch, device, warmup, iters)
+            step = training_step(model, config, task, x, device)
+            out[f"train_task{task}_images_per_s"] = images_per_second(step, train_batch, device, warmup, iters)
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)

@@ -13,8 +13,9 @@ from typing import Optional
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from moleflow.benchmark.limits import training_step
 from moleflow.config.ablation import AblationConfig
-from moleflow.models.loss import moleflow_loss, patch_nll
+from moleflow.models.loss import patch_nll
 from moleflow.models.mole_nf import build_flow
 from moleflow.trainer.precision import matmul_tf32
 
@@ -39,23 +40,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     with matmul_tf32(device, args.tf32):
         for task in (0, 1):
-            for p in model.parameters():
-                p.requires_grad_(False)
-            params = list(model.parameters()) if task == 0 else model.task_parameters(task)
-            for p in params:
-                p.requires_grad_(True)
-            opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
-
-            def step(task: int = task, params: list = params, opt: torch.optim.Optimizer = opt) -> None:
-                z, log_det = model(x, task)
-                loss = moleflow_loss(z, log_det, tail_weight=config.tail_weight, tail_ratio=config.tail_top_k_ratio,
-                                     lambda_logdet=config.lambda_logdet, tail_aware=config.use_tail_aware_loss)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                opt.step()
-
-            model.train()
+            step = training_step(model, config, task, x, device)
             for _ in range(2):
                 step()
             with profile(activities=activities) as prof:
