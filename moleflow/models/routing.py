@@ -76,8 +76,8 @@ class PrototypeRouter:
     def _prototypes_on(self, device: torch.device) -> list[tuple[Tensor, Tensor]]:
         """Every prototype's (mean, precision), copied to ``device`` once (not in every call)."""
         key = str(device)
-        cached = self._on_device.get(key)
-        if cached is None or len(cached) != len(self.prototypes):
+        cached = self._on_device.get(key)  # emptied by add_task()
+        if cached is None:
             cached = [(p.mean.to(device), p.precision.to(device)) for p in self.prototypes]
             self._on_device[key] = cached
         return cached

@@ -177,12 +177,17 @@ class MoLEContinualTrainer:
 
     def _epoch(self, task_id: int, train: FeatureSet, order: Tensor, optimizer: torch.optim.Optimizer,
                params: list[nn.Parameter], step: int, total: int, warmup: int) -> tuple[float, int, int]:
-        """One pass over ``train`` in ``order``; returns (sum of finite losses, good batches, skipped)."""
+        """One pass over ``train`` in ``order``; returns (sum of finite losses, good batches, skipped).
+
+        Sync-free (CUDA): every batch steps, and a non-finite one is neutralised on the device through
+        the fused step's ``found_inf``; losses and skips are summed on the device. Plain: a
+        non-finite batch is detected on the host and not stepped.
+        """
         cfg = self.config
-        losses: list[float] = []
+        host_loss_sum, skipped = 0.0, 0
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         bad_sum = torch.zeros((), dtype=torch.long, device=self.device)
-        batches, skipped = 0, 0
+        batches = 0
         for start in range(0, len(order), cfg.batch_size):
             factor = lr_factor(step + batches, total, warmup)
             for group in optimizer.param_groups:
@@ -192,15 +197,8 @@ class MoLEContinualTrainer:
             loss = self._loss(feats, task_id)
             if self.sync_free:
                 bad = ~torch.isfinite(loss)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 optimizer.found_inf = bad.float()  # fused step: 1 leaves params and state as they are
-                optimizer.step()
-                loss_sum += torch.where(bad, 0.0, loss.detach().double())
-                bad_sum += bad
-                continue
-            if not torch.isfinite(loss):
+            elif not torch.isfinite(loss):
                 skipped += 1
                 optimizer.zero_grad(set_to_none=True)
                 continue
@@ -208,13 +206,17 @@ class MoLEContinualTrainer:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
-            losses.append(loss.item())
+            if self.sync_free:
+                loss_sum += torch.where(bad, 0.0, loss.detach().double())
+                bad_sum += bad
+            else:
+                host_loss_sum += loss.item()
         if self.sync_free:
-            if hasattr(optimizer, "found_inf"):
+            if hasattr(optimizer, "found_inf"):  # an empty epoch never set it
                 del optimizer.found_inf
             skipped = int(bad_sum)
             return float(loss_sum), batches - skipped, skipped
-        return sum(losses), batches - skipped, skipped
+        return host_loss_sum, batches - skipped, skipped
 
     def _loss(self, feats: Tensor, task_id: int) -> Tensor:
         cfg = self.config
