@@ -227,6 +227,19 @@ def test_router_separable_clusters_and_shrinkage():
     assert torch.linalg.eigvalsh(cov).min() > 0
 
 
+@pytest.mark.parametrize("n,dim", [(240, 96), (20, 64), (500, 8), (3, 20)])
+def test_ledoit_wolf_matches_scikit_learn(n: int, dim: int) -> None:
+    from sklearn.covariance import LedoitWolf
+    from moleflow.models.routing import ledoit_wolf
+    gen = torch.Generator().manual_seed(n + dim)
+    x = torch.randn(n, dim, generator=gen, dtype=torch.float64) * torch.linspace(0.5, 4.0, dim, dtype=torch.float64)
+    x = x + torch.linspace(-2.0, 2.0, dim, dtype=torch.float64)
+    reference = LedoitWolf(assume_centered=False).fit(x.numpy())
+    covariance, shrinkage = ledoit_wolf(x)
+    assert shrinkage == pytest.approx(reference.shrinkage_, abs=1e-12)
+    torch.testing.assert_close(covariance, torch.from_numpy(reference.covariance_), rtol=0, atol=1e-12)
+
+
 def test_permutation_gradient_is_the_inverse_gather():
     from moleflow.models.coupling import permute_last_dim
     perm = torch.randperm(10, generator=torch.Generator().manual_seed(3))

@@ -65,14 +65,16 @@ def test_torch_metrics_undefined_cases_match_numpy() -> None:
         metrics_torch.pixel_metrics(torch.from_numpy(masks), bad)
 
 
-def _train(sync_free: bool, nan_images: list[int]) -> tuple[MoLEContinualTrainer, list]:
+def _train(sync_free: bool, nan_images: list[int], graphs: bool = False,
+           slow: bool = False) -> tuple[MoLEContinualTrainer, list]:
     cfg = AblationConfig(feature_dim=16, lora_rank=2, num_coupling_layers=2, num_epochs=3, batch_size=4,
-                         max_skip_fraction=0.6, scale_context_kernel=3)
+                         max_skip_fraction=0.6, scale_context_kernel=3, enable_slow_stage=slow,
+                         slow_stage_start=0.5)
     torch.manual_seed(0)
     model = build_flow(cfg, 16)
     logger = logging.getLogger("test_speed_paths")
     trainer = MoLEContinualTrainer(cfg, model, PrototypeRouter(), torch.device("cpu"), logger, progress=False)
-    trainer.fused, trainer.sync_free = True, sync_free
+    trainer.fused, trainer.sync_free, trainer.graphs = True, sync_free, graphs
     stats = []
     for task in range(2):
         patches = torch.randn(10, 4, 4, 16, generator=torch.Generator().manual_seed(task)) + task
@@ -83,11 +85,18 @@ def _train(sync_free: bool, nan_images: list[int]) -> tuple[MoLEContinualTrainer
     return trainer, stats
 
 
-def test_sync_free_training_step_equals_plain_skip() -> None:
-    """found_inf skipping is bit-identical to not stepping, with and without non-finite batches."""
+@pytest.mark.parametrize("graphs,slow", [(False, False), (True, False), (True, True)])
+def test_sync_free_training_step_equals_plain_skip(graphs: bool, slow: bool) -> None:
+    """found_inf skipping is bit-identical to not stepping, with and without non-finite batches.
+
+    ``graphs``: full batches through the fixed input buffer of the recorded step (10 images in
+    batches of 4: two full batches and a last one of 2 that steps directly), after the dry
+    warm-up passes that recording needs. ``slow``: the SLOW stage adds a parameter group in the
+    last epoch, so the step is set up again.
+    """
     for nan_images in ([], [3]):
-        plain, plain_stats = _train(sync_free=False, nan_images=nan_images)
-        fast, fast_stats = _train(sync_free=True, nan_images=nan_images)
+        plain, plain_stats = _train(sync_free=False, nan_images=nan_images, slow=slow)
+        fast, fast_stats = _train(sync_free=True, nan_images=nan_images, graphs=graphs, slow=slow)
         assert [(s.steps, s.skipped_batches) for s in fast_stats] == [(s.steps, s.skipped_batches) for s in plain_stats]
         if nan_images:
             assert all(s.skipped_batches == 3 for s in fast_stats)  # one of 3 batches, 3 epochs

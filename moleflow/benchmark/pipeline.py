@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import ConcatDataset
 
+from moleflow.benchmark import limits
 from moleflow.config.ablation import AblationConfig
 from moleflow.data import AnomalyDataset, load_class_split, split_tasks, validate_samples
 from moleflow.evaluation import anomaly_map
@@ -105,36 +106,79 @@ def param_counts(model: torch.nn.Module) -> dict[str, Any]:
     return {"shared": shared, "per_task": per_task, "total": shared + sum(per_task)}
 
 
+E2E_STAGES = ("copy", "backbone", "routing", "flow", "maps_scores")
+
+
+class _StageMarks:
+    """Time between consecutive marks of one pass, per stage (CUDA events: no extra syncs)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[Any] = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def stage_ms(self) -> list[float]:
+        """Milliseconds between consecutive marks (call after a synchronize)."""
+        pairs = zip(self.marks, self.marks[1:])
+        if self.cuda:
+            return [a.elapsed_time(b) for a, b in pairs]
+        return [1000.0 * (b - a) for a, b in pairs]
+
+
 @torch.no_grad()
 def e2e_images_per_s(extractor: torch.nn.Module, router: PrototypeRouter, model: torch.nn.Module, images: Tensor,
-                     batch: int, config: AblationConfig, device: torch.device, tf32: bool) -> float:
+                     batch: int, config: AblationConfig, device: torch.device, tf32: bool) -> dict[str, Any]:
     """Images/s of host images -> backbone -> router -> routed flow -> maps + image scores.
 
     Maps and scores stay where the evaluator leaves them (on the GPU in the current tree). The
-    images are timed on a second pass over the same set, after an untimed first pass.
+    images are timed on a second pass over the same set, after an untimed first pass; the timed
+    pass also records the milliseconds per image of each stage (``E2E_STAGES``).
+
+    Returns:
+        {"images_per_s", "ms_per_image", "stage_ms_per_image": {stage: ms}}.
     """
     score_kwargs = {"tf32": tf32} if accepts(evaluator.score_patches, "tf32") else {}
     size = tuple(images.shape[-2:])
+    stages = {name: 0.0 for name in E2E_STAGES}
 
-    def one(start: int) -> None:
+    def one(start: int, marks: Optional[_StageMarks]) -> None:
+        tick = marks.mark if marks is not None else (lambda: None)
+        tick()
         x = images[start:start + batch].to(device, non_blocking=True)
+        tick()
         feats = extractor(x)
+        tick()
         routed = PrototypeRouter.route(router, feats.mean(dim=(1, 2)))  # untimed: not a phase of the run
+        tick()
         scores = evaluator.score_patches(model, feats, routed, batch, device, **score_kwargs)
+        tick()
         anomaly_map.anomaly_maps(scores, out_size=size, sigma=config.anomaly_map_sigma)
         anomaly_map.image_scores(scores, method=config.score_aggregation_mode, k=config.score_aggregation_top_k,
                                  percentile=config.score_aggregation_percentile).cpu()
+        tick()
 
     for s in range(0, len(images), batch):  # warm-up pass: every sub-batch shape of the timed pass is
-        one(s)                                # seen once (kernel selection, allocator), so the timing is
-    if device.type == "cuda":                 # steady state, not first-shape costs
-        torch.cuda.synchronize(device)
+        one(s, None)                          # seen once (kernel selection, allocator), so the timing is
+    limits.sync(device)                       # steady state, not first-shape costs
+    passes = []
     start = time.perf_counter()
     for s in range(0, len(images), batch):
-        one(s)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return len(images) / (time.perf_counter() - start)
+        passes.append(_StageMarks(device))
+        one(s, passes[-1])
+    limits.sync(device)
+    seconds = time.perf_counter() - start
+    for marks in passes:
+        for name, ms in zip(E2E_STAGES, marks.stage_ms()):
+            stages[name] += ms
+    return {"images_per_s": len(images) / seconds, "ms_per_image": 1000.0 * seconds / len(images),
+            "stage_ms_per_image": {k: v / len(images) for k, v in stages.items()}}
 
 
 def _decode(datasets: list[AnomalyDataset]) -> int:
@@ -232,8 +276,9 @@ def run_pipeline(config: AblationConfig, device: torch.device, weights: str, amp
         after_task.append({"task": task_id, **_mean_rows(rows)})
         growth.append(param_counts(model))
         with clock("e2e_measurement"):
-            ips = e2e_images_per_s(extractor, router, model, e2e_set, e2e_batch, config, device, tf32)
-        inference.append({"tasks": task_id + 1, "images_per_s": ips, "ms_per_image": 1000.0 / ips})
+            e2e = e2e_images_per_s(extractor, router, model, e2e_set, e2e_batch, config, device, tf32)
+        inference.append({"tasks": task_id + 1, **e2e})
+        ips = e2e["images_per_s"]
         echo(f"task {task_id + 1}/{len(tasks)}: train {stats.steps} steps, loss {stats.final_loss:.3f}, "
              f"mean img AUROC {after_task[-1]['img_auroc']:.4f}, e2e {ips:.0f} img/s, "
              f"elapsed {time.perf_counter() - wall_start:.0f}s")

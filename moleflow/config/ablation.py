@@ -90,6 +90,7 @@ class AblationConfig:
     num_workers: int = 0
     amp: bool = False
     tf32: bool = False
+    cuda_graphs: bool = True
     resume: Optional[str] = None
     ablation_preset: str = "full"
     demo: bool = False

@@ -65,13 +65,17 @@ class LoRALinear(nn.Module):
         Returns:
             (..., out_features).
         """
-        out = self.base(x)
         if self.rank == 0:
-            return out
+            return self.base(x)
         if not 0 <= task_id < self.num_experts:
             raise IndexError(f"task {task_id} has no LoRA expert (experts: {self.num_experts})")
-        low = F.linear(x, self.lora_A[task_id])
-        return out + self.scaling * F.linear(low, self.lora_B[task_id]) + self.task_bias[task_id]
+        # Three matrix products and no full-size element-wise pass: both biases ride in the first
+        # product's epilogue, the low-rank term is accumulated into its output in place (beta = 1).
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.addmm(self.base.bias + self.task_bias[task_id], flat, self.base.weight.t())
+        low = flat @ self.lora_A[task_id].t()
+        out.addmm_(low, self.lora_B[task_id].t(), alpha=self.scaling)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def expert_parameters(self, task_id: int) -> list[nn.Parameter]:
         """Parameters owned by one task."""

@@ -4,10 +4,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from sklearn.covariance import LedoitWolf
 from torch import Tensor
+
+
+def ledoit_wolf(features: Tensor) -> tuple[Tensor, float]:
+    """Ledoit-Wolf shrinkage covariance of (N, D) samples (mean removed), in their dtype and device.
+
+    Sigma = (1 - s) S + s mu I, with S the empirical covariance (divided by N), mu = tr(S) / D and
+    s = min(b, d) / d, where d = ||S - mu I||_F^2 / D and b = (sum_k ||x_k||^4 / N - ||S||_F^2) / (N D)
+    (Ledoit & Wolf 2004, "A well-conditioned estimator for large-dimensional covariance matrices";
+    the same estimate as scikit-learn's ``LedoitWolf(assume_centered=False)``).
+
+    Returns:
+        ((D, D) covariance, shrinkage s in [0, 1]).
+    """
+    n, dim = features.shape
+    x = features - features.mean(dim=0)
+    emp = x.T @ x / n
+    mu = emp.diagonal().sum() / dim
+    emp_sq = emp.pow(2).sum()
+    row_sq = x.pow(2).sum(dim=1)
+    beta = (row_sq.pow(2).sum() / n - emp_sq) / (n * dim)
+    delta = (emp_sq - 2.0 * mu * emp.diagonal().sum() + dim * mu**2) / dim
+    shrinkage = 0.0 if float(beta) <= 0.0 or float(delta) == 0.0 else float(torch.clamp(beta / delta, max=1.0))
+    covariance = (1.0 - shrinkage) * emp
+    covariance.diagonal().add_(shrinkage * mu)
+    return covariance, shrinkage
 
 
 @dataclass
@@ -35,12 +58,11 @@ class TaskPrototype:
         """
         if features.ndim != 2 or features.shape[0] < 2:
             raise ValueError(f"a task prototype needs (N>=2, D) features, got {tuple(features.shape)}")
-        data = features.detach().double().cpu().numpy()
-        estimator = LedoitWolf(assume_centered=False).fit(data)
-        precision = np.linalg.inv(estimator.covariance_)
-        return cls(mean=torch.from_numpy(data.mean(axis=0)).float(),
-                   precision=torch.from_numpy(precision).float(),
-                   shrinkage=float(estimator.shrinkage_), num_samples=int(data.shape[0]))
+        data = features.detach().double()  # float64 on the features' device (a GPU fit takes ms)
+        covariance, shrinkage = ledoit_wolf(data)
+        precision = torch.linalg.inv(covariance)
+        return cls(mean=data.mean(dim=0).float().cpu(), precision=precision.float().cpu(),
+                   shrinkage=shrinkage, num_samples=int(data.shape[0]))
 
     def state(self) -> dict[str, Tensor]:
         return {"mean": self.mean, "precision": self.precision,

@@ -4,11 +4,13 @@ Task 0 trains everything (shared base + its own expert). From task 1 on, with th
 a task trains only its LoRA experts, task biases, adapter and DIA blocks. The optional SLOW
 stage unfreezes the last ``slow_blocks_k`` shared blocks for the final epochs of a later task.
 
-On CUDA a training step never waits for the GPU: the optimizer is the fused AdamW/Adam, a batch
-with a non-finite loss is skipped on the device (the fused step's ``found_inf`` leaves parameters
-and optimizer state untouched, exactly as not stepping), and losses and skip counts are summed
-on the device and read once per epoch. On the CPU the loop is the plain one. ``tf32=True`` lets
-the flow's float32 matrix products use TF32 on CUDA.
+On CUDA a training step never waits for the GPU: the optimizer is the fused AdamW/Adam with its
+learning rate in a device tensor, a batch with a non-finite loss is skipped on the device (the
+fused step's ``found_inf`` leaves parameters and optimizer state untouched, exactly as not
+stepping), and losses and skip counts are summed on the device and read once per epoch. With
+``cuda_graphs`` (default) the full-batch step is recorded once per task and stage as a CUDA graph
+and replayed (``graph_step.py``: the same kernels, without a Python launch for each). On the CPU
+the loop is the plain one. ``tf32=True`` lets the flow's float32 matrix products use TF32 on CUDA.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from moleflow.models.loss import moleflow_loss
 from moleflow.models.mole_nf import MoLESpatialAwareNF
 from moleflow.models.routing import PrototypeRouter
 from moleflow.trainer.features import FeatureSet
+from moleflow.trainer.graph_step import GraphedStep, StepBody
 from moleflow.trainer.precision import matmul_tf32
 
 
@@ -70,6 +73,9 @@ class MoLEContinualTrainer:
         fused: use the fused optimizer (default: on CUDA).
         sync_free: skip non-finite batches on the device, without a host sync per step (needs
             ``fused``; default: on CUDA).
+        graphs: run full-batch steps through ``GraphedStep`` (needs ``sync_free``; default: on CUDA
+            with ``config.cuda_graphs``). Off CUDA the step runs on the same fixed input buffer
+            without being recorded (how the tests check this path on a CPU).
     """
 
     def __init__(self, config: AblationConfig, model: MoLESpatialAwareNF, router: PrototypeRouter,
@@ -83,6 +89,10 @@ class MoLEContinualTrainer:
         self.tf32 = tf32
         self.fused = device.type == "cuda"
         self.sync_free = self.fused
+        self.graphs = self.sync_free and config.cuda_graphs
+        # sync-free path: (sum of finite losses, skipped batches) of the epoch, kept on the device
+        self._sums = (torch.zeros((), dtype=torch.float64, device=device),
+                      torch.zeros((), dtype=torch.long, device=device))
 
     def _trainable(self, task_id: int, slow: bool) -> list[nn.Parameter]:
         """Set requires_grad for this task's stage and return the parameters to optimise."""
@@ -102,10 +112,31 @@ class MoLEContinualTrainer:
     def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         cls = torch.optim.AdamW if self.config.optimizer == "adamw" else torch.optim.Adam
         kwargs = {"weight_decay": self.config.weight_decay} if self.config.optimizer == "adamw" else {}
+        lr: float | Tensor = self.config.lr
         if self.fused:
             kwargs["fused"] = True
-        opt = cls([{"params": params, "base_lr": self.config.lr}], lr=self.config.lr, **kwargs)
+        if self.sync_free:  # the rate lives on the device and is filled before each step
+            lr = self._lr_tensor(self.config.lr)
+            kwargs["capturable"] = self.graphs  # the fused step ignores it; recording checks it
+        opt = cls([{"params": params, "base_lr": self.config.lr}], lr=lr, **kwargs)
+        # A small last batch steps without the graph; with capturable=True torch would warn once.
+        opt._warned_capturable_if_run_uncaptured = True
         return opt
+
+    def _lr_tensor(self, value: float) -> Tensor:
+        """A learning rate the fused step reads from memory: float32 on CUDA (the only dtype its
+        kernel reads), float64 elsewhere (read as the double a Python float would give)."""
+        dtype = torch.float32 if self.device.type == "cuda" else torch.float64
+        return torch.tensor(value, dtype=dtype, device=self.device)
+
+    @staticmethod
+    def _set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+        for group in optimizer.param_groups:
+            value = group["base_lr"] * factor
+            if isinstance(group["lr"], Tensor):
+                group["lr"].fill_(value)
+            else:
+                group["lr"] = value
 
     def train_task(self, task_id: int, train: FeatureSet,
                    refresh: Optional[Callable[[], FeatureSet]] = None) -> TaskStats:
@@ -141,22 +172,30 @@ class MoLEContinualTrainer:
         use_slow = cfg.enable_slow_stage and task_id > 0 and slow_epoch < cfg.num_epochs
         generator = torch.Generator().manual_seed(cfg.seed * 104729 + task_id)
         step, skipped, last_loss = 0, 0, float("nan")
+        runner: Optional[GraphedStep] = None
         self.model.train()
         bar = tqdm(range(cfg.num_epochs), desc=f"task {task_id} train", leave=False, disable=not self.progress)
         for epoch in bar:
             if use_slow and epoch == slow_epoch:
                 slow = self.model.slow_parameters(cfg.slow_blocks_k)
                 self._trainable(task_id, slow=True)
-                optimizer.add_param_group({"params": slow, "base_lr": cfg.lr * cfg.slow_lr_ratio,
-                                           "lr": cfg.lr * cfg.slow_lr_ratio})
+                slow_lr = cfg.lr * cfg.slow_lr_ratio
+                lr_value = self._lr_tensor(slow_lr) if self.sync_free else slow_lr
+                optimizer.add_param_group({"params": slow, "base_lr": slow_lr, "lr": lr_value})
                 params = params + slow
+                runner = None  # the recorded step holds the old parameter set
                 self.log.info(f"task {task_id}: SLOW stage from epoch {epoch + 1}: last {cfg.slow_blocks_k} "
                               f"shared blocks unfrozen at lr x {cfg.slow_lr_ratio}")
             if refresh is not None and epoch > 0:
                 train = refresh()
             order = torch.randperm(n, generator=generator).to(train.patches.device)
+            if self.graphs and runner is None:
+                runner = GraphedStep(self._sync_free_body(task_id, optimizer, params),
+                                     (cfg.batch_size, *train.patches.shape[1:]), self.device,
+                                     capture=self.device.type == "cuda", on_failure=self.log.warning)
             with matmul_tf32(self.device, self.tf32):
-                loss_sum, good, bad = self._epoch(task_id, train, order, optimizer, params, step, total, warmup)
+                loss_sum, good, bad = self._epoch(task_id, train, order, optimizer, params, step, total, warmup,
+                                                  runner)
             step += good + bad
             skipped += bad
             if skipped > cfg.max_skip_fraction * step:
@@ -167,8 +206,9 @@ class MoLEContinualTrainer:
             last_loss = loss_sum / good if good else float("nan")
             bar.set_postfix(loss=f"{last_loss:.2f}")
             self.log.info(f"task {task_id} epoch {epoch + 1}/{cfg.num_epochs} loss {last_loss:.4f} "
-                          f"lr {optimizer.param_groups[0]['lr']:.2e} skipped {skipped}", extra={"file_only": True})
+                          f"lr {float(optimizer.param_groups[0]['lr']):.2e} skipped {skipped}", extra={"file_only": True})
         optimizer.zero_grad(set_to_none=True)
+        del runner  # frees the recorded step's memory pool
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -176,47 +216,71 @@ class MoLEContinualTrainer:
         return TaskStats(task_id, cfg.num_epochs, step, skipped, last_loss, n_params)
 
     def _epoch(self, task_id: int, train: FeatureSet, order: Tensor, optimizer: torch.optim.Optimizer,
-               params: list[nn.Parameter], step: int, total: int, warmup: int) -> tuple[float, int, int]:
+               params: list[nn.Parameter], step: int, total: int, warmup: int,
+               runner: Optional[GraphedStep] = None) -> tuple[float, int, int]:
         """One pass over ``train`` in ``order``; returns (sum of finite losses, good batches, skipped).
 
         Sync-free (CUDA): every batch steps, and a non-finite one is neutralised on the device through
-        the fused step's ``found_inf``; losses and skips are summed on the device. Plain: a
-        non-finite batch is detected on the host and not stepped.
+        the fused step's ``found_inf``; losses and skips are summed on the device. Full batches go
+        through ``runner`` when given (a recorded step), a smaller last batch runs the same body
+        directly. Plain: a non-finite batch is detected on the host and not stepped.
         """
         cfg = self.config
-        host_loss_sum, skipped = 0.0, 0
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        bad_sum = torch.zeros((), dtype=torch.long, device=self.device)
-        batches = 0
+        host_loss_sum, skipped, batches = 0.0, 0, 0
+        if self.sync_free:
+            self._sums[0].zero_()
+            self._sums[1].zero_()
+            body = runner.body if runner is not None else self._sync_free_body(task_id, optimizer, params)
         for start in range(0, len(order), cfg.batch_size):
-            factor = lr_factor(step + batches, total, warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
+            self._set_lr(optimizer, lr_factor(step + batches, total, warmup))
             batches += 1
-            feats = train.patches[order[start:start + cfg.batch_size]].to(self.device, non_blocking=True)
-            loss = self._loss(feats, task_id)
+            index = order[start:start + cfg.batch_size]
             if self.sync_free:
-                bad = ~torch.isfinite(loss)
-                optimizer.found_inf = bad.float()  # fused step: 1 leaves params and state as they are
-            elif not torch.isfinite(loss):
+                feats = train.patches[index]
+                if runner is not None and len(index) == cfg.batch_size:
+                    runner(feats)
+                else:
+                    body(feats.to(self.device, non_blocking=True), False)
+                continue
+            loss = self._loss(train.patches[index].to(self.device), task_id)
+            if not torch.isfinite(loss):
                 skipped += 1
                 optimizer.zero_grad(set_to_none=True)
                 continue
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            if self.sync_free:
-                loss_sum += torch.where(bad, 0.0, loss.detach().double())
-                bad_sum += bad
-            else:
-                host_loss_sum += loss.item()
-        if self.sync_free:
-            if hasattr(optimizer, "found_inf"):  # an empty epoch never set it
-                del optimizer.found_inf
-            skipped = int(bad_sum)
-            return float(loss_sum), batches - skipped, skipped
-        return host_loss_sum, batches - skipped, skipped
+            self._update(loss, optimizer, params)
+            host_loss_sum += loss.item()
+        if not self.sync_free:
+            return host_loss_sum, batches - skipped, skipped
+        if hasattr(optimizer, "found_inf"):  # an empty epoch never set it
+            del optimizer.found_inf
+        skipped = int(self._sums[1])
+        return float(self._sums[0]), batches - skipped, skipped
+
+    def _sync_free_body(self, task_id: int, optimizer: torch.optim.Optimizer,
+                        params: list[nn.Parameter]) -> StepBody:
+        """One training step that never reads a value back to the host (see ``GraphedStep``).
+
+        ``dry=True`` computes everything but, through ``found_inf = 1``, changes no parameter,
+        optimizer moment or step count, and leaves the loss and skip sums alone.
+        """
+        loss_sum, bad_sum = self._sums
+
+        def body(feats: Tensor, dry: bool) -> None:
+            loss = self._loss(feats, task_id)
+            bad = ~torch.isfinite(loss)
+            optimizer.found_inf = torch.ones_like(loss) if dry else bad.float()
+            self._update(loss, optimizer, params)
+            if not dry:
+                loss_sum.add_(torch.where(bad, 0.0, loss.detach().double()))
+                bad_sum.add_(bad)
+
+        return body
+
+    def _update(self, loss: Tensor, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+        optimizer.step()
 
     def _loss(self, feats: Tensor, task_id: int) -> Tensor:
         cfg = self.config
