@@ -4,6 +4,8 @@
 #   .before  the package before the speed changes (git archive <commit> moleflow) with the current
 #            moleflow/benchmark copied in, so one benchmark file times both trees
 #   .mini    a copy of ../shared/data/mvtec_ad_mini (real images; never committed)
+# Order: GPU tests and profile, the 15-task runs, then the demo and speed comparisons (the most
+# important figures first, as the 10-minute limit of a call may stop the later steps).
 # Results: $OUT/results.json (every step's JSON, by step name) and $OUT/session.log (every step's output).
 # STEPS="name ..." runs only those steps; no step starts after STOP_AFTER seconds (default 540).
 # Dry run on a small machine: SIZE="--classes 2 --n_train 4 ..." SMALL="--set num_epochs=1 ..." (extra flags).
@@ -45,18 +47,26 @@ MINI=(--data folder --dataset mvtec --data_path .mini/mvtec_ad_mini --weights pr
 # the MVTec-size synthetic data (skipped when present), generated in the background meanwhile
 $AFTER "${BIG[@]}" --skip_run --skip_limits --json "$RES/gen.json" > "$RES/gen.log" 2>&1 &
 GEN=$!
+if want gpu_tests; then  # the GPU-only tests (CUDA graph step = eager step) and the fast-path tests
+  echo "== gpu_tests (t=${SECONDS}s)"
+  timeout 120 env PYTHONPATH=$PWD:/tmp/site python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+    tests/test_speed_paths.py tests/test_model.py > "$RES/gpu_tests.log" 2>&1
+  echo "exit $? after ${SECONDS}s" >> "$RES/gpu_tests.log"
+  tail -n 3 "$RES/gpu_tests.log"
+  collect
+fi
 if want profile; then  # where a training step spends its GPU time (no JSON: a printed table)
   echo "== profile (t=${SECONDS}s)"
   timeout 60 env PYTHONPATH=$PWD:/tmp/site python3 -m moleflow.benchmark.profile --tf32 > "$RES/profile.log" 2>&1
   echo "exit $? after ${SECONDS}s" >> "$RES/profile.log"
 fi
-want demo_before_fp32 && step demo_before_fp32 60 $BEFORE "${DEMO[@]}" --seeds 0,1 --label "before, fp32"
-want demo_after_fp32 && step demo_after_fp32 60 $AFTER "${DEMO[@]}" --seeds 0,1 --label "after, fp32"
-want demo_after_fast && step demo_after_fast 60 $AFTER "${DEMO[@]}" --seeds 0,1 --amp --tf32 --label "after, amp+tf32"
 wait $GEN
 want full_e10_after_fast && step full_e10_after_fast 200 $AFTER "${BIG[@]}" --amp --tf32 --skip_limits --set num_epochs=10 \
   --label "after, amp+tf32, 15 tasks, 10 epochs"
 want full_after_fast && step full_after_fast ${FULL_LIMIT:-420} $AFTER "${BIG[@]}" --amp --tf32 --label "after, amp+tf32, 15 tasks"
+want demo_before_fp32 && step demo_before_fp32 60 $BEFORE "${DEMO[@]}" --seeds 0,1 --label "before, fp32"
+want demo_after_fp32 && step demo_after_fp32 60 $AFTER "${DEMO[@]}" --seeds 0,1 --label "after, fp32"
+want demo_after_fast && step demo_after_fast 60 $AFTER "${DEMO[@]}" --seeds 0,1 --amp --tf32 --label "after, amp+tf32"
 want speed_before_fp32 && step speed_before_fp32 60 $BEFORE "${BIG[@]}" "${SHORT[@]}" --label "before, fp32, 2 tasks"
 want speed_after_fp32 && step speed_after_fp32 60 $AFTER "${BIG[@]}" "${SHORT[@]}" --label "after, fp32, 2 tasks"
 want mini_before_fp32 && step mini_before_fp32 60 $BEFORE "${MINI[@]}" --label "before, fp32"

@@ -216,7 +216,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "backbone": config.backbone_name, "backbone_weights": args.weights,
         "backbone_weights_note": RANDOM_WEIGHTS_NOTE if args.weights == "random" else "",
         "speed_settings": {"amp": bool(args.amp) and device.type == "cuda", "tf32": tf32,
-                           "batch_size": config.batch_size, "num_workers": config.num_workers},
+                           "batch_size": config.batch_size, "num_workers": config.num_workers,
+                           "cuda_graphs": bool(getattr(config, "cuda_graphs", False)) and device.type == "cuda",
+                           "bf16_scoring": bool(getattr(config, "bf16_scoring", False)) and device.type == "cuda"},
         "config": config.to_dict(), "goals_targets": GOALS,
     }
     print(f"benchmark: {len(classes)} classes, backbone {config.backbone_name} ({args.weights} weights), device {device}",

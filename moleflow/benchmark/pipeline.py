@@ -145,6 +145,8 @@ def e2e_images_per_s(extractor: torch.nn.Module, router: PrototypeRouter, model:
         {"images_per_s", "ms_per_image", "stage_ms_per_image": {stage: ms}}.
     """
     score_kwargs = {"tf32": tf32} if accepts(evaluator.score_patches, "tf32") else {}
+    if accepts(evaluator.score_patches, "bf16"):
+        score_kwargs["bf16"] = config.bf16_scoring
     size = tuple(images.shape[-2:])
     stages = {name: 0.0 for name in E2E_STAGES}
 

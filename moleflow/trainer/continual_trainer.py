@@ -208,7 +208,11 @@ class MoLEContinualTrainer:
             self.log.info(f"task {task_id} epoch {epoch + 1}/{cfg.num_epochs} loss {last_loss:.4f} "
                           f"lr {float(optimizer.param_groups[0]['lr']):.2e} skipped {skipped}", extra={"file_only": True})
         optimizer.zero_grad(set_to_none=True)
-        del runner  # frees the recorded step's memory pool
+        if runner is not None and runner.graph is not None:
+            # A recorded step keeps a private memory pool that the allocator hands back only on
+            # request; without this every task would leave its pool reserved.
+            del runner
+            torch.cuda.empty_cache()
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)

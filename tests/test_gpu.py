@@ -1,6 +1,7 @@
-"""On a GPU, the recorded training step trains exactly as the step launched kernel by kernel.
+"""GPU-only paths: the recorded training step trains exactly as the step launched kernel by
+kernel; the extractor's even-window pooling gives the pooling kernel's bits on the GPU too.
 
-Skipped without CUDA (CI has none); run on a GPU machine with ``python -m pytest tests/test_cuda_graphs.py``.
+Skipped without CUDA (CI has none); run on a GPU machine with ``python -m pytest tests/test_gpu.py``.
 """
 
 from __future__ import annotations
@@ -48,3 +49,14 @@ def test_recorded_step_equals_eager_step(nan_images: list[int], caplog: pytest.L
         assert (a.steps, a.skipped_batches, a.final_loss) == (b.steps, b.skipped_batches, b.final_loss)
     for (name, a), (_, b) in zip(eager.model.state_dict().items(), graphed.model.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_even_window_pooling_equals_channel_pool_on_gpu() -> None:
+    import torch.nn.functional as F
+    from moleflow.extractors.base import channel_pool
+    from moleflow.extractors.cnn_extractor import _pool_even_windows
+    for channels in (512, 1024):
+        fmap = torch.randn(4, channels, 28, 28, device="cuda")
+        patches = F.unfold(fmap, 3, padding=1)
+        expected = channel_pool(patches.transpose(1, 2), 768).transpose(1, 2)
+        assert torch.equal(_pool_even_windows(patches, 768), expected)
