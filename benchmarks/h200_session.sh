@@ -4,10 +4,10 @@
 #   .before  the package before the speed changes (git archive <commit> moleflow) with the current
 #            moleflow/benchmark copied in, so one benchmark file times both trees
 #   .mini    a copy of ../shared/data/mvtec_ad_mini (real images; never committed)
-# Order: GPU tests and profile, the 15-task runs, then the demo and speed comparisons (the most
-# important figures first, as the 10-minute limit of a call may stop the later steps).
+# Steps run in the order STEPS names them (default: all, most important first, as the 10-minute
+# limit of a call may stop the later ones).
 # Results: $OUT/results.json (every step's JSON, by step name) and $OUT/session.log (every step's output).
-# STEPS="name ..." runs only those steps; no step starts after STOP_AFTER seconds (default 540).
+# STEPS="name ..." runs those steps in that order; no step starts after STOP_AFTER seconds (default 540).
 # Dry run on a small machine: SIZE="--classes 2 --n_train 4 ..." SMALL="--set num_epochs=1 ..." (extra flags).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -35,8 +35,8 @@ step() {  # step NAME TIMEOUT COMMAND...: run it, keep its log, collect everythi
   tail -n 4 "$RES/$name.log"
   collect
 }
-want() {  # want NAME: whether STEPS (space-separated names, default: all) holds NAME and time is left
-  [[ " ${STEPS:-all} " == *" all "* || " ${STEPS:-} " == *" $1 "* ]] && [ "$SECONDS" -lt "${STOP_AFTER:-540}" ]
+want() {  # want: whether time is left to start another step
+  [ "$SECONDS" -lt "${STOP_AFTER:-540}" ]
 }
 { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv; nproc; } > "$RES/00_machine.log" 2>&1
 BIG=(--weights random --data_path "$BENCH_DATA" ${SIZE:-})
@@ -47,30 +47,38 @@ MINI=(--data folder --dataset mvtec --data_path .mini/mvtec_ad_mini --weights pr
 # the MVTec-size synthetic data (skipped when present), generated in the background meanwhile
 $AFTER "${BIG[@]}" --skip_run --skip_limits --json "$RES/gen.json" > "$RES/gen.log" 2>&1 &
 GEN=$!
-if want gpu_tests; then  # the GPU-only tests (CUDA graph step = eager step) and the fast-path tests
-  echo "== gpu_tests (t=${SECONDS}s)"
-  timeout 120 env PYTHONPATH=$PWD:/tmp/site python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
-    tests/test_speed_paths.py tests/test_model.py > "$RES/gpu_tests.log" 2>&1
-  echo "exit $? after ${SECONDS}s" >> "$RES/gpu_tests.log"
-  tail -n 3 "$RES/gpu_tests.log"
-  collect
-fi
-if want profile; then  # where a training step spends its GPU time (no JSON: a printed table)
-  echo "== profile (t=${SECONDS}s)"
-  timeout 60 env PYTHONPATH=$PWD:/tmp/site python3 -m moleflow.benchmark.profile --tf32 > "$RES/profile.log" 2>&1
-  echo "exit $? after ${SECONDS}s" >> "$RES/profile.log"
-fi
-wait $GEN
-want full_e10_after_fast && step full_e10_after_fast 200 $AFTER "${BIG[@]}" --amp --tf32 --skip_limits --set num_epochs=10 \
-  --label "after, amp+tf32, 15 tasks, 10 epochs"
-want full_after_fast && step full_after_fast ${FULL_LIMIT:-420} $AFTER "${BIG[@]}" --amp --tf32 --label "after, amp+tf32, 15 tasks"
-want demo_before_fp32 && step demo_before_fp32 60 $BEFORE "${DEMO[@]}" --seeds 0,1 --label "before, fp32"
-want demo_after_fp32 && step demo_after_fp32 60 $AFTER "${DEMO[@]}" --seeds 0,1 --label "after, fp32"
-want demo_after_fast && step demo_after_fast 60 $AFTER "${DEMO[@]}" --seeds 0,1 --amp --tf32 --label "after, amp+tf32"
-want speed_before_fp32 && step speed_before_fp32 60 $BEFORE "${BIG[@]}" "${SHORT[@]}" --label "before, fp32, 2 tasks"
-want speed_after_fp32 && step speed_after_fp32 60 $AFTER "${BIG[@]}" "${SHORT[@]}" --label "after, fp32, 2 tasks"
-want mini_before_fp32 && step mini_before_fp32 60 $BEFORE "${MINI[@]}" --label "before, fp32"
-want mini_after_fp32 && step mini_after_fp32 60 $AFTER "${MINI[@]}" --label "after, fp32"
-want mini_after_fast && step mini_after_fast 60 $AFTER "${MINI[@]}" --amp --tf32 --label "after, amp+tf32"
+run_step() {  # run_step NAME: one named step
+  case $1 in
+    gpu_tests)  # the GPU-only tests (recorded step = eager step, pooling bits) and the fast-path tests
+      echo "== gpu_tests (t=${SECONDS}s)"
+      timeout 120 env PYTHONPATH=$PWD:/tmp/site python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+        tests/test_speed_paths.py > "$RES/gpu_tests.log" 2>&1
+      echo "exit $? after ${SECONDS}s" >> "$RES/gpu_tests.log"
+      tail -n 3 "$RES/gpu_tests.log"
+      collect ;;
+    profile)  # where a training step spends its GPU time (no JSON: a printed table)
+      echo "== profile (t=${SECONDS}s)"
+      timeout 60 env PYTHONPATH=$PWD:/tmp/site python3 -m moleflow.benchmark.profile --tf32 > "$RES/profile.log" 2>&1
+      echo "exit $? after ${SECONDS}s" >> "$RES/profile.log"
+      collect ;;
+    full_e10_after_fast) wait $GEN; step $1 200 $AFTER "${BIG[@]}" --amp --tf32 --skip_limits --set num_epochs=10 \
+      --label "after, amp+tf32, 15 tasks, 10 epochs" ;;
+    full_after_fast) wait $GEN; step $1 ${FULL_LIMIT:-420} $AFTER "${BIG[@]}" --amp --tf32 --label "after, amp+tf32, 15 tasks" ;;
+    demo_before_fp32) step $1 60 $BEFORE "${DEMO[@]}" --seeds 0,1 --label "before, fp32" ;;
+    demo_after_fp32) step $1 60 $AFTER "${DEMO[@]}" --seeds 0,1 --label "after, fp32" ;;
+    demo_after_fast) step $1 60 $AFTER "${DEMO[@]}" --seeds 0,1 --amp --tf32 --label "after, amp+tf32" ;;
+    speed_before_fp32) wait $GEN; step $1 60 $BEFORE "${BIG[@]}" "${SHORT[@]}" --label "before, fp32, 2 tasks" ;;
+    speed_after_fp32) wait $GEN; step $1 60 $AFTER "${BIG[@]}" "${SHORT[@]}" --label "after, fp32, 2 tasks" ;;
+    mini_before_fp32) step $1 60 $BEFORE "${MINI[@]}" --label "before, fp32" ;;
+    mini_after_fp32) step $1 60 $AFTER "${MINI[@]}" --label "after, fp32" ;;
+    mini_after_fast) step $1 60 $AFTER "${MINI[@]}" --amp --tf32 --label "after, amp+tf32" ;;
+    *) echo "unknown step $1" ;;
+  esac
+}
+ALL="gpu_tests profile full_after_fast demo_before_fp32 demo_after_fp32 demo_after_fast mini_before_fp32 mini_after_fp32
+     mini_after_fast speed_before_fp32 speed_after_fp32"
+for name in ${STEPS:-$ALL}; do
+  want && run_step "$name"
+done
 collect
 echo "done in ${SECONDS}s"

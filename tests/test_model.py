@@ -369,3 +369,21 @@ def test_bf16_subnets_change_only_the_subnets_and_are_restored():
     torch.testing.assert_close(half, full, rtol=0, atol=2e-3 * full.abs().mean().item() + 0.01)
     with torch.no_grad():
         assert torch.equal(patch_nll(*model(x, 1)), full)  # and float32 again afterwards
+
+
+def test_score_patches_uses_each_images_own_expert():
+    """Mixed experts in one call, chunked: every image scored as if alone with its own expert."""
+    from moleflow.evaluation.evaluator import score_patches
+    from moleflow.models.loss import patch_nll
+    model = _model(tasks=3).float()
+    for layer in model.lora_layers():  # experts that really differ
+        for b in layer.lora_B:
+            torch.nn.init.normal_(b, std=0.05)
+    x = torch.randn(11, 5, 4, D)
+    experts = torch.tensor([2, 0, 0, 1, 2, 2, 0, 1, 1, 2, 0])
+    got = score_patches(model, x, experts, batch_size=2, device=torch.device("cpu"))
+    with torch.no_grad():
+        alone = torch.stack([patch_nll(*model(x[i:i + 1], int(experts[i])))[0] for i in range(len(x))])
+        other = torch.stack([patch_nll(*model(x[i:i + 1], (int(experts[i]) + 1) % 3))[0] for i in range(len(x))])
+    torch.testing.assert_close(got, alone)
+    assert not torch.allclose(got, other)

@@ -64,15 +64,23 @@ def score_patches(model: MoLESpatialAwareNF, patches: Tensor, task_ids: Tensor, 
     keep_on_device = device.type == "cuda"
     out = torch.empty(patches.shape[:3], dtype=torch.float32, device=device if keep_on_device else "cpu")
     task_ids = task_ids.cpu()
+    # Images grouped by expert, in index order inside a group. The grouping is sent to the
+    # devices once: an index copied from pageable host memory per chunk would make the host wait
+    # for the GPU before every chunk, so launching the next chunk could not overlap this one.
+    order = torch.argsort(task_ids, stable=True)
+    counts = torch.bincount(task_ids).tolist()
+    order_src = order.to(patches.device)
+    order_out = order.to(out.device)
     with matmul_tf32(device, tf32), model.subnets_in_bf16(bf16 and keep_on_device):
-        for task in task_ids.unique().tolist():
-            idx = (task_ids == task).nonzero().flatten()
-            for start in range(0, len(idx), batch_size):
-                chunk = idx[start:start + batch_size]
-                feats = patches[chunk.to(patches.device)].to(device)
-                z, log_det = model(feats, int(task))
+        first = 0
+        for task, count in enumerate(counts):
+            for start in range(first, first + count, batch_size):
+                stop = min(start + batch_size, first + count)
+                feats = patches[order_src[start:stop]].to(device)
+                z, log_det = model(feats, task)
                 scores = patch_nll(z, log_det).float()
-                out[chunk.to(out.device)] = scores if keep_on_device else scores.cpu()
+                out[order_out[start:stop]] = scores if keep_on_device else scores.cpu()
+            first += count
     return out
 
 
