@@ -189,20 +189,10 @@ def summary_lines(result: dict) -> list[str]:
             lines.append(f"e2e stages after {last['tasks']} tasks, ms/image: "
                          + ", ".join(f"{k} {v:.3f}" for k, v in last["stage_ms_per_image"].items()))
         lines.append("memory " + ", ".join(f"{k} {v:.2f}" for k, v in run["memory"].items()))
-        alt = run.get("scored_the_other_way")
-        if alt:
-            lines.append(f"same model scored with bf16_scoring={alt['bf16_scoring']}: e2e "
-                         f"{alt['inference_e2e']['images_per_s']:.0f} img/s ("
-                         + ", ".join(f"{k} {v:.3f}" for k, v in alt["inference_e2e"]["stage_ms_per_image"].items())
-                         + " ms/image); final routed mean "
-                         + ", ".join(f"{k} {v:.4f}" for k, v in alt["final_routed_mean"].items()))
         lines.append(f"parameters: shared {run['parameters']['shared']:,}, per task "
                      f"{run['parameters']['per_task'][0]:,}, total {run['parameters']['total_after_each_task'][-1]:,}")
     for seed, m in (result.get("final_routed_mean_by_seed") or {}).items():
         lines.append(f"final routed mean (seed {seed}): " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
-    other = "float32" if result["speed_settings"].get("bf16_scoring") else "bf16"
-    for seed, m in (result.get("other_scoring_final_routed_mean_by_seed") or {}).items():
-        lines.append(f"same model, {other} scoring (seed {seed}): " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
     for key, value in (result.get("ratios") or {}).items():
         lines.append(f"ratio {key}: {value:.3f}")
     for key, (value, ok) in (result.get("goals") or {}).items():
@@ -227,8 +217,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "backbone_weights_note": RANDOM_WEIGHTS_NOTE if args.weights == "random" else "",
         "speed_settings": {"amp": bool(args.amp) and device.type == "cuda", "tf32": tf32,
                            "batch_size": config.batch_size, "num_workers": config.num_workers,
-                           "cuda_graphs": bool(getattr(config, "cuda_graphs", False)) and device.type == "cuda",
-                           "bf16_scoring": bool(getattr(config, "bf16_scoring", False)) and device.type == "cuda"},
+                           "cuda_graphs": bool(getattr(config, "cuda_graphs", False)) and device.type == "cuda"},
         "config": config.to_dict(), "goals_targets": GOALS,
     }
     print(f"benchmark: {len(classes)} classes, backbone {config.backbone_name} ({args.weights} weights), device {device}",
@@ -253,9 +242,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
             result.setdefault("final_routed_mean_by_seed", {})[seed] = run["metrics"]["final_routed_mean"]
             if run["metrics"]["final_oracle_mean"] is not None:
                 result.setdefault("final_oracle_mean_by_seed", {})[seed] = run["metrics"]["final_oracle_mean"]
-            if run.get("scored_the_other_way"):
-                result.setdefault("other_scoring_final_routed_mean_by_seed", {})[seed] = \
-                    run["scored_the_other_way"]["final_routed_mean"]
     result["ratios"] = ratios(result)
     result["goals"] = goals(result)
     for line in summary_lines(result):

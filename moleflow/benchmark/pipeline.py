@@ -19,7 +19,6 @@ where the function accepts them).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 import logging
 import resource
@@ -146,8 +145,6 @@ def e2e_images_per_s(extractor: torch.nn.Module, router: PrototypeRouter, model:
         {"images_per_s", "ms_per_image", "stage_ms_per_image": {stage: ms}}.
     """
     score_kwargs = {"tf32": tf32} if accepts(evaluator.score_patches, "tf32") else {}
-    if accepts(evaluator.score_patches, "bf16"):
-        score_kwargs["bf16"] = config.bf16_scoring
     size = tuple(images.shape[-2:])
     stages = {name: 0.0 for name in E2E_STAGES}
 
@@ -290,16 +287,6 @@ def run_pipeline(config: AblationConfig, device: torch.device, weights: str, amp
     wall = time.perf_counter() - wall_start
     phases = dict(clock.totals)
     run_total = wall - phases.get("e2e_measurement", 0.0)
-    other_scoring = None
-    if device.type == "cuda" and accepts(evaluator.score_patches, "bf16"):
-        # The same trained model scored the other way (bf16 subnets or float32): a paired
-        # comparison of the metrics and the e2e speed, outside the run's timing.
-        alt = dataclasses.replace(config, bf16_scoring=not config.bf16_scoring)
-        rows = [evaluator.evaluate_class(model, router, test_features(c), c, t, alt, device, oracle=False,
-                                         **eval_kwargs).row for t in range(len(tasks)) for c in tasks[t]]
-        e2e = e2e_images_per_s(extractor, router, model, e2e_set, e2e_batch, alt, device, tf32)
-        other_scoring = {"bf16_scoring": alt.bf16_scoring, "final_routed_mean": _mean_rows(rows),
-                         "final_routed_per_class": rows, "inference_e2e": e2e}
     phases["other"] = run_total - sum(v for k, v in phases.items() if k != "e2e_measurement")
     n_train = sum(len(d) for d in train_sets)
     n_test = sum(len(d) for d in test_sets.values())
@@ -319,7 +306,6 @@ def run_pipeline(config: AblationConfig, device: torch.device, weights: str, amp
         "parameters": {"shared": growth[-1]["shared"], "per_task": growth[-1]["per_task"],
                        "total_after_each_task": [g["total"] for g in growth]},
         "memory": _memory(device),
-        "scored_the_other_way": other_scoring,
         "metrics": {"final_routed_mean": _mean_rows(final), "final_oracle_mean": _mean_rows(oracle) if oracle else None,
                     "final_routed_per_class": final, "after_each_task_mean": after_task},
     }

@@ -91,7 +91,6 @@ class AblationConfig:
     amp: bool = False
     tf32: bool = False
     cuda_graphs: bool = True
-    bf16_scoring: bool = False
     resume: Optional[str] = None
     ablation_preset: str = "full"
     demo: bool = False

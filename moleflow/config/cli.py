@@ -38,8 +38,6 @@ HELP: dict[str, str] = {
     "device": "auto, cpu, cuda or cuda:N",
     "amp": "bf16 autocast for the frozen backbone on CUDA",
     "tf32": "TF32 float32 matrix products in the flow on CUDA (faster; routing stays full float32)",
-    "bf16_scoring": "on CUDA, score test images with the flow's subnets in bf16 autocast (faster; the coupling "
-                    "arithmetic, log-det and NLL stay float32; training is unaffected); no effect on the CPU",
     "cuda_graphs": "on CUDA, record the training step once per task as a CUDA graph and replay it "
                    "(same kernels, no per-kernel Python launch); no effect on the CPU",
     "freeze_base": "freeze shared flow weights after task 0 (off only in baseline_nf: naive fine-tuning)",

@@ -46,7 +46,7 @@ class ClassEvaluation:
 
 @torch.no_grad()
 def score_patches(model: MoLESpatialAwareNF, patches: Tensor, task_ids: Tensor, batch_size: int,
-                  device: torch.device, tf32: bool = False, bf16: bool = False) -> Tensor:
+                  device: torch.device, tf32: bool = False) -> Tensor:
     """Patch NLL scores with each image's own expert.
 
     Args:
@@ -56,7 +56,6 @@ def score_patches(model: MoLESpatialAwareNF, patches: Tensor, task_ids: Tensor, 
         batch_size: images per forward pass.
         device: where the flow runs.
         tf32: on CUDA, let the flow's matrix products use TF32.
-        bf16: on CUDA, run the flow's subnets in bf16 autocast (``subnets_in_bf16``).
 
     Returns:
         (N, H, W) patch scores (nats), on the CPU, or on ``device`` when it is a GPU.
@@ -71,7 +70,7 @@ def score_patches(model: MoLESpatialAwareNF, patches: Tensor, task_ids: Tensor, 
     counts = torch.bincount(task_ids).tolist()
     order_src = order.to(patches.device)
     order_out = order.to(out.device)
-    with matmul_tf32(device, tf32), model.subnets_in_bf16(bf16 and keep_on_device):
+    with matmul_tf32(device, tf32):
         first = 0
         for task, count in enumerate(counts):
             for start in range(first, first + count, batch_size):
@@ -114,7 +113,7 @@ def evaluate_class(model: MoLESpatialAwareNF, router: PrototypeRouter, test: Fea
         routed = route(router, test.router, device)
     on_gpu = device.type == "cuda"
     batch = max(GPU_SCORE_BATCH, 2 * config.batch_size) if on_gpu else max(1, 2 * config.batch_size)
-    scores = score_patches(model, test.patches, routed, batch, device, tf32=tf32, bf16=config.bf16_scoring)
+    scores = score_patches(model, test.patches, routed, batch, device, tf32=tf32)
     img = image_scores(scores, method=config.score_aggregation_mode, k=config.score_aggregation_top_k,
                        percentile=config.score_aggregation_percentile)
     masks = test.masks.to(scores.device)

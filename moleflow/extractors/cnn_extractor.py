@@ -144,7 +144,9 @@ class CNNPatchCoreExtractor(FeatureExtractor):
         """
         out: Optional[Tensor] = None
         for fmap in maps:
-            fmap = fmap.float()
+            # contiguous: a channels-last map (amp) would make unfold's output position-major,
+            # and the window sums below would then read it with a stride of C*9
+            fmap = fmap.float().contiguous()
             b, c, h, w = fmap.shape
             patches = F.unfold(fmap, kernel_size=3, padding=1)  # (B, C*9, h*w), channel-major
             if (c * 9) % feature_dim == 0:
@@ -162,9 +164,9 @@ class CNNPatchCoreExtractor(FeatureExtractor):
 def _pool_even_windows(patches: Tensor, feature_dim: int) -> Tensor:
     """``channel_pool`` over axis 1 of ``(B, C*9, P)`` when ``D`` divides ``C*9``.
 
-    The windows are then ``k = C*9 / D`` consecutive channels each. Summing the k strided slices
-    in order and dividing by k is the arithmetic of the pooling kernel (the same bits), without
-    transposing the 9x-expanded tensor twice.
+    The windows are then ``k = C*9 / D`` consecutive channels each. Summing the k slices in order
+    and dividing by k is the arithmetic of the CPU pooling kernel (the same bits; the CUDA kernel
+    rounds differently in the last bit), without transposing the 9x-expanded tensor twice.
 
     Returns:
         ``(B, D, P)``.

@@ -111,7 +111,6 @@ class DIASubnet(nn.Module):
         self.clamp = clamp
         self.s_net = self._mlp(dim_in, hidden, half)
         self.t_net = self._mlp(dim_in, hidden, half)
-        self.bf16_autocast = False  # set by MoLESpatialAwareNF.subnets_in_bf16 (scoring only)
 
     @staticmethod
     def _mlp(dim_in: int, hidden: int, dim_out: int) -> nn.Sequential:
@@ -121,10 +120,7 @@ class DIASubnet(nn.Module):
         return nn.Sequential(nn.Linear(dim_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), last)
 
     def forward(self, x: Tensor) -> Tensor:
-        """(N, in) -> (N, out) = [s_raw / clamp ; t], in the dtype of ``x`` (also under bf16 autocast)."""
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16_autocast):
-            s, t = self.s_net(x), self.t_net(x)
-        return torch.cat([s.to(x.dtype) / self.clamp, t.to(x.dtype)], dim=-1)
+        return torch.cat([self.s_net(x) / self.clamp, self.t_net(x)], dim=-1)
 
 
 class DIABlock(nn.Module):

@@ -74,8 +74,7 @@ class LoRALinear(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         out = torch.addmm(self.base.bias + self.task_bias[task_id], flat, self.base.weight.t())
         low = flat @ self.lora_A[task_id].t()
-        # (under bf16 autocast `out` and `low` are bf16; an in-place product is not cast for us)
-        out.addmm_(low, self.lora_B[task_id].t().to(low.dtype), alpha=self.scaling)
+        out.addmm_(low, self.lora_B[task_id].t(), alpha=self.scaling)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def expert_parameters(self, task_id: int) -> list[nn.Parameter]:
@@ -112,7 +111,6 @@ class MoLESubnet(nn.Module):
             nn.init.zeros_(self.context_conv.bias)
             self.context_gate = nn.Parameter(torch.zeros(()))
         scale_in = 2 * dim_in if self.use_context else dim_in
-        self.bf16_autocast = False  # set by MoLESpatialAwareNF.subnets_in_bf16 (scoring only)
         self.scale1 = LoRALinear(scale_in, hidden, rank, alpha)
         self.scale2 = LoRALinear(hidden, dim_out, rank, alpha)
         self.shift1 = LoRALinear(dim_in, hidden, rank, alpha)
@@ -132,14 +130,13 @@ class MoLESubnet(nn.Module):
             task_id: expert to use.
 
         Returns:
-            (s_logits, t), each (B, H, W, d_out), in the dtype of ``u1`` (also under bf16 autocast).
+            (s_logits, t), each (B, H, W, d_out).
         """
-        with torch.autocast(u1.device.type, dtype=torch.bfloat16, enabled=self.bf16_autocast):
-            scale_in = u1
-            if self.use_context:
-                grid = u1.permute(0, 3, 1, 2)
-                ctx = self.context_conv(grid).permute(0, 2, 3, 1)
-                scale_in = torch.cat([u1, self.context_alpha() * ctx], dim=-1)
-            s = self.scale2(F.relu(self.scale1(scale_in, task_id)), task_id)
-            t = self.shift2(F.relu(self.shift1(u1, task_id)), task_id)
-        return s.to(u1.dtype), t.to(u1.dtype)
+        scale_in = u1
+        if self.use_context:
+            grid = u1.permute(0, 3, 1, 2)
+            ctx = self.context_conv(grid).permute(0, 2, 3, 1)
+            scale_in = torch.cat([u1, self.context_alpha() * ctx], dim=-1)
+        s = self.scale2(F.relu(self.scale1(scale_in, task_id)), task_id)
+        t = self.shift2(F.relu(self.shift1(u1, task_id)), task_id)
+        return s, t

@@ -14,8 +14,7 @@ flow whose log-determinant enters the likelihood.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -122,24 +121,6 @@ class MoLESpatialAwareNF(nn.Module):
         """Shared base parameters of the last ``last_k`` coupling blocks (SLOW stage)."""
         owned = {id(p) for t in range(self.num_tasks) for p in self.task_parameters(t)}
         return [p for block in self.blocks[-last_k:] for p in block.parameters() if id(p) not in owned]
-
-    @contextlib.contextmanager
-    def subnets_in_bf16(self, enabled: bool = True) -> Iterator[None]:
-        """Run the coupling and DIA subnets in bfloat16 autocast inside the block (for scoring).
-
-        Only the subnets' matrix products and convolutions change precision; their outputs are
-        cast back to the flow's dtype, so the coupling arithmetic, the log-determinant, the latent z
-        and the NLL stay float32. Training never uses this.
-        """
-        subnets = [m for m in self.modules() if hasattr(m, "bf16_autocast")]
-        before = [m.bf16_autocast for m in subnets]
-        for m in subnets:
-            m.bf16_autocast = enabled
-        try:
-            yield
-        finally:
-            for m, flag in zip(subnets, before):
-                m.bf16_autocast = flag
 
     # ----------------------------------------------------------------------------- passes
     def _positional(self, height: int, width: int, ref: Tensor) -> Tensor:

@@ -1,0 +1,80 @@
+"""Where e2e inference time goes at batch 256 on a GPU (diagnostic, prints ms per image).
+
+python benchmarks/e2e_probe.py   (needs CUDA; wide_resnet50_2 with random weights, D 768, 15 tasks)
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from moleflow.config.ablation import AblationConfig
+from moleflow.evaluation.evaluator import score_patches
+from moleflow.extractors import build_extractor
+from moleflow.extractors import cnn_extractor
+from moleflow.extractors.base import channel_pool
+from moleflow.models.mole_nf import build_flow
+
+
+def timed(fn, reps: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / reps
+
+
+def old_pool(patches: torch.Tensor, dim: int) -> torch.Tensor:
+    return channel_pool(patches.transpose(1, 2), dim).transpose(1, 2)
+
+
+def main() -> None:
+    dev = torch.device("cuda")
+    batch = 256
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for c, h in ((512, 28), (1024, 14)):
+        fmap = torch.randn(batch, c, h, h, device=dev)
+        for name, fn in (("adaptive pool", old_pool), ("even windows", cnn_extractor._pool_even_windows)):
+            t = timed(lambda: fn(F.unfold(fmap, 3, padding=1), 768))
+            print(f"pool C={c}: {name}: {1000 * t / batch:.4f} ms/img", flush=True)
+    ext = build_extractor("wide_resnet50_2", feature_dim=768, img_size=224, weights="random", amp=True).to(dev)
+    x = torch.randn(batch, 3, 224, 224, device=dev)
+    saved = cnn_extractor._pool_even_windows
+    print(f"extractor, even windows: {1000 * timed(lambda: ext(x)) / batch:.4f} ms/img", flush=True)
+    cnn_extractor._pool_even_windows = lambda p, d: old_pool(p, d)
+    print(f"extractor, adaptive pool: {1000 * timed(lambda: ext(x)) / batch:.4f} ms/img", flush=True)
+    cnn_extractor._pool_even_windows = saved
+    with torch.inference_mode():
+        print(f"backbone alone: {1000 * timed(lambda: ext.backbone(x.contiguous(memory_format=torch.channels_last))) / batch:.4f}"
+              " ms/img (inside the extractor's autocast? no: plain call)", flush=True)
+    feats = ext(x)
+    del ext, x
+    cfg = AblationConfig()
+    model = build_flow(cfg, 768).to(dev)
+    for _ in range(15):
+        model.add_task()
+    for layer in model.lora_layers():
+        for b in layer.lora_B:
+            torch.nn.init.normal_(b, std=0.02)
+    model.eval()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    gen = torch.Generator().manual_seed(0)
+    for tasks in (1, 15):
+        ids = torch.randint(0, tasks, (batch,), generator=gen)
+        t = timed(lambda: score_patches(model, feats, ids, batch, dev, tf32=True))
+        print(f"score_patches, {tasks} experts mixed: {1000 * t / batch:.4f} ms/img", flush=True)
+    torch.cuda.empty_cache()
+    ids = torch.randint(0, 15, (batch,), generator=gen)
+    t = timed(lambda: score_patches(model, feats, ids, batch, dev, tf32=True))
+    print(f"score_patches, 15 experts, after empty_cache: {1000 * t / batch:.4f} ms/img", flush=True)
+    print(f"memory allocated {torch.cuda.memory_allocated() / 2**30:.2f} GiB, reserved "
+          f"{torch.cuda.memory_reserved() / 2**30:.2f} GiB", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
