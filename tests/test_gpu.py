@@ -61,3 +61,22 @@ def test_even_window_pooling_equals_channel_pool_on_gpu() -> None:
         expected = channel_pool(patches.transpose(1, 2), 768).transpose(1, 2)
         # the CUDA adaptive-pool kernel rounds differently from summing in order: last-bit differences
         torch.testing.assert_close(_pool_even_windows(patches, 768), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_mixed_expert_scoring_on_gpu() -> None:
+    """A routed batch of mixed experts in one pass scores each image as its own expert would."""
+    from moleflow.evaluation.evaluator import score_patches
+    cfg = AblationConfig(feature_dim=32, lora_rank=4, num_coupling_layers=2)
+    torch.manual_seed(0)
+    model = build_flow(cfg, 32).cuda()
+    for _ in range(3):
+        model.add_task()
+    with torch.no_grad():
+        for t in range(3):
+            for p in model.task_parameters(t):
+                p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(12, 6, 6, 32, device="cuda")
+    ids = torch.tensor([2, 0, 1, 1, 2, 0, 0, 1, 2, 2, 1, 0])
+    mixed = score_patches(model, x, ids, batch_size=12, device=torch.device("cuda"))
+    alone = torch.cat([score_patches(model, x[i:i + 1], ids[i:i + 1], 1, torch.device("cuda")) for i in range(12)])
+    torch.testing.assert_close(mixed, alone, rtol=1e-5, atol=1e-4)

@@ -365,3 +365,27 @@ def test_score_patches_uses_each_images_own_expert():
         other = torch.stack([patch_nll(*model(x[i:i + 1], (int(experts[i]) + 1) % 3))[0] for i in range(len(x))])
     torch.testing.assert_close(got, alone)
     assert not torch.allclose(got, other)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"adapter": "film"}, {"lora_rank": 0}, {"dia_n_blocks": 0, "adapter": None}])
+def test_one_pass_with_an_expert_per_image_equals_each_image_alone(kwargs):
+    """forward(x, ids): image b through task ids[b]'s expert, adapter and DIA, as if scored alone."""
+    settings = {"num_coupling_layers": 3, "lora_rank": 4, **kwargs}
+    model = MoLESpatialAwareNF(D, **settings).double()
+    for _ in range(3):
+        model.add_task()
+    gen = torch.Generator().manual_seed(4)
+    for t in range(3):  # every task's own parameters away from their identity start
+        for p in model.task_parameters(t):
+            p.data.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    x = torch.randn(5, 4, 3, D, dtype=torch.float64, generator=gen)
+    ids = torch.tensor([2, 0, 1, 1, 2])
+    with torch.no_grad():
+        z, log_det = model(x, ids)
+        alone = [model(x[i:i + 1], int(ids[i])) for i in range(len(x))]
+    torch.testing.assert_close(z, torch.cat([a[0] for a in alone]), rtol=0, atol=1e-12)
+    torch.testing.assert_close(log_det, torch.cat([a[1] for a in alone]), rtol=0, atol=1e-12)
+    with pytest.raises(IndexError, match="out of range"):
+        model(x, torch.tensor([0, 1, 2, 3, 0]))
+    with pytest.raises(ValueError, match="reverse"):
+        model.flow(x, ids, rev=True)

@@ -49,6 +49,11 @@ def score_patches(model: MoLESpatialAwareNF, patches: Tensor, task_ids: Tensor, 
                   device: torch.device, tf32: bool = False) -> Tensor:
     """Patch NLL scores with each image's own expert.
 
+    The images are scored in their order, ``batch_size`` at a time. A batch whose images all have
+    the same expert runs with that task id; a batch of mixed experts runs in one pass with one
+    task id per image (``MoLESpatialAwareNF``), so scoring time does not grow with the number of
+    experts a batch is routed to.
+
     Args:
         model: the flow.
         patches: (N, H, W, D) features.
@@ -63,23 +68,18 @@ def score_patches(model: MoLESpatialAwareNF, patches: Tensor, task_ids: Tensor, 
     keep_on_device = device.type == "cuda"
     out = torch.empty(patches.shape[:3], dtype=torch.float32, device=device if keep_on_device else "cpu")
     task_ids = task_ids.cpu()
-    # Images grouped by expert, in index order inside a group. The grouping is sent to the
-    # devices once: an index copied from pageable host memory per chunk would make the host wait
-    # for the GPU before every chunk, so launching the next chunk could not overlap this one.
-    order = torch.argsort(task_ids, stable=True)
-    counts = torch.bincount(task_ids).tolist()
-    order_src = order.to(patches.device)
-    order_out = order.to(out.device)
+    if len(task_ids) and not 0 <= int(task_ids.min()) <= int(task_ids.max()) < model.num_tasks:
+        raise IndexError(f"task ids {int(task_ids.min())}..{int(task_ids.max())} out of range "
+                         f"(the model has {model.num_tasks} tasks)")
+    on_device = task_ids.to(device)  # one copy: no host wait for the GPU before each batch
     with matmul_tf32(device, tf32):
-        first = 0
-        for task, count in enumerate(counts):
-            for start in range(first, first + count, batch_size):
-                stop = min(start + batch_size, first + count)
-                feats = patches[order_src[start:stop]].to(device)
-                z, log_det = model(feats, task)
-                scores = patch_nll(z, log_det).float()
-                out[order_out[start:stop]] = scores if keep_on_device else scores.cpu()
-            first += count
+        for start in range(0, len(task_ids), batch_size):
+            stop = min(start + batch_size, len(task_ids))
+            ids = task_ids[start:stop]
+            task: int | Tensor = int(ids[0]) if bool((ids == ids[0]).all()) else on_device[start:stop]
+            z, log_det = model(patches[start:stop].to(device), task)
+            scores = patch_nll(z, log_det).float()
+            out[start:stop] = scores if keep_on_device else scores.cpu()
     return out
 
 

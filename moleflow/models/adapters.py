@@ -7,6 +7,7 @@ log-determinant) is that of the adapted features, as in the reference design.
 from __future__ import annotations
 
 import math
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,14 @@ class WhiteningAdapter(nn.Module):
         beta = 2.0 * torch.tanh(self.beta_raw)
         return gamma * F.layer_norm(x, x.shape[-1:]) + beta
 
+    @staticmethod
+    def per_image(adapters: Sequence["WhiteningAdapter"], x: Tensor, experts: Tensor) -> Tensor:
+        """Image ``b`` of ``x`` (B, ..., D) through ``adapters[experts[b]]`` (the same arithmetic)."""
+        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+        gamma = 0.5 + 1.5 * torch.sigmoid(torch.stack([a.gamma_raw for a in adapters])[experts])
+        beta = 2.0 * torch.tanh(torch.stack([a.beta_raw for a in adapters])[experts])
+        return gamma.view(shape) * F.layer_norm(x, x.shape[-1:]) + beta.view(shape)
+
 
 class FiLMAdapter(nn.Module):
     """Fallback adapter (``--no_whitening_adapter``): y = LN_affine(x * (1 + scale) + shift)."""
@@ -76,6 +85,18 @@ class FiLMAdapter(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(..., D) -> (..., D)."""
         return self.norm(x * (1.0 + self.scale) + self.shift)
+
+    @staticmethod
+    def per_image(adapters: Sequence["FiLMAdapter"], x: Tensor, experts: Tensor) -> Tensor:
+        """Image ``b`` of ``x`` (B, ..., D) through ``adapters[experts[b]]``."""
+        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+
+        def pick(get: Callable[["FiLMAdapter"], Tensor]) -> Tensor:
+            return torch.stack([get(a) for a in adapters])[experts].view(shape)
+
+        normed = F.layer_norm(x * (1.0 + pick(lambda a: a.scale)) + pick(lambda a: a.shift), x.shape[-1:],
+                              eps=adapters[0].norm.eps)
+        return normed * pick(lambda a: a.norm.weight) + pick(lambda a: a.norm.bias)
 
 
 class SpatialContextMixer(nn.Module):

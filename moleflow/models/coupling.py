@@ -13,7 +13,10 @@ exactly, so they use it.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
+import torch.nn.functional as F
 from FrEIA.modules import AffineCouplingOneSided
 from torch import Tensor, nn
 
@@ -72,17 +75,17 @@ class MoLECouplingBlock(nn.Module):
         self.register_buffer("perm", perm)
         self.register_buffer("perm_inv", torch.argsort(perm))
 
-    def _coefficients(self, u1: Tensor, task_id: int) -> tuple[Tensor, Tensor]:
+    def _coefficients(self, u1: Tensor, task_id: int | Tensor) -> tuple[Tensor, Tensor]:
         s_logits, t = self.subnet(u1, task_id)
         s = self.clamp * torch.tanh(0.1 * s_logits)
         return s, 0.1 * t
 
-    def forward(self, x: Tensor, task_id: int, rev: bool = False) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, task_id: int | Tensor, rev: bool = False) -> tuple[Tensor, Tensor]:
         """Run the block.
 
         Args:
             x: (B, H, W, D).
-            task_id: LoRA expert to use.
+            task_id: LoRA expert to use, or a (B,) tensor of experts (one per image).
             rev: run the inverse.
 
         Returns:
@@ -122,6 +125,21 @@ class DIASubnet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat([self.s_net(x) / self.clamp, self.t_net(x)], dim=-1)
 
+    @staticmethod
+    def per_image(subnets: Sequence["DIASubnet"], x: Tensor, experts: Tensor) -> Tensor:
+        """Image ``b`` of ``x`` (B, T, in) through ``subnets[experts[b]]``, as batched products."""
+
+        def mlp(nets: list[nn.Sequential]) -> Tensor:
+            h = x
+            for i in (0, 2, 4):  # the Linear layers (ReLU between them)
+                weight = torch.stack([net[i].weight for net in nets])[experts]       # (B, out, in)
+                bias = torch.stack([net[i].bias for net in nets])[experts]           # (B, out)
+                h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+                h = F.relu(h) if i < 4 else h
+            return h
+
+        return torch.cat([mlp([n.s_net for n in subnets]) / subnets[0].clamp, mlp([n.t_net for n in subnets])], dim=-1)
+
 
 class DIABlock(nn.Module):
     """One task-owned affine coupling on each patch vector (FrEIA AffineCouplingOneSided).
@@ -152,9 +170,28 @@ class DIABlock(nn.Module):
         if not self.swap:
             return x
         cut = self.dim // 2 if not inverse else self.dim - self.dim // 2
-        return torch.cat([x[:, cut:], x[:, :cut]], dim=1)
+        return torch.cat([x[..., cut:], x[..., :cut]], dim=-1)
 
     def forward(self, x: Tensor, rev: bool = False) -> tuple[Tensor, Tensor]:
         """Args: x (N, D). Returns (y (N, D), log|det J| (N,))."""
         (y,), log_det = self.coupling([self._swap(x, inverse=False)], rev=rev)
         return self._swap(y, inverse=True), log_det
+
+    @staticmethod
+    def per_image(blocks: Sequence["DIABlock"], x: Tensor, experts: Tensor) -> tuple[Tensor, Tensor]:
+        """Forward pass of image ``b`` of ``x`` (B, T, D) through ``blocks[experts[b]]``.
+
+        ``blocks`` hold the same position (k-th DIA block) of every task. The coupling is that of
+        FrEIA's ``AffineCouplingOneSided`` (its split, clamp and clamp function are read from
+        the block), with each image's own subnet weights.
+
+        Returns:
+            (y (B, T, D), log|det J| (B, T)).
+        """
+        ref = blocks[0]
+        coupling = ref.coupling
+        x1, x2 = torch.split(ref._swap(x, inverse=False), [coupling.split_len1, coupling.split_len2], dim=-1)
+        a = DIASubnet.per_image([b.coupling.subnet for b in blocks], x1, experts)
+        s = coupling.clamp * coupling.f_clamp(a[..., :coupling.split_len2])
+        y2 = x2 * torch.exp(s) + a[..., coupling.split_len2:]
+        return ref._swap(torch.cat([x1, y2], dim=-1), inverse=True), s.sum(dim=-1)

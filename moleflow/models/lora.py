@@ -1,7 +1,8 @@
 """LoRALinear (a shared linear layer with one low-rank expert per task) and MoLESubnet.
 
 The task whose expert is used is passed explicitly to ``forward`` (no hidden "active task"
-state), so one module can serve images of different tasks in different calls.
+state): an int (one expert for the whole batch) or a ``(B,)`` tensor of task ids (image ``b``
+uses expert ``ids[b]``: a routed batch of mixed classes in one pass, for scoring).
 """
 
 from __future__ import annotations
@@ -55,18 +56,21 @@ class LoRALinear(nn.Module):
         self.task_bias.append(nn.Parameter(torch.zeros(self.base.out_features,
                                                        device=weight.device, dtype=weight.dtype)))
 
-    def forward(self, x: Tensor, task_id: int) -> Tensor:
+    def forward(self, x: Tensor, task_id: int | Tensor) -> Tensor:
         """Apply the base layer plus expert ``task_id``.
 
         Args:
-            x: (..., in_features).
-            task_id: index of the expert to use.
+            x: (..., in_features); (B, ..., in_features) when ``task_id`` is a tensor.
+            task_id: index of the expert to use, or a (B,) tensor of expert ids on ``x``'s device
+                (valid ids: checked by the caller).
 
         Returns:
             (..., out_features).
         """
         if self.rank == 0:
             return self.base(x)
+        if isinstance(task_id, Tensor):
+            return self._forward_per_image(x, task_id)
         if not 0 <= task_id < self.num_experts:
             raise IndexError(f"task {task_id} has no LoRA expert (experts: {self.num_experts})")
         # Three matrix products and no full-size element-wise pass: both biases ride in the first
@@ -75,6 +79,17 @@ class LoRALinear(nn.Module):
         out = torch.addmm(self.base.bias + self.task_bias[task_id], flat, self.base.weight.t())
         low = flat @ self.lora_A[task_id].t()
         out.addmm_(low, self.lora_B[task_id].t(), alpha=self.scaling)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _forward_per_image(self, x: Tensor, experts: Tensor) -> Tensor:
+        """Image ``b`` of ``x`` (B, ..., in) through expert ``experts[b]``: the shared product for
+        the whole batch, the low-rank terms as batched products with each image's own A and B."""
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])                          # (B, T, in)
+        out = F.linear(flat, self.base.weight, self.base.bias)                 # (B, T, out)
+        out.add_(torch.stack(tuple(self.task_bias))[experts].unsqueeze(1))
+        a = torch.stack(tuple(self.lora_A))[experts]                           # (B, r, in)
+        b = torch.stack(tuple(self.lora_B))[experts]                           # (B, out, r)
+        out.baddbmm_(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2), alpha=self.scaling)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def expert_parameters(self, task_id: int) -> list[nn.Parameter]:
@@ -122,12 +137,12 @@ class MoLESubnet(nn.Module):
     def context_alpha(self) -> Tensor:
         return 0.2 * torch.sigmoid(self.context_gate)
 
-    def forward(self, u1: Tensor, task_id: int) -> tuple[Tensor, Tensor]:
+    def forward(self, u1: Tensor, task_id: int | Tensor) -> tuple[Tensor, Tensor]:
         """Compute coupling coefficients.
 
         Args:
             u1: (B, H, W, d_in) conditioning half on the patch grid.
-            task_id: expert to use.
+            task_id: expert to use, or a (B,) tensor of experts (one per image).
 
         Returns:
             (s_logits, t), each (B, H, W, d_out).

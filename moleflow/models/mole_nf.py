@@ -10,6 +10,11 @@ features (B, H, W, D)
 
 The first three steps condition the input; the coupling and DIA blocks are the invertible
 flow whose log-determinant enters the likelihood.
+
+``task_id`` is an int (the whole batch uses that task's expert, adapter and DIA blocks) or, for
+the forward pass, a ``(B,)`` tensor of task ids: each image then goes through its own task's
+modules in one pass, which is how a routed batch of mixed classes is scored without splitting it
+into one small batch per expert.
 """
 
 from __future__ import annotations
@@ -129,7 +134,7 @@ class MoLESpatialAwareNF(nn.Module):
             self._pos_cache[key] = positional_encoding_2d(height, width, self.dim).to(ref.device)
         return self._pos_cache[key].to(ref.dtype)
 
-    def condition(self, features: Tensor, task_id: int) -> Tensor:
+    def condition(self, features: Tensor, task_id: int | Tensor) -> Tensor:
         """Input stage: positional encoding, adapter of ``task_id``, spatial mixer.
 
         Args:
@@ -138,27 +143,33 @@ class MoLESpatialAwareNF(nn.Module):
         Returns:
             (B, H, W, D) input of the invertible flow.
         """
+        self._check_task(task_id)
         x = features
         if self.use_pos_embed:
             x = x + self._positional(x.shape[1], x.shape[2], x)
         if self.adapter_kind is not None:
-            x = self.adapters[task_id](x)
+            if isinstance(task_id, Tensor):
+                x = type(self.adapters[0]).per_image(self.adapters, x, task_id)
+            else:
+                x = self.adapters[task_id](x)
         if self.mixer is not None:
             x = self.mixer(x)
         return x
 
-    def flow(self, x: Tensor, task_id: int, rev: bool = False) -> tuple[Tensor, Tensor]:
+    def flow(self, x: Tensor, task_id: int | Tensor, rev: bool = False) -> tuple[Tensor, Tensor]:
         """The invertible part: MoLE blocks then DIA blocks (reverse order when ``rev``).
 
         Args:
             x: (B, H, W, D).
-            task_id: expert / DIA owner.
+            task_id: expert / DIA owner, or a (B,) tensor of owners (forward only).
             rev: run the inverse.
 
         Returns:
             (out (B, H, W, D), log|det J| (B, H, W)) of the direction run.
         """
         self._check_task(task_id)
+        if rev and isinstance(task_id, Tensor):
+            raise ValueError("the reverse pass takes one task id (an int), not one per image")
         log_det = torch.zeros(x.shape[:-1], device=x.device, dtype=x.dtype)
         if not rev:
             for block in self.blocks:
@@ -173,10 +184,17 @@ class MoLESpatialAwareNF(nn.Module):
             log_det = log_det + ld
         return x, log_det
 
-    def _dia(self, x: Tensor, task_id: int, rev: bool) -> tuple[Tensor, Tensor]:
+    def _dia(self, x: Tensor, task_id: int | Tensor, rev: bool) -> tuple[Tensor, Tensor]:
         if self.dia_n_blocks == 0:
             return x, torch.zeros(x.shape[:-1], device=x.device, dtype=x.dtype)
         shape = x.shape
+        if isinstance(task_id, Tensor):  # forward, each image through its own task's blocks
+            per_image = x.reshape(shape[0], -1, shape[-1])
+            log_det = torch.zeros(per_image.shape[:-1], device=x.device, dtype=x.dtype)
+            for k in range(self.dia_n_blocks):
+                per_image, ld = DIABlock.per_image([blocks[k] for blocks in self.dia], per_image, task_id)
+                log_det = log_det + ld
+            return per_image.reshape(shape), log_det.reshape(shape[:-1])
         flat = x.reshape(-1, shape[-1])
         log_det = torch.zeros(flat.shape[0], device=x.device, dtype=x.dtype)
         blocks = self.dia[task_id] if not rev else reversed(self.dia[task_id])
@@ -185,11 +203,20 @@ class MoLESpatialAwareNF(nn.Module):
             log_det = log_det + ld
         return flat.reshape(shape), log_det.reshape(shape[:-1])
 
-    def forward(self, features: Tensor, task_id: int) -> tuple[Tensor, Tensor]:
-        """features (B, H, W, D) -> (z (B, H, W, D), log|det J| (B, H, W))."""
+    def forward(self, features: Tensor, task_id: int | Tensor) -> tuple[Tensor, Tensor]:
+        """features (B, H, W, D) -> (z (B, H, W, D), log|det J| (B, H, W)); ``task_id``: an int, or
+        a (B,) tensor with each image's task."""
         return self.flow(self.condition(features, task_id), task_id)
 
-    def _check_task(self, task_id: int) -> None:
+    def _check_task(self, task_id: int | Tensor) -> None:
+        if isinstance(task_id, Tensor):
+            if task_id.dim() != 1:
+                raise ValueError(f"per-image task ids must be a (B,) tensor, got shape {tuple(task_id.shape)}")
+            if task_id.device.type == "cpu" and task_id.numel():  # on a GPU: checked by the caller (no sync)
+                low, high = int(task_id.min()), int(task_id.max())
+                if low < 0 or high >= self.num_tasks:
+                    raise IndexError(f"task ids {low}..{high} out of range (the model has {self.num_tasks} tasks)")
+            return
         if not 0 <= task_id < self.num_tasks:
             raise IndexError(f"task {task_id} does not exist (the model has {self.num_tasks} tasks)")
 
