@@ -9,13 +9,10 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from moleflow.config.ablation import AblationConfig
 from moleflow.evaluation.evaluator import score_patches
 from moleflow.extractors import build_extractor
-from moleflow.extractors import cnn_extractor
-from moleflow.extractors.base import channel_pool
 from moleflow.models.mole_nf import build_flow
 
 
@@ -29,29 +26,17 @@ def timed(fn, reps: int = 5) -> float:
     return (time.perf_counter() - start) / reps
 
 
-def old_pool(patches: torch.Tensor, dim: int) -> torch.Tensor:
-    return channel_pool(patches.transpose(1, 2), dim).transpose(1, 2)
-
-
 def main() -> None:
     dev = torch.device("cuda")
     batch = 256
     torch.backends.cuda.matmul.allow_tf32 = False
-    for c, h in ((512, 28), (1024, 14)):
-        fmap = torch.randn(batch, c, h, h, device=dev)
-        for name, fn in (("adaptive pool", old_pool), ("even windows", cnn_extractor._pool_even_windows)):
-            t = timed(lambda: fn(F.unfold(fmap, 3, padding=1), 768))
-            print(f"pool C={c}: {name}: {1000 * t / batch:.4f} ms/img", flush=True)
     ext = build_extractor("wide_resnet50_2", feature_dim=768, img_size=224, weights="random", amp=True).to(dev)
     x = torch.randn(batch, 3, 224, 224, device=dev)
-    saved = cnn_extractor._pool_even_windows
-    print(f"extractor, even windows: {1000 * timed(lambda: ext(x)) / batch:.4f} ms/img", flush=True)
-    cnn_extractor._pool_even_windows = lambda p, d: old_pool(p, d)
-    print(f"extractor, adaptive pool: {1000 * timed(lambda: ext(x)) / batch:.4f} ms/img", flush=True)
-    cnn_extractor._pool_even_windows = saved
+    print(f"extractor (backbone bf16 channels-last + aggregation): {1000 * timed(lambda: ext(x)) / batch:.4f} ms/img",
+          flush=True)
     with torch.inference_mode():
         print(f"backbone alone: {1000 * timed(lambda: ext.backbone(x.contiguous(memory_format=torch.channels_last))) / batch:.4f}"
-              " ms/img (inside the extractor's autocast? no: plain call)", flush=True)
+              " ms/img (float32 channels-last, no autocast)", flush=True)
     feats = ext(x)
     del ext, x
     cfg = AblationConfig()

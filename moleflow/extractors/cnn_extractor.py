@@ -144,39 +144,16 @@ class CNNPatchCoreExtractor(FeatureExtractor):
         """
         out: Optional[Tensor] = None
         for fmap in maps:
-            # contiguous: a channels-last map (amp) would make unfold's output position-major,
-            # and the window sums below would then read it with a stride of C*9
-            fmap = fmap.float().contiguous()
+            fmap = fmap.float()
             b, c, h, w = fmap.shape
             patches = F.unfold(fmap, kernel_size=3, padding=1)  # (B, C*9, h*w), channel-major
-            if (c * 9) % feature_dim == 0:
-                pooled = _pool_even_windows(patches, feature_dim).reshape(b, feature_dim, h, w)
-            else:
-                pooled = channel_pool(patches.transpose(1, 2), feature_dim)  # (B, h*w, D)
-                pooled = pooled.transpose(1, 2).reshape(b, feature_dim, h, w)
+            pooled = channel_pool(patches.transpose(1, 2), feature_dim)  # (B, h*w, D)
+            pooled = pooled.transpose(1, 2).reshape(b, feature_dim, h, w)
             if (h, w) != tuple(grid):
                 pooled = F.interpolate(pooled, size=grid, mode="bilinear", align_corners=False)
             out = pooled if out is None else out + pooled
         assert out is not None, "no feature maps"
         return (out / len(maps)).permute(0, 2, 3, 1).contiguous()
-
-
-def _pool_even_windows(patches: Tensor, feature_dim: int) -> Tensor:
-    """``channel_pool`` over axis 1 of ``(B, C*9, P)`` when ``D`` divides ``C*9``.
-
-    The windows are then ``k = C*9 / D`` consecutive channels each. Summing the k slices in order
-    and dividing by k is the arithmetic of the CPU pooling kernel (the same bits; the CUDA kernel
-    rounds differently in the last bit), without transposing the 9x-expanded tensor twice.
-
-    Returns:
-        ``(B, D, P)``.
-    """
-    b, width, positions = patches.shape
-    windows = patches.view(b, feature_dim, width // feature_dim, positions)
-    total = windows[:, :, 0]
-    for j in range(1, windows.shape[2]):
-        total = total + windows[:, :, j]
-    return total / windows.shape[2]
 
 
 __all__ = ["CNNPatchCoreExtractor", "select_stages"]
