@@ -343,3 +343,22 @@ def test_real_mvtec_mini() -> None:
         mask = dataset[index]["mask"]
         assert set(mask.unique().tolist()) <= {0.0, 1.0}
         assert (mask.sum() > 0) == (sample.label == 1)   # 1-bit masks are read as anomalous
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "I;16", "1"])
+def test_resizing_while_decoding_gives_the_same_pixels(tmp_path: Path, mode: str) -> None:
+    """read_rgb_resized (no full-size copy) == read_rgb + resize_crop, for every image mode."""
+    from moleflow.data.dataset import read_rgb, read_rgb_resized, resize_crop
+    rng = np.random.default_rng(7)
+    pixels = rng.integers(0, 256, (45, 70, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    if mode == "I;16":
+        image = Image.fromarray((pixels[..., 0].astype(np.uint16) * 257)).convert("I;16")
+    elif mode != "RGB":
+        image = image.convert(mode)
+    path = tmp_path / f"x_{mode.replace(';', '')}.png"
+    image.save(path)
+    resized, size = read_rgb_resized(path, 32)
+    expected = resize_crop(read_rgb(path), 32, Image.Resampling.BILINEAR)
+    assert size == (70, 45)
+    assert np.array_equal(np.asarray(resized), np.asarray(expected))

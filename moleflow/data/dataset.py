@@ -36,6 +36,26 @@ def read_rgb(path: Path) -> Image.Image:
         raise DataError(f"cannot read image {path}: {one_line(error)}; replace or remove the file") from error
 
 
+def read_rgb_resized(path: Path, size: int) -> tuple[Image.Image, tuple[int, int]]:
+    """``read_rgb`` followed by ``resize_crop(..., size, BILINEAR)``, the same pixels, without a
+    full-size copy: an RGB file is resized straight from its decoded data (``read_rgb`` has to
+    copy it, since closing the file frees the decoded image).
+
+    Returns:
+        (the ``size x size`` RGB image, the decoded image's (width, height)).
+
+    Raises:
+        DataError: The file cannot be read or decoded.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            rgb = image if image.mode == "RGB" else _to_rgb(image)
+            return resize_crop(rgb, size, Image.Resampling.BILINEAR), rgb.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise DataError(f"cannot read image {path}: {one_line(error)}; replace or remove the file") from error
+
+
 def read_mask(path: Path) -> np.ndarray:
     """Decode a mask as a boolean array ``(H, W)``: True wherever any colour channel is non-zero.
 
@@ -122,13 +142,12 @@ class AnomalyDataset(Dataset):
         if self.cache and self._cached[index] is not None:
             return self._cached[index]
         sample = self.samples[index]
-        rgb = read_rgb(sample.image_path)
-        image = resize_crop(rgb, self.img_size, Image.Resampling.BILINEAR)
+        image, full_size = read_rgb_resized(sample.image_path, self.img_size)
         image_t = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
         mask_t = None
         if sample.mask_path is not None:
             mask = Image.fromarray(read_mask(sample.mask_path).astype(np.uint8) * 255)
-            target = resized_size(*rgb.size, self.img_size)
+            target = resized_size(*full_size, self.img_size)
             mask = resize_crop(mask, self.img_size, Image.Resampling.NEAREST, target=target)
             mask_t = torch.from_numpy(np.array(mask) > 0).to(torch.uint8).unsqueeze(0)
         if self.cache:
