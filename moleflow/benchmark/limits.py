@@ -239,6 +239,7 @@ def flow_step_diagnostics(device: torch.device, config: AblationConfig, dim: int
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
                     gopt.step()
+                del loss  # a loss kept alive keeps its autograd graph (and stream) into the recording
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             gopt.zero_grad(set_to_none=True)
