@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moleflow.models.lora import pick_experts
+
 
 def positional_encoding_2d(height: int, width: int, dim: int) -> Tensor:
     """Fixed 2-D sinusoidal encoding.
@@ -68,8 +70,8 @@ class WhiteningAdapter(nn.Module):
     def per_image(adapters: Sequence["WhiteningAdapter"], x: Tensor, experts: Tensor) -> Tensor:
         """Image ``b`` of ``x`` (B, ..., D) through ``adapters[experts[b]]`` (the same arithmetic)."""
         shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
-        gamma = 0.5 + 1.5 * torch.sigmoid(torch.stack([a.gamma_raw for a in adapters])[experts])
-        beta = 2.0 * torch.tanh(torch.stack([a.beta_raw for a in adapters])[experts])
+        gamma = 0.5 + 1.5 * torch.sigmoid(pick_experts([a.gamma_raw for a in adapters], experts))
+        beta = 2.0 * torch.tanh(pick_experts([a.beta_raw for a in adapters], experts))
         return gamma.view(shape) * F.layer_norm(x, x.shape[-1:]) + beta.view(shape)
 
 
@@ -92,7 +94,7 @@ class FiLMAdapter(nn.Module):
         shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
 
         def pick(get: Callable[["FiLMAdapter"], Tensor]) -> Tensor:
-            return torch.stack([get(a) for a in adapters])[experts].view(shape)
+            return pick_experts([get(a) for a in adapters], experts).view(shape)
 
         normed = F.layer_norm(x * (1.0 + pick(lambda a: a.scale)) + pick(lambda a: a.shift), x.shape[-1:],
                               eps=adapters[0].norm.eps)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from FrEIA.modules import AffineCouplingOneSided
 from torch import Tensor, nn
 
-from moleflow.models.lora import MoLESubnet
+from moleflow.models.lora import MoLESubnet, pick_experts
 
 
 class _PermuteLastDim(torch.autograd.Function):
@@ -132,8 +132,8 @@ class DIASubnet(nn.Module):
         def mlp(nets: list[nn.Sequential]) -> Tensor:
             h = x
             for i in (0, 2, 4):  # the Linear layers (ReLU between them)
-                weight = torch.stack([net[i].weight for net in nets])[experts]       # (B, out, in)
-                bias = torch.stack([net[i].bias for net in nets])[experts]           # (B, out)
+                weight = pick_experts([net[i].weight for net in nets], experts)      # (B, out, in)
+                bias = pick_experts([net[i].bias for net in nets], experts)          # (B, out)
                 h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
                 h = F.relu(h) if i < 4 else h
             return h

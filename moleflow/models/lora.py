@@ -8,11 +8,16 @@ uses expert ``ids[b]``: a routed batch of mixed classes in one pass, for scoring
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def pick_experts(tensors: Sequence[Tensor], experts: Tensor) -> Tensor:
+    """``(B, *shape)``: row ``b`` is ``tensors[experts[b]]`` (one task's tensor per image)."""
+    return torch.stack(tuple(tensors))[experts]
 
 
 class LoRALinear(nn.Module):
@@ -86,9 +91,9 @@ class LoRALinear(nn.Module):
         the whole batch, the low-rank terms as batched products with each image's own A and B."""
         flat = x.reshape(x.shape[0], -1, x.shape[-1])                          # (B, T, in)
         out = F.linear(flat, self.base.weight, self.base.bias)                 # (B, T, out)
-        out.add_(torch.stack(tuple(self.task_bias))[experts].unsqueeze(1))
-        a = torch.stack(tuple(self.lora_A))[experts]                           # (B, r, in)
-        b = torch.stack(tuple(self.lora_B))[experts]                           # (B, out, r)
+        out.add_(pick_experts(self.task_bias, experts).unsqueeze(1))
+        a = pick_experts(self.lora_A, experts)                                 # (B, r, in)
+        b = pick_experts(self.lora_B, experts)                                 # (B, out, r)
         out.baddbmm_(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2), alpha=self.scaling)
         return out.view(*x.shape[:-1], out.shape[-1])
 
