@@ -7,8 +7,9 @@ nearest-neighbour sampling and the same crop; any non-zero mask pixel is anomalo
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -22,8 +23,9 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 JITTER = 0.1  # largest relative brightness / contrast change of the augmentation
 
 
-def read_rgb(path: Path) -> Image.Image:
-    """Decode an image as 8-bit RGB (grey, 16-bit, palette, RGBA and 1-bit inputs included).
+@contextlib.contextmanager
+def _opened_rgb(path: Path) -> Iterator[Image.Image]:
+    """The decoded file as 8-bit RGB, valid inside the block (closing the file frees it).
 
     Raises:
         DataError: The file cannot be read or decoded.
@@ -31,15 +33,24 @@ def read_rgb(path: Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()
-            return _to_rgb(image)
+            yield image if image.mode == "RGB" else _to_rgb(image)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise DataError(f"cannot read image {path}: {one_line(error)}; replace or remove the file") from error
 
 
+def read_rgb(path: Path) -> Image.Image:
+    """Decode an image as 8-bit RGB (grey, 16-bit, palette, RGBA and 1-bit inputs included).
+
+    Raises:
+        DataError: The file cannot be read or decoded.
+    """
+    with _opened_rgb(path) as rgb:
+        return rgb.copy()
+
+
 def read_rgb_resized(path: Path, size: int) -> tuple[Image.Image, tuple[int, int]]:
-    """``read_rgb`` followed by ``resize_crop(..., size, BILINEAR)``, the same pixels, without a
-    full-size copy: an RGB file is resized straight from its decoded data (``read_rgb`` has to
-    copy it, since closing the file frees the decoded image).
+    """``read_rgb`` followed by ``resize_crop(..., size, BILINEAR)``, the same pixels, resized from
+    the decoded data before the file closes (no full-size copy).
 
     Returns:
         (the ``size x size`` RGB image, the decoded image's (width, height)).
@@ -47,13 +58,8 @@ def read_rgb_resized(path: Path, size: int) -> tuple[Image.Image, tuple[int, int
     Raises:
         DataError: The file cannot be read or decoded.
     """
-    try:
-        with Image.open(path) as image:
-            image.load()
-            rgb = image if image.mode == "RGB" else _to_rgb(image)
-            return resize_crop(rgb, size, Image.Resampling.BILINEAR), rgb.size
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise DataError(f"cannot read image {path}: {one_line(error)}; replace or remove the file") from error
+    with _opened_rgb(path) as rgb:
+        return resize_crop(rgb, size, Image.Resampling.BILINEAR), rgb.size
 
 
 def read_mask(path: Path) -> np.ndarray:
