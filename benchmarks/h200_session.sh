@@ -68,6 +68,12 @@ run_step() {  # run_step NAME: one named step
       echo "exit $? after ${SECONDS}s" >> "$RES/$1.log"
       tail -n 4 "$RES/$1.log"
       collect ;;
+    compile_probe)  # eager vs torch.compile of the whole flow pass (benchmarks/compile_probe.py)
+      echo "== $1 (t=${SECONDS}s)"
+      timeout ${COMPILE_LIMIT:-300} env PYTHONPATH=$PWD:/tmp/site python3 benchmarks/compile_probe.py > "$RES/$1.log" 2>&1
+      echo "exit $? after ${SECONDS}s" >> "$RES/$1.log"
+      grep -E "ms/|compile|exit" "$RES/$1.log" | tail -n 12
+      collect ;;
     full_e10_after_fast) wait $GEN; step $1 200 $AFTER "${BIG[@]}" --amp --tf32 --skip_limits --set num_epochs=10 \
       --label "after, amp+tf32, 15 tasks, 10 epochs" ;;
     full_after_fast) wait $GEN; step $1 ${FULL_LIMIT:-420} $AFTER "${BIG[@]}" --amp --tf32 --label "after, amp+tf32, 15 tasks" ;;
