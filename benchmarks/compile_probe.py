@@ -4,8 +4,8 @@ python benchmarks/compile_probe.py   (PROBE_DEVICE=cpu PROBE_BATCH=2 for a dry r
 
 Times, for the main configuration (D 768, 15 tasks, TF32), the flow's scoring pass at batch 256
 (mixed experts, one pass) and a training forward + backward at batch 16 and 64 (task 1), eager and
-under ``torch.compile`` of the whole pass: the compiled figure bounds what fusing the element-wise
-work can give. Also prints the compile times and the largest GPU operators of the eager passes.
+with ``--compile_flow`` (fused blocks); PROBE_WHOLE=1 also times ``torch.compile`` of the whole
+scoring pass (a bound on what fusion can give). Prints compile times and the largest GPU operators.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from moleflow.config.ablation import AblationConfig
+from moleflow.models.fusion import fusion
 from moleflow.models.loss import moleflow_loss, patch_nll
 from moleflow.models.mole_nf import build_flow
 
@@ -88,16 +89,19 @@ def main() -> None:
     t_eager = timed(eager)
     print(f"score, 15 experts mixed, eager: {1000 * t_eager / batch:.4f} ms/img", flush=True)
     print(top_ops(eager), flush=True)
-    try:
-        compiled_model = torch.compile(model)
-        fn = score(compiled_model)
-        print(f"  compile (first call): {first_call(fn):.1f} s", flush=True)
-        t = timed(fn)
-        diff = (fn() - eager()).abs().max().item()
-        print(f"score, 15 experts mixed, torch.compile: {1000 * t / batch:.4f} ms/img (max |diff| {diff:.2e})",
-              flush=True)
-    except Exception as err:  # a diagnostic: report and go on
-        print(f"score compile failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
+    for name, fused_or_compiled in (("--compile_flow (fused blocks)", None), ("torch.compile of the whole model", model)):
+        try:
+            with fusion(fused_or_compiled is None):
+                fn = score(torch.compile(fused_or_compiled) if fused_or_compiled is not None else model)
+                print(f"  compile (first call): {first_call(fn):.1f} s", flush=True)
+                t = timed(fn)
+                diff = (fn() - eager()).abs().max().item()
+            print(f"score, 15 experts mixed, {name}: {1000 * t / batch:.4f} ms/img (max |diff| {diff:.2e})",
+                  flush=True)
+        except Exception as err:  # a diagnostic: report and go on
+            print(f"score compile failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
+        if os.environ.get("PROBE_WHOLE", "0") != "1":
+            break
 
     model.train()
     model._pos_cache.clear()  # filled under inference_mode above: such tensors cannot be saved for backward
@@ -112,11 +116,6 @@ def main() -> None:
         return moleflow_loss(z, log_det, tail_weight=cfg.tail_weight, tail_ratio=cfg.tail_top_k_ratio,
                              lambda_logdet=cfg.lambda_logdet)
 
-    compiled_loss = None
-    try:
-        compiled_loss = torch.compile(loss_fn)
-    except Exception as err:
-        print(f"train compile failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
     for train_batch in (16, 64) if dev.type == "cuda" else (2,):
         x = torch.randn(train_batch, 28, 28, 768, device=dev)
 
@@ -130,14 +129,16 @@ def main() -> None:
               flush=True)
         if train_batch == 16:
             print(top_ops(step(loss_fn)), flush=True)
-        if compiled_loss is not None:
-            try:
-                print(f"  compile (first call): {first_call(step(compiled_loss)):.1f} s", flush=True)
-                t = timed(step(compiled_loss))
-                print(f"train fwd+bwd, batch {train_batch}, torch.compile: {1000 * t:.2f} ms/step = "
-                      f"{train_batch / t:.0f} img/s", flush=True)
-            except Exception as err:
-                print(f"train compile failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
+        try:
+            with fusion(True):
+                print(f"  compile (first call): {first_call(step(loss_fn)):.1f} s", flush=True)
+                t = timed(step(loss_fn))
+                if train_batch == 16:
+                    print(top_ops(step(loss_fn)), flush=True)
+            print(f"train fwd+bwd, batch {train_batch}, --compile_flow: {1000 * t:.2f} ms/step = "
+                  f"{train_batch / t:.0f} img/s", flush=True)
+        except Exception as err:
+            print(f"train compile failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
 
 
 if __name__ == "__main__":

@@ -51,8 +51,8 @@ run_step() {  # run_step NAME: one named step
   case $1 in
     gpu_tests)  # the GPU-only tests (recorded step = eager step, pooling bits) and the fast-path tests
       echo "== gpu_tests (t=${SECONDS}s)"
-      timeout 120 env PYTHONPATH=$PWD:/tmp/site python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
-        tests/test_speed_paths.py > "$RES/gpu_tests.log" 2>&1
+      timeout 240 env PYTHONPATH=$PWD:/tmp/site python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+        tests/test_speed_paths.py tests/test_fusion.py > "$RES/gpu_tests.log" 2>&1
       echo "exit $? after ${SECONDS}s" >> "$RES/gpu_tests.log"
       tail -n 3 "$RES/gpu_tests.log"
       collect ;;
@@ -76,6 +76,10 @@ run_step() {  # run_step NAME: one named step
       collect ;;
     full_e10_after_fast) wait $GEN; step $1 200 $AFTER "${BIG[@]}" --amp --tf32 --skip_limits --set num_epochs=10 \
       --label "after, amp+tf32, 15 tasks, 10 epochs" ;;
+    full_after_compile) wait $GEN; step $1 ${FULL_LIMIT:-420} $AFTER "${BIG[@]}" --amp --tf32 --compile_flow \
+      --label "after, amp+tf32+compile_flow, 15 tasks" ;;
+    demo_after_compile) step $1 120 $AFTER "${DEMO[@]}" --seeds 0,1 --amp --tf32 --compile_flow --label "after, amp+tf32+compile_flow" ;;
+    mini_after_compile) step $1 120 $AFTER "${MINI[@]}" --amp --tf32 --compile_flow --label "after, amp+tf32+compile_flow" ;;
     full_after_fast) wait $GEN; step $1 ${FULL_LIMIT:-420} $AFTER "${BIG[@]}" --amp --tf32 --label "after, amp+tf32, 15 tasks" ;;
     demo_before_fp32) step $1 60 $BEFORE "${DEMO[@]}" --seeds 0,1 --label "before, fp32" ;;
     demo_after_fp32) step $1 60 $AFTER "${DEMO[@]}" --seeds 0,1 --label "after, fp32" ;;

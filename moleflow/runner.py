@@ -17,6 +17,7 @@ from moleflow.data import AnomalyDataset, ClassSplit, generate_demo_dataset, loa
 from moleflow.evaluation.continual import ContinualMatrix, write_continual_summary
 from moleflow.evaluation.evaluator import ClassEvaluation, evaluate_class
 from moleflow.extractors import build_extractor
+from moleflow.models.fusion import fusion
 from moleflow.models.mole_nf import build_flow
 from moleflow.models.routing import PrototypeRouter
 from moleflow.trainer.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
@@ -167,8 +168,12 @@ class Run:
 
     # ------------------------------------------------------------------ the task loop
     def execute(self) -> RunResult:
+        fuse = self.config.compile_flow and self.device.type == "cuda"
+        if self.config.compile_flow and not fuse:
+            self.log.info(f"--compile_flow has no effect on {self.device} (CUDA only); the flow runs eagerly")
         try:
-            return self._execute()
+            with fusion(fuse):
+                return self._execute()
         except KeyboardInterrupt:
             self.log.info(f"interrupted after {self.done} finished task(s); continue with "
                           f"python run_moleflow.py --resume {self.exp_dir}")

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from moleflow.config.ablation import AblationConfig
+from moleflow.models import fusion
+from moleflow.models.loss import moleflow_loss
 from moleflow.models.mole_nf import build_flow
 from moleflow.models.routing import PrototypeRouter
 from moleflow.trainer.continual_trainer import MoLEContinualTrainer
@@ -20,10 +22,16 @@ from moleflow.trainer.features import FeatureSet
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _train(graphs: bool, nan_images: list[int]) -> tuple[MoLEContinualTrainer, list]:
+def _train(graphs: bool, nan_images: list[int], fused: bool = False) -> tuple[MoLEContinualTrainer, list]:
     device = torch.device("cuda")
     cfg = AblationConfig(feature_dim=32, lora_rank=4, num_coupling_layers=2, num_epochs=3, batch_size=4,
                          max_skip_fraction=0.6, cuda_graphs=graphs)
+    with fusion.fusion(fused):
+        return _train_tasks(cfg, device, graphs, nan_images)
+
+
+def _train_tasks(cfg: AblationConfig, device: torch.device, graphs: bool, nan_images: list[int]
+                 ) -> tuple[MoLEContinualTrainer, list]:
     torch.manual_seed(0)
     model = build_flow(cfg, 32).to(device)
     trainer = MoLEContinualTrainer(cfg, model, PrototypeRouter(), device, logging.getLogger("test_cuda_graphs"),
@@ -68,3 +76,54 @@ def test_mixed_expert_scoring_on_gpu() -> None:
     mixed = score_patches(model, x, ids, batch_size=12, device=torch.device("cuda"))
     alone = torch.cat([score_patches(model, x[i:i + 1], ids[i:i + 1], 1, torch.device("cuda")) for i in range(12)])
     torch.testing.assert_close(mixed, alone, rtol=1e-5, atol=1e-4)
+
+
+def test_compiled_recorded_training_matches_eager(caplog: pytest.LogCaptureFixture) -> None:
+    """--compile_flow: the fused kernels inside the recorded step train as the eager step does, to
+    float tolerance (Inductor's tanh and exp round differently), and the graph is still recorded."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    eager, eager_stats = _train(graphs=False, nan_images=[])
+    with caplog.at_level(logging.WARNING, logger="test_cuda_graphs"):
+        fused, fused_stats = _train(graphs=True, nan_images=[], fused=True)
+    assert "recording failed" not in caplog.text
+    for a, b in zip(eager_stats, fused_stats):
+        assert (a.steps, a.skipped_batches) == (b.steps, b.skipped_batches)
+        assert abs(a.final_loss - b.final_loss) < 1e-3 * max(1.0, abs(a.final_loss))
+    for (name, a), (_, b) in zip(eager.model.state_dict().items(), fused.model.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_compiled_flow_matches_eager(per_image: bool) -> None:
+    """Inductor-compiled passes (scores and training gradients) equal the eager ones to float tolerance."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = AblationConfig(feature_dim=32, lora_rank=4, num_coupling_layers=2)
+    torch.manual_seed(0)
+    model = build_flow(cfg, 32).cuda()
+    for _ in range(3):
+        model.add_task()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(6, 6, 6, 32, device="cuda")
+    task = torch.tensor([2, 0, 1, 1, 2, 0], device="cuda") if per_image else 1
+    with torch.no_grad():
+        plain = model(x, task)
+        with fusion.fusion(True):
+            fused = model(x, task)
+    for a, b in zip(plain, fused):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    if per_image:
+        return
+    params = model.task_parameters(1)
+
+    def grads() -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        moleflow_loss(*model(x, 1)).backward()
+        return [p.grad.clone() for p in params]
+
+    plain_grads = grads()
+    with fusion.fusion(True):
+        fused_grads = grads()
+    for a, b in zip(plain_grads, fused_grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)

@@ -8,6 +8,7 @@ summary and write everything as JSON. See ``--help`` and ``moleflow/benchmark/__
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override an AblationConfig setting, e.g. --set num_epochs=60 (repeatable)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast + channels-last backbone on CUDA")
     p.add_argument("--tf32", action="store_true", help="TF32 matrix products in the flow on CUDA")
+    p.add_argument("--compile_flow", action="store_true",
+                   help="fuse the flow's element-wise work with torch.compile on CUDA (where the tree has it)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--seeds", default=None, help="comma-separated seeds: run the pipeline once per seed (metric noise)")
     p.add_argument("--skip_limits", action="store_true", help="do not measure the backbone/flow limits")
@@ -89,6 +92,10 @@ def resolve_config(args: argparse.Namespace, classes: list[str], dataset: str) -
                                  "device": args.device, "amp": bool(args.amp)}
     if "tf32" in config_fields():  # trees before the TF32 setting lack it
         overrides["tf32"] = bool(args.tf32)
+    if args.compile_flow:
+        if "compile_flow" not in config_fields():
+            raise SystemExit("error: --compile_flow: this tree has no compile_flow setting")
+        overrides["compile_flow"] = True
     for item in args.set:
         if "=" not in item:
             raise SystemExit(f"error: --set {item}: use KEY=VALUE")
@@ -201,6 +208,15 @@ def summary_lines(result: dict) -> list[str]:
     return lines
 
 
+def _fusion(enabled: bool) -> typing.ContextManager[None]:
+    """``moleflow.models.fusion.fusion(enabled)``; nothing in trees without it."""
+    try:
+        from moleflow.models.fusion import fusion
+    except ImportError:
+        return contextlib.nullcontext()
+    return fusion(enabled)
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -217,7 +233,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "backbone_weights_note": RANDOM_WEIGHTS_NOTE if args.weights == "random" else "",
         "speed_settings": {"amp": bool(args.amp) and device.type == "cuda", "tf32": tf32,
                            "batch_size": config.batch_size, "num_workers": config.num_workers,
-                           "cuda_graphs": bool(getattr(config, "cuda_graphs", False)) and device.type == "cuda"},
+                           "cuda_graphs": bool(getattr(config, "cuda_graphs", False)) and device.type == "cuda",
+                           "compile_flow": bool(getattr(config, "compile_flow", False)) and device.type == "cuda"},
         "config": config.to_dict(), "goals_targets": GOALS,
     }
     print(f"benchmark: {len(classes)} classes, backbone {config.backbone_name} ({args.weights} weights), device {device}",
@@ -235,9 +252,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [config.seed]
         for seed in seeds:
             seeded = dataclasses.replace(config, seed=seed)
-            run = run_pipeline(seeded, device, args.weights, amp=bool(args.amp), tf32=tf32,
-                               e2e_images=args.e2e_images, e2e_batch=args.e2e_batch, progress=args.progress,
-                               echo=_echo)
+            with _fusion(bool(getattr(config, "compile_flow", False)) and device.type == "cuda"):
+                run = run_pipeline(seeded, device, args.weights, amp=bool(args.amp), tf32=tf32,
+                                   e2e_images=args.e2e_images, e2e_batch=args.e2e_batch, progress=args.progress,
+                                   echo=_echo)
             result.setdefault("run", run)
             result.setdefault("final_routed_mean_by_seed", {})[seed] = run["metrics"]["final_routed_mean"]
             if run["metrics"]["final_oracle_mean"] is not None:

@@ -91,6 +91,7 @@ class AblationConfig:
     amp: bool = False
     tf32: bool = False
     cuda_graphs: bool = True
+    compile_flow: bool = False
     resume: Optional[str] = None
     ablation_preset: str = "full"
     demo: bool = False

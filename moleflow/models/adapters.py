@@ -67,11 +67,18 @@ class WhiteningAdapter(nn.Module):
         return gamma * F.layer_norm(x, x.shape[-1:]) + beta
 
     @staticmethod
-    def per_image(adapters: Sequence["WhiteningAdapter"], x: Tensor, experts: Tensor) -> Tensor:
-        """Image ``b`` of ``x`` (B, ..., D) through ``adapters[experts[b]]`` (the same arithmetic)."""
+    def pick(adapters: Sequence["WhiteningAdapter"], experts: Tensor) -> tuple[Tensor, ...]:
+        """Each image's (gamma_raw, beta_raw), stacked: ((B, D), (B, D))."""
+        return (pick_experts([a.gamma_raw for a in adapters], experts),
+                pick_experts([a.beta_raw for a in adapters], experts))
+
+    @staticmethod
+    def run_picked(x: Tensor, picked: tuple[Tensor, ...]) -> Tensor:
+        """Image ``b`` of ``x`` (B, ..., D) with row ``b`` of ``pick``'s tensors (the same arithmetic)."""
+        gamma_raw, beta_raw = picked
         shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
-        gamma = 0.5 + 1.5 * torch.sigmoid(pick_experts([a.gamma_raw for a in adapters], experts))
-        beta = 2.0 * torch.tanh(pick_experts([a.beta_raw for a in adapters], experts))
+        gamma = 0.5 + 1.5 * torch.sigmoid(gamma_raw)
+        beta = 2.0 * torch.tanh(beta_raw)
         return gamma.view(shape) * F.layer_norm(x, x.shape[-1:]) + beta.view(shape)
 
 
@@ -89,16 +96,19 @@ class FiLMAdapter(nn.Module):
         return self.norm(x * (1.0 + self.scale) + self.shift)
 
     @staticmethod
-    def per_image(adapters: Sequence["FiLMAdapter"], x: Tensor, experts: Tensor) -> Tensor:
-        """Image ``b`` of ``x`` (B, ..., D) through ``adapters[experts[b]]``."""
+    def pick(adapters: Sequence["FiLMAdapter"], experts: Tensor) -> tuple[Tensor, ...]:
+        """Each image's (scale, shift, norm weight, norm bias), stacked: four (B, D) tensors."""
+        getters: tuple[Callable[["FiLMAdapter"], Tensor], ...] = (
+            lambda a: a.scale, lambda a: a.shift, lambda a: a.norm.weight, lambda a: a.norm.bias)
+        return tuple(pick_experts([get(a) for a in adapters], experts) for get in getters)
+
+    @staticmethod
+    def run_picked(x: Tensor, picked: tuple[Tensor, ...], eps: float = 1e-5) -> Tensor:
+        """Image ``b`` of ``x`` (B, ..., D) with row ``b`` of ``pick``'s tensors."""
         shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
-
-        def pick(get: Callable[["FiLMAdapter"], Tensor]) -> Tensor:
-            return pick_experts([get(a) for a in adapters], experts).view(shape)
-
-        normed = F.layer_norm(x * (1.0 + pick(lambda a: a.scale)) + pick(lambda a: a.shift), x.shape[-1:],
-                              eps=adapters[0].norm.eps)
-        return normed * pick(lambda a: a.norm.weight) + pick(lambda a: a.norm.bias)
+        scale, shift, weight, bias = (t.view(shape) for t in picked)
+        normed = F.layer_norm(x * (1.0 + scale) + shift, x.shape[-1:], eps=eps)
+        return normed * weight + bias
 
 
 class SpatialContextMixer(nn.Module):

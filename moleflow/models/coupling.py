@@ -13,14 +13,15 @@ exactly, so they use it.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from FrEIA.modules import AffineCouplingOneSided
 from torch import Tensor, nn
 
-from moleflow.models.lora import MoLESubnet, pick_experts
+from moleflow.models.fusion import fusable
+from moleflow.models.lora import Expert, MoLESubnet, pick_experts
 
 
 class _PermuteLastDim(torch.autograd.Function):
@@ -46,6 +47,20 @@ class _PermuteLastDim(torch.autograd.Function):
 def permute_last_dim(x: Tensor, perm: Tensor, perm_inv: Tensor) -> Tensor:
     """``x[..., perm]`` (``perm_inv`` = argsort(perm)) with a gather as its gradient."""
     return _PermuteLastDim.apply(x, perm, perm_inv)
+
+
+@fusable
+def coupling_forward(x: Tensor, block: "MoLECouplingBlock", experts: Sequence[Optional[Expert]]) -> tuple[Tensor, Tensor]:
+    """Forward pass of ``block`` with the given LoRA expert tensors (``block.subnet.experts(task)``).
+
+    The block's module and the expert tensors are arguments, so under ``--compile_flow`` one
+    compiled kernel set serves every block and every task.
+    """
+    u1, u2 = x[..., : block.split1], x[..., block.split1:]
+    s_logits, t_logits = block.subnet.run(u1, experts)
+    s = block.clamp * torch.tanh(0.1 * s_logits)
+    y2 = u2 * torch.exp(s) + 0.1 * t_logits
+    return permute_last_dim(torch.cat([u1, y2], dim=-1), block.perm, block.perm_inv), s.sum(dim=-1)
 
 
 class MoLECouplingBlock(nn.Module):
@@ -91,15 +106,13 @@ class MoLECouplingBlock(nn.Module):
         Returns:
             (y (B, H, W, D), log|det J| (B, H, W)) of the direction run.
         """
-        if rev:
-            x = permute_last_dim(x, self.perm_inv, self.perm)
+        if not rev:
+            return coupling_forward(x, self, self.subnet.experts(task_id))
+        x = permute_last_dim(x, self.perm_inv, self.perm)
         u1, u2 = x[..., : self.split1], x[..., self.split1:]
         s, t = self._coefficients(u1, task_id)
-        if rev:
-            y2 = (u2 - t) * torch.exp(-s)
-            return torch.cat([u1, y2], dim=-1), -s.sum(dim=-1)
-        y2 = u2 * torch.exp(s) + t
-        return permute_last_dim(torch.cat([u1, y2], dim=-1), self.perm, self.perm_inv), s.sum(dim=-1)
+        y2 = (u2 - t) * torch.exp(-s)
+        return torch.cat([u1, y2], dim=-1), -s.sum(dim=-1)
 
 
 class DIASubnet(nn.Module):
@@ -126,19 +139,29 @@ class DIASubnet(nn.Module):
         return torch.cat([self.s_net(x) / self.clamp, self.t_net(x)], dim=-1)
 
     @staticmethod
-    def per_image(subnets: Sequence["DIASubnet"], x: Tensor, experts: Tensor) -> Tensor:
-        """Image ``b`` of ``x`` (B, T, in) through ``subnets[experts[b]]``, as batched products."""
-
-        def mlp(nets: list[nn.Sequential]) -> Tensor:
-            h = x
+    def pick(subnets: Sequence["DIASubnet"], experts: Tensor) -> tuple[Tensor, ...]:
+        """Image ``b``'s weights and biases (``subnets[experts[b]]``), stacked per Linear layer:
+        (weight (B, out, in), bias (B, out)) for the s net's three layers, then the t net's."""
+        picked: list[Tensor] = []
+        for nets in ([n.s_net for n in subnets], [n.t_net for n in subnets]):
             for i in (0, 2, 4):  # the Linear layers (ReLU between them)
-                weight = pick_experts([net[i].weight for net in nets], experts)      # (B, out, in)
-                bias = pick_experts([net[i].bias for net in nets], experts)          # (B, out)
+                picked.append(pick_experts([net[i].weight for net in nets], experts))
+                picked.append(pick_experts([net[i].bias for net in nets], experts))
+        return tuple(picked)
+
+    @staticmethod
+    def run_picked(x: Tensor, picked: tuple[Tensor, ...], clamp: float) -> Tensor:
+        """Image ``b`` of ``x`` (B, T, in) through its own subnet (``pick``), as batched products."""
+
+        def mlp(layers: tuple[Tensor, ...]) -> Tensor:
+            h = x
+            for i in range(3):
+                weight, bias = layers[2 * i], layers[2 * i + 1]                      # (B, out, in), (B, out)
                 h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
-                h = F.relu(h) if i < 4 else h
+                h = F.relu(h) if i < 2 else h
             return h
 
-        return torch.cat([mlp([n.s_net for n in subnets]) / subnets[0].clamp, mlp([n.t_net for n in subnets])], dim=-1)
+        return torch.cat([mlp(picked[:6]) / clamp, mlp(picked[6:])], dim=-1)
 
 
 class DIABlock(nn.Module):
@@ -178,20 +201,45 @@ class DIABlock(nn.Module):
         return self._swap(y, inverse=True), log_det
 
     @staticmethod
-    def per_image(blocks: Sequence["DIABlock"], x: Tensor, experts: Tensor) -> tuple[Tensor, Tensor]:
-        """Forward pass of image ``b`` of ``x`` (B, T, D) through ``blocks[experts[b]]``.
+    def pick(blocks: Sequence["DIABlock"], experts: Tensor) -> tuple[Tensor, ...]:
+        """``blocks`` hold the same position (k-th DIA block) of every task; image ``b``'s subnet
+        weights (``blocks[experts[b]]``), stacked (``DIASubnet.pick``)."""
+        return DIASubnet.pick([b.coupling.subnet for b in blocks], experts)
 
-        ``blocks`` hold the same position (k-th DIA block) of every task. The coupling is that of
-        FrEIA's ``AffineCouplingOneSided`` (its split, clamp and clamp function are read from
-        the block), with each image's own subnet weights.
+    def run_picked(self, x: Tensor, picked: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        """Forward pass of image ``b`` of ``x`` (B, T, D) with its own subnet weights (``pick``).
+
+        The coupling is that of FrEIA's ``AffineCouplingOneSided`` (its split, clamp and clamp
+        function are read from this block, which holds the same position for another task).
 
         Returns:
             (y (B, T, D), log|det J| (B, T)).
         """
-        ref = blocks[0]
-        coupling = ref.coupling
-        x1, x2 = torch.split(ref._swap(x, inverse=False), [coupling.split_len1, coupling.split_len2], dim=-1)
-        a = DIASubnet.per_image([b.coupling.subnet for b in blocks], x1, experts)
+        coupling = self.coupling
+        x1, x2 = torch.split(self._swap(x, inverse=False), [coupling.split_len1, coupling.split_len2], dim=-1)
+        a = DIASubnet.run_picked(x1, picked, coupling.subnet.clamp)
         s = coupling.clamp * coupling.f_clamp(a[..., :coupling.split_len2])
         y2 = x2 * torch.exp(s) + a[..., coupling.split_len2:]
-        return ref._swap(torch.cat([x1, y2], dim=-1), inverse=True), s.sum(dim=-1)
+        return self._swap(torch.cat([x1, y2], dim=-1), inverse=True), s.sum(dim=-1)
+
+
+@fusable
+def dia_forward(x: Tensor, blocks: Sequence[DIABlock]) -> tuple[Tensor, Tensor]:
+    """x (N, D) through one task's DIA blocks in order; returns (y, summed log|det J| (N,))."""
+    log_det = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
+    for block in blocks:
+        x, ld = block(x)
+        log_det = log_det + ld
+    return x, log_det
+
+
+@fusable
+def dia_forward_per_image(x: Tensor, blocks: Sequence[DIABlock], picked: Sequence[tuple[Tensor, ...]]
+                          ) -> tuple[Tensor, Tensor]:
+    """x (B, T, D), image ``b`` through its own task's DIA blocks: ``picked[k]`` = ``DIABlock.pick``
+    of the k-th blocks; ``blocks`` = any one task's blocks (for the split and clamp)."""
+    log_det = torch.zeros(x.shape[:-1], device=x.device, dtype=x.dtype)
+    for block, weights in zip(blocks, picked):
+        x, ld = block.run_picked(x, weights)
+        log_det = log_det + ld
+    return x, log_det

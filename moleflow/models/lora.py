@@ -15,6 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+Expert = tuple[Tensor, Tensor, Tensor]  # (A, B, b_t) of one task, or of each image (stacked)
+
+
 def pick_experts(tensors: Sequence[Tensor], experts: Tensor) -> Tensor:
     """``(B, *shape)``: row ``b`` is ``tensors[experts[b]]`` (one task's tensor per image)."""
     return torch.stack(tuple(tensors))[experts]
@@ -72,29 +75,42 @@ class LoRALinear(nn.Module):
         Returns:
             (..., out_features).
         """
+        return self.run_expert(x, self.expert(task_id))
+
+    def expert(self, task_id: int | Tensor) -> Optional[Expert]:
+        """The tensors of expert ``task_id``: (A (r, in), B (out, r), b_t (out,)); for a (B,) tensor of
+        ids, each stacked per image: (B, r, in), (B, out, r), (B, out). None when the rank is 0."""
         if self.rank == 0:
-            return self.base(x)
+            return None
         if isinstance(task_id, Tensor):
-            return self._forward_per_image(x, task_id)
+            return (pick_experts(self.lora_A, task_id), pick_experts(self.lora_B, task_id),
+                    pick_experts(self.task_bias, task_id))
         if not 0 <= task_id < self.num_experts:
             raise IndexError(f"task {task_id} has no LoRA expert (experts: {self.num_experts})")
+        return self.lora_A[task_id], self.lora_B[task_id], self.task_bias[task_id]
+
+    def run_expert(self, x: Tensor, expert: Optional[Expert]) -> Tensor:
+        """The layer with the given expert tensors (from ``expert``; per image when they are stacked)."""
+        if expert is None:
+            return self.base(x)
+        lora_a, lora_b, task_bias = expert
+        if lora_a.dim() == 3:
+            return self._run_per_image(x, lora_a, lora_b, task_bias)
         # Three matrix products and no full-size element-wise pass: both biases ride in the first
         # product's epilogue, the low-rank term is accumulated into its output in place (beta = 1).
         flat = x.reshape(-1, x.shape[-1])
-        out = torch.addmm(self.base.bias + self.task_bias[task_id], flat, self.base.weight.t())
-        low = flat @ self.lora_A[task_id].t()
-        out.addmm_(low, self.lora_B[task_id].t(), alpha=self.scaling)
+        out = torch.addmm(self.base.bias + task_bias, flat, self.base.weight.t())
+        low = flat @ lora_a.t()
+        out.addmm_(low, lora_b.t(), alpha=self.scaling)
         return out.view(*x.shape[:-1], out.shape[-1])
 
-    def _forward_per_image(self, x: Tensor, experts: Tensor) -> Tensor:
-        """Image ``b`` of ``x`` (B, ..., in) through expert ``experts[b]``: the shared product for
-        the whole batch, the low-rank terms as batched products with each image's own A and B."""
+    def _run_per_image(self, x: Tensor, lora_a: Tensor, lora_b: Tensor, task_bias: Tensor) -> Tensor:
+        """Image ``b`` of ``x`` (B, ..., in) through its own expert (row ``b`` of each stacked tensor):
+        the shared product for the whole batch, the low-rank terms as batched products."""
         flat = x.reshape(x.shape[0], -1, x.shape[-1])                          # (B, T, in)
         out = F.linear(flat, self.base.weight, self.base.bias)                 # (B, T, out)
-        out.add_(pick_experts(self.task_bias, experts).unsqueeze(1))
-        a = pick_experts(self.lora_A, experts)                                 # (B, r, in)
-        b = pick_experts(self.lora_B, experts)                                 # (B, out, r)
-        out.baddbmm_(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2), alpha=self.scaling)
+        out.add_(task_bias.unsqueeze(1))
+        out.baddbmm_(torch.bmm(flat, lora_a.transpose(1, 2)), lora_b.transpose(1, 2), alpha=self.scaling)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def expert_parameters(self, task_id: int) -> list[nn.Parameter]:
@@ -142,6 +158,10 @@ class MoLESubnet(nn.Module):
     def context_alpha(self) -> Tensor:
         return 0.2 * torch.sigmoid(self.context_gate)
 
+    def experts(self, task_id: int | Tensor) -> list[Optional[Expert]]:
+        """The expert tensors of ``task_id`` (an int, or one id per image) for the four layers."""
+        return [layer.expert(task_id) for layer in self.lora_layers()]
+
     def forward(self, u1: Tensor, task_id: int | Tensor) -> tuple[Tensor, Tensor]:
         """Compute coupling coefficients.
 
@@ -152,11 +172,16 @@ class MoLESubnet(nn.Module):
         Returns:
             (s_logits, t), each (B, H, W, d_out).
         """
+        return self.run(u1, self.experts(task_id))
+
+    def run(self, u1: Tensor, experts: Sequence[Optional[Expert]]) -> tuple[Tensor, Tensor]:
+        """``forward`` with the experts' tensors given (``experts(task_id)``)."""
+        scale1, scale2, shift1, shift2 = experts
         scale_in = u1
         if self.use_context:
             grid = u1.permute(0, 3, 1, 2)
             ctx = self.context_conv(grid).permute(0, 2, 3, 1)
             scale_in = torch.cat([u1, self.context_alpha() * ctx], dim=-1)
-        s = self.scale2(F.relu(self.scale1(scale_in, task_id)), task_id)
-        t = self.shift2(F.relu(self.shift1(u1, task_id)), task_id)
+        s = self.scale2.run_expert(F.relu(self.scale1.run_expert(scale_in, scale1)), scale2)
+        t = self.shift2.run_expert(F.relu(self.shift1.run_expert(u1, shift1)), shift2)
         return s, t

@@ -7,7 +7,10 @@ import math
 import torch
 from torch import Tensor
 
+from moleflow.models.fusion import fusable
 
+
+@fusable
 def patch_nll(z: Tensor, log_det: Tensor) -> Tensor:
     """Negative log-likelihood per patch under N(0, I): 1/2 |z|^2 + D/2 log(2 pi) - log|det J|.
 
@@ -27,6 +30,7 @@ def tail_k(num_patches: int, ratio: float) -> int:
     return max(1, int(math.floor(num_patches * ratio)))
 
 
+@fusable
 def moleflow_loss(z: Tensor, log_det: Tensor, tail_weight: float = 0.7, tail_ratio: float = 0.02,
                   lambda_logdet: float = 1e-4, tail_aware: bool = True) -> Tensor:
     """L = (1 - w) mean_p l_p + w mean_b(top-k mean of l in image b) + lambda mean_p (log|det J_p|)^2.

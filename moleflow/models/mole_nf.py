@@ -19,15 +19,38 @@ into one small batch per expert.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from moleflow.config.ablation import AblationConfig
 from moleflow.models.adapters import FiLMAdapter, SpatialContextMixer, WhiteningAdapter, positional_encoding_2d
-from moleflow.models.coupling import DIABlock, MoLECouplingBlock
+from moleflow.models.coupling import DIABlock, MoLECouplingBlock, dia_forward, dia_forward_per_image
+from moleflow.models.fusion import fusable
 from moleflow.models.lora import LoRALinear
+
+
+@fusable
+def condition_forward(x: Tensor, pos: Optional[Tensor], adapter: Optional[nn.Module],
+                      mixer: Optional[nn.Module]) -> Tensor:
+    """Input stage with one task's adapter: + positional encoding, adapter, spatial mixer."""
+    if pos is not None:
+        x = x + pos
+    if adapter is not None:
+        x = adapter(x)
+    return mixer(x) if mixer is not None else x
+
+
+@fusable
+def condition_per_image(x: Tensor, pos: Optional[Tensor], run_picked: Callable[[Tensor, tuple[Tensor, ...]], Tensor],
+                        picked: tuple[Tensor, ...], mixer: Optional[nn.Module]) -> Tensor:
+    """Input stage with each image's own adapter (``run_picked`` of the adapter class, ``picked``
+    its per-image parameters)."""
+    if pos is not None:
+        x = x + pos
+    x = run_picked(x, picked)
+    return mixer(x) if mixer is not None else x
 
 
 class MoLESpatialAwareNF(nn.Module):
@@ -144,17 +167,12 @@ class MoLESpatialAwareNF(nn.Module):
             (B, H, W, D) input of the invertible flow.
         """
         self._check_task(task_id)
-        x = features
-        if self.use_pos_embed:
-            x = x + self._positional(x.shape[1], x.shape[2], x)
-        if self.adapter_kind is not None:
-            if isinstance(task_id, Tensor):
-                x = type(self.adapters[0]).per_image(self.adapters, x, task_id)
-            else:
-                x = self.adapters[task_id](x)
-        if self.mixer is not None:
-            x = self.mixer(x)
-        return x
+        pos = self._positional(features.shape[1], features.shape[2], features) if self.use_pos_embed else None
+        if self.adapter_kind is not None and isinstance(task_id, Tensor):
+            kind = type(self.adapters[0])
+            return condition_per_image(features, pos, kind.run_picked, kind.pick(self.adapters, task_id), self.mixer)
+        adapter = self.adapters[task_id] if self.adapter_kind is not None else None
+        return condition_forward(features, pos, adapter, self.mixer)
 
     def flow(self, x: Tensor, task_id: int | Tensor, rev: bool = False) -> tuple[Tensor, Tensor]:
         """The invertible part: MoLE blocks then DIA blocks (reverse order when ``rev``).
@@ -189,17 +207,16 @@ class MoLESpatialAwareNF(nn.Module):
             return x, torch.zeros(x.shape[:-1], device=x.device, dtype=x.dtype)
         shape = x.shape
         if isinstance(task_id, Tensor):  # forward, each image through its own task's blocks
-            per_image = x.reshape(shape[0], -1, shape[-1])
-            log_det = torch.zeros(per_image.shape[:-1], device=x.device, dtype=x.dtype)
-            for k in range(self.dia_n_blocks):
-                per_image, ld = DIABlock.per_image([blocks[k] for blocks in self.dia], per_image, task_id)
-                log_det = log_det + ld
-            return per_image.reshape(shape), log_det.reshape(shape[:-1])
+            picked = [DIABlock.pick([blocks[k] for blocks in self.dia], task_id) for k in range(self.dia_n_blocks)]
+            y, log_det = dia_forward_per_image(x.reshape(shape[0], -1, shape[-1]), self.dia[0], picked)
+            return y.reshape(shape), log_det.reshape(shape[:-1])
         flat = x.reshape(-1, shape[-1])
+        if not rev:
+            y, log_det = dia_forward(flat, self.dia[task_id])
+            return y.reshape(shape), log_det.reshape(shape[:-1])
         log_det = torch.zeros(flat.shape[0], device=x.device, dtype=x.dtype)
-        blocks = self.dia[task_id] if not rev else reversed(self.dia[task_id])
-        for block in blocks:
-            flat, ld = block(flat, rev=rev)
+        for block in reversed(self.dia[task_id]):
+            flat, ld = block(flat, rev=True)
             log_det = log_det + ld
         return flat.reshape(shape), log_det.reshape(shape[:-1])
 

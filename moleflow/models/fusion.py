@@ -1,0 +1,79 @@
+"""Optional kernel fusion of the flow's element-wise work on CUDA (``--compile_flow``).
+
+Between its matrix products the flow runs many small element-wise passes over (B, H, W, D)
+tensors (soft clamp, exp, affine update, concatenation, permutation, log-det sum). On a GPU each
+is a separate read and write of the whole tensor. ``fusable`` marks such a pure function: while
+fusion is on and its first argument is a CUDA tensor, it runs through ``torch.compile`` (one
+compiled kernel set per shape and autograd mode, shared by every block and every task, since the
+task's parameters are arguments, not constants); otherwise, and always on the CPU, the plain
+function runs. The compiled kernels round a little differently from the eager ones (their tanh
+and exp), so results are equal to float tolerance, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Callable, Iterator, TypeVar
+
+import torch
+
+F = TypeVar("F", bound=Callable)
+
+_enabled = False
+# Where fusion applies and how (tests trace on the CPU with a counting backend).
+FUSED_DEVICES: tuple[str, ...] = ("cuda",)
+COMPILE_OPTIONS: dict = {"dynamic": None}
+
+
+def fusion_enabled() -> bool:
+    return _enabled
+
+
+# Each fusable function compiles once per input shape class and autograd mode (training with and
+# without trainable shared weights, scoring with one expert or one per image, full and last
+# batches): more variants than torch.compile keeps by default (8) before it falls back to eager.
+_RECOMPILE_LIMIT = 64
+
+
+@contextlib.contextmanager
+def fusion(enabled: bool) -> Iterator[None]:
+    """Turn fusion on (``enabled``) or off inside the block; restores the previous state."""
+    global _enabled
+    if enabled:
+        config = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):  # the name differs between torch versions
+            if hasattr(config, name):
+                setattr(config, name, max(getattr(config, name), _RECOMPILE_LIMIT))
+    previous, _enabled = _enabled, enabled
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def fusable(fn: F) -> F:
+    """Run ``fn`` compiled on CUDA inputs while fusion is on, plain otherwise."""
+    compiled: list[Callable] = []
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if not (_enabled and args[0].device.type in FUSED_DEVICES):
+            return fn(*args, **kwargs)
+        if not compiled:
+            compiled.append(torch.compile(fn, **COMPILE_OPTIONS))
+        return compiled[0](*args, **kwargs)
+
+    run.eager = fn  # type: ignore[attr-defined]
+    _compiled_lists.append(compiled)
+    return run  # type: ignore[return-value]
+
+
+_compiled_lists: list[list[Callable]] = []
+
+
+def reset_compiled() -> None:
+    """Forget every compiled version (the next fused call compiles again with ``COMPILE_OPTIONS``)."""
+    for compiled in _compiled_lists:
+        compiled.clear()
+    torch._dynamo.reset()

@@ -1,0 +1,102 @@
+"""--compile_flow: the fusable functions trace as graphs that serve every block and every task.
+
+On the CPU the tests trace with a counting backend that runs the captured graph as is (no
+compiler), so the values must equal the plain pass bit for bit and the graph count shows what
+would be compiled; the compiled (Inductor) kernels are checked on a GPU in test_gpu.py.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+import torch
+
+from moleflow.models import fusion
+from moleflow.models.loss import moleflow_loss
+from moleflow.models.mole_nf import MoLESpatialAwareNF
+
+
+def _model(tasks: int, **kwargs) -> MoLESpatialAwareNF:
+    torch.manual_seed(0)
+    model = MoLESpatialAwareNF(dim=16, num_coupling_layers=3, lora_rank=4, dia_hidden_ratio=0.5, **kwargs)
+    for _ in range(tasks):
+        model.add_task()
+    with torch.no_grad():  # experts, adapters and DIA blocks that really differ between tasks
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture
+def traced(monkeypatch: pytest.MonkeyPatch) -> Iterator[list]:
+    """Fusion on for CPU tensors, with a backend that counts the graphs it is given and runs them."""
+    graphs: list = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(fusion, "FUSED_DEVICES", ("cpu",))
+    monkeypatch.setattr(fusion, "COMPILE_OPTIONS", {"backend": backend, "dynamic": False})
+    fusion.reset_compiled()
+    yield graphs
+    fusion.reset_compiled()
+
+
+def test_fusion_is_off_on_the_cpu_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model(2)
+    x = torch.randn(2, 4, 4, 16)
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("torch.compile called for CPU tensors")
+
+    monkeypatch.setattr(torch, "compile", no_compile)
+    with torch.no_grad():
+        plain = model(x, 1)
+        with fusion.fusion(True):
+            fused = model(x, 1)
+    assert torch.equal(plain[0], fused[0]) and torch.equal(plain[1], fused[1])
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"adapter": "film"}])
+def test_traced_flow_equals_plain_and_does_not_grow_with_tasks(traced: list, kwargs: dict) -> None:
+    model = _model(3, **kwargs).eval()
+    x = torch.randn(3, 4, 4, 16)
+    ids = torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        plain = [model(x, t) for t in range(3)] + [model(x, ids)]
+        with fusion.fusion(True):
+            fused = [model(x, t) for t in range(3)] + [model(x, ids)]
+            count = len(traced)
+            model.add_task()
+            model(x, 3)
+            model(x, torch.tensor([3, 1, 0]))
+    for (z0, ld0), (z1, ld1) in zip(plain, fused):
+        assert torch.equal(z0, z1) and torch.equal(ld0, ld1)
+    # condition, coupling block (one graph for all 3 blocks), DIA, each for one expert and per image
+    assert count == 6
+    assert len(traced) == count  # a 4th task reuses every graph
+
+
+def test_traced_training_gradients_equal_plain(traced: list) -> None:
+    model = _model(2)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = model.task_parameters(1)
+    for p in params:
+        p.requires_grad_(True)
+    x = torch.randn(2, 4, 4, 16)
+
+    def grads() -> list[torch.Tensor]:
+        for p in params:
+            p.grad = None
+        moleflow_loss(*model(x, 1)).backward()
+        return [p.grad.clone() for p in params]
+
+    plain = grads()
+    with fusion.fusion(True):
+        fused = grads()
+        assert traced, "nothing was traced"
+    for a, b in zip(plain, fused):
+        assert torch.equal(a, b)
