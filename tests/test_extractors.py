@@ -273,3 +273,16 @@ def test_vit_weights_path_resamples_positions(tmp_path) -> None:
     assert ext.backbone.pos_embed.shape == (1, 2 + 6, 192)
     torch.testing.assert_close(ext.backbone.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight, rtol=0, atol=0)
     torch.testing.assert_close(ext.backbone.cls_token, source.cls_token, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("channels,dim", [(512, 768), (1024, 768), (40, 72), (64, 96)])
+def test_window_conv_equals_unfold_and_pool(channels: int, dim: int) -> None:
+    """When D divides 9C, the unfold + channel-pool step is a fixed grouped 3x3 convolution."""
+    from moleflow.extractors.cnn_extractor import window_weights
+    fmap = torch.randn(2, channels, 6, 5, generator=torch.Generator().manual_seed(channels))
+    weight = window_weights(channels, dim, fmap.device)
+    assert weight is not None
+    got = F.conv2d(fmap, weight, padding=1, groups=channels // weight.shape[1])
+    expected = channel_pool(F.unfold(fmap, 3, padding=1).transpose(1, 2), dim).transpose(1, 2).reshape(got.shape)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert window_weights(128, 768, fmap.device) is None  # 1152 is not a multiple of 768: unfold path

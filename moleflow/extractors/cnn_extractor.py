@@ -10,7 +10,10 @@ PatchCore order) at a fraction of the memory; a test checks the equality.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import contextlib
+import functools
+import math
+from typing import Iterator, Optional, Sequence
 
 import timm
 import torch
@@ -146,9 +149,14 @@ class CNNPatchCoreExtractor(FeatureExtractor):
         for fmap in maps:
             fmap = fmap.float()
             b, c, h, w = fmap.shape
-            patches = F.unfold(fmap, kernel_size=3, padding=1)  # (B, C*9, h*w), channel-major
-            pooled = channel_pool(patches.transpose(1, 2), feature_dim)  # (B, h*w, D)
-            pooled = pooled.transpose(1, 2).reshape(b, feature_dim, h, w)
+            weight = window_weights(c, feature_dim, fmap.device)
+            if weight is not None:  # the same windows as a grouped conv, without the 9x tensor
+                with _exact_conv(fmap):
+                    pooled = F.conv2d(fmap, weight, padding=1, groups=c // weight.shape[1])
+            else:
+                patches = F.unfold(fmap, kernel_size=3, padding=1)  # (B, C*9, h*w), channel-major
+                pooled = channel_pool(patches.transpose(1, 2), feature_dim)  # (B, h*w, D)
+                pooled = pooled.transpose(1, 2).reshape(b, feature_dim, h, w)
             if (h, w) != tuple(grid):
                 pooled = F.interpolate(pooled, size=grid, mode="bilinear", align_corners=False)
             out = pooled if out is None else out + pooled
@@ -156,4 +164,49 @@ class CNNPatchCoreExtractor(FeatureExtractor):
         return (out / len(maps)).permute(0, 2, 3, 1).contiguous()
 
 
-__all__ = ["CNNPatchCoreExtractor", "select_stages"]
+@functools.lru_cache(maxsize=16)
+def window_weights(channels: int, feature_dim: int, device: torch.device) -> Optional[Tensor]:
+    """The 3x3-unfold + channel-pool step as grouped-convolution weights, when it is one.
+
+    Unfolding gives, per position, the vector ``x[c, ky, kx]`` at index ``9c + 3ky + kx``; pooling
+    to ``D`` averages windows of ``k = 9C / D`` consecutive entries when ``D`` divides ``9C``. Then
+    every ``g = k / gcd(9, k)`` channels hold exactly ``9g / k`` whole windows, so output ``d`` is a
+    fixed 3x3 filter (weights ``1/k`` on its window's entries) over one group of ``g`` channels.
+
+    Returns:
+        ``(D, g, 3, 3)`` weights for ``conv2d(groups=C/g, padding=1)``, or None when ``D`` does not
+        divide ``9C`` (or ``g`` does not divide ``C``).
+    """
+    width = 9 * channels
+    if width % feature_dim:
+        return None
+    k = width // feature_dim
+    group = k // math.gcd(9, k)
+    if channels % group:
+        return None
+    per_group = 9 * group // k  # windows (output channels) per group
+    weight = torch.zeros(feature_dim, group, 9, dtype=torch.float64)
+    for d in range(feature_dim):
+        first = (d % per_group) * k  # the window's first entry inside its group
+        for entry in range(first, first + k):
+            weight[d, entry // 9, entry % 9] = 1.0 / k
+    return weight.view(feature_dim, group, 3, 3).to(device=device, dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def _exact_conv(ref: Tensor) -> Iterator[None]:
+    """float32 convolution as such: no bf16 autocast (the extractor runs under it with ``amp``) and,
+    on CUDA, no TF32 in cuDNN."""
+    with torch.autocast(ref.device.type, enabled=False):
+        if not ref.is_cuda:
+            yield
+            return
+        before = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32 = before
+
+
+__all__ = ["CNNPatchCoreExtractor", "select_stages", "window_weights"]
