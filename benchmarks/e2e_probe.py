@@ -37,6 +37,25 @@ def main() -> None:
     with torch.inference_mode():
         print(f"backbone alone: {1000 * timed(lambda: ext.backbone(x.contiguous(memory_format=torch.channels_last))) / batch:.4f}"
               " ms/img (float32 channels-last, no autocast)", flush=True)
+        for n in (64, batch):
+            xb = x[:n].contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                t = timed(lambda: ext.backbone(xb))
+            print(f"backbone alone, bf16 autocast channels-last, batch {n}: {1000 * t / n:.4f} ms/img", flush=True)
+        maps = [m.detach() for m in ext.backbone(x.contiguous(memory_format=torch.channels_last))]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            maps = [m.detach() for m in ext.backbone(x.contiguous(memory_format=torch.channels_last))]
+        print(f"map dtypes {[m.dtype for m in maps]}, layouts channels_last "
+              f"{[m.is_contiguous(memory_format=torch.channels_last) for m in maps]}", flush=True)
+        t = timed(lambda: ext.aggregate(maps, ext._grid, ext.feature_dim))
+        print(f"aggregation alone (grouped conv where it applies): {1000 * t / batch:.4f} ms/img", flush=True)
+    from torch.profiler import ProfilerActivity, profile
+    ext(x)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        ext(x)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=70), flush=True)
     feats = ext(x)
     del ext, x
     cfg = AblationConfig()
@@ -53,6 +72,12 @@ def main() -> None:
         ids = torch.randint(0, tasks, (batch,), generator=gen)
         t = timed(lambda: score_patches(model, feats, ids, batch, dev, tf32=True))
         print(f"score_patches, {tasks} experts mixed: {1000 * t / batch:.4f} ms/img", flush=True)
+    from moleflow.models.fusion import fusion
+    with fusion(True):
+        for tasks in (1, 15):
+            ids = torch.randint(0, tasks, (batch,), generator=gen)
+            t = timed(lambda: score_patches(model, feats, ids, batch, dev, tf32=True))
+            print(f"score_patches --compile_flow, {tasks} experts mixed: {1000 * t / batch:.4f} ms/img", flush=True)
     torch.cuda.empty_cache()
     ids = torch.randint(0, 15, (batch,), generator=gen)
     t = timed(lambda: score_patches(model, feats, ids, batch, dev, tf32=True))
