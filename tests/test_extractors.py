@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import timm
 import torch
@@ -286,3 +288,18 @@ def test_window_conv_equals_unfold_and_pool(channels: int, dim: int) -> None:
     expected = channel_pool(F.unfold(fmap, 3, padding=1).transpose(1, 2), dim).transpose(1, 2).reshape(got.shape)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
     assert window_weights(128, 768, fmap.device) is None  # 1152 is not a multiple of 768: unfold path
+
+
+@pytest.mark.parametrize("channels,dim,merge", [(512, 768, 16), (1024, 768, 8), (64, 96, 4), (40, 72, 1)])
+def test_merged_window_sums_equal_unfold_and_pool(channels: int, dim: int, merge: int) -> None:
+    """Window sums over merged (block-diagonal) groups, divided by k, equal unfold + pool (the
+    weights the amp path runs as TF32 convolutions)."""
+    from moleflow.extractors.cnn_extractor import window_weights
+    fmap = torch.randn(2, channels, 6, 5, generator=torch.Generator().manual_seed(channels))
+    fmap = fmap.bfloat16().float()  # the amp path's maps: bfloat16 values
+    weight = window_weights(channels, dim, fmap.device, merge, 1.0)
+    assert weight is not None and weight.shape[1] == (9 * channels // dim) // math.gcd(9, 9 * channels // dim) * merge
+    assert set(weight.unique().tolist()) == {0.0, 1.0}
+    got = F.conv2d(fmap, weight, padding=1, groups=channels // weight.shape[1]) / (9 * channels // dim)
+    expected = channel_pool(F.unfold(fmap, 3, padding=1).transpose(1, 2), dim).transpose(1, 2).reshape(got.shape)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

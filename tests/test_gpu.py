@@ -127,3 +127,20 @@ def test_compiled_flow_matches_eager(per_image: bool) -> None:
         fused_grads = grads()
     for a, b in zip(plain_grads, fused_grads):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels", [512, 1024])
+def test_amp_window_pooling_on_gpu_equals_unfold_and_pool(channels: int) -> None:
+    """The amp extractor pools bfloat16 maps with TF32 window-sum convolutions: equal to unfold +
+    channel pool in float64 to float32 rounding."""
+    import torch.nn.functional as F
+    from moleflow.extractors.base import channel_pool
+    from moleflow.extractors.cnn_extractor import CNNPatchCoreExtractor
+    fmap = torch.randn(3, channels, 28 * 512 // channels, 28 * 512 // channels, device="cuda").bfloat16()
+    fmap = fmap.contiguous(memory_format=torch.channels_last)
+    grid = tuple(fmap.shape[-2:])
+    got = CNNPatchCoreExtractor.aggregate([fmap], grid, 768)
+    x = fmap.double().cpu()
+    pooled = channel_pool(F.unfold(x, 3, padding=1).transpose(1, 2), 768)  # (B, h*w, D)
+    expected = pooled.reshape(x.shape[0], *grid, 768)
+    torch.testing.assert_close(got.double().cpu(), expected, rtol=0, atol=2e-6)

@@ -147,13 +147,11 @@ class CNNPatchCoreExtractor(FeatureExtractor):
         """
         out: Optional[Tensor] = None
         for fmap in maps:
+            from_bf16 = fmap.dtype == torch.bfloat16
             fmap = fmap.float()
             b, c, h, w = fmap.shape
-            weight = window_weights(c, feature_dim, fmap.device)
-            if weight is not None:  # the same windows as a grouped conv, without the 9x tensor
-                with _exact_conv(fmap):
-                    pooled = F.conv2d(fmap, weight, padding=1, groups=c // weight.shape[1])
-            else:
+            pooled = _pool_windows(fmap, feature_dim, from_bf16)  # the same windows, without the 9x tensor
+            if pooled is None:
                 patches = F.unfold(fmap, kernel_size=3, padding=1)  # (B, C*9, h*w), channel-major
                 pooled = channel_pool(patches.transpose(1, 2), feature_dim)  # (B, h*w, D)
                 pooled = pooled.transpose(1, 2).reshape(b, feature_dim, h, w)
@@ -164,19 +162,9 @@ class CNNPatchCoreExtractor(FeatureExtractor):
         return (out / len(maps)).permute(0, 2, 3, 1).contiguous()
 
 
-@functools.lru_cache(maxsize=16)
-def window_weights(channels: int, feature_dim: int, device: torch.device) -> Optional[Tensor]:
-    """The 3x3-unfold + channel-pool step as grouped-convolution weights, when it is one.
-
-    Unfolding gives, per position, the vector ``x[c, ky, kx]`` at index ``9c + 3ky + kx``; pooling
-    to ``D`` averages windows of ``k = 9C / D`` consecutive entries when ``D`` divides ``9C``. Then
-    every ``g = k / gcd(9, k)`` channels hold exactly ``9g / k`` whole windows, so output ``d`` is a
-    fixed 3x3 filter (weights ``1/k`` on its window's entries) over one group of ``g`` channels.
-
-    Returns:
-        ``(D, g, 3, 3)`` weights for ``conv2d(groups=C/g, padding=1)``, or None when ``D`` does not
-        divide ``9C`` (or ``g`` does not divide ``C``).
-    """
+def _window_layout(channels: int, feature_dim: int) -> Optional[tuple[int, int, int]]:
+    """(k, g, windows per group) of the unfold + channel-pool step when it is a grouped convolution
+    (see ``window_weights``), else None."""
     width = 9 * channels
     if width % feature_dim:
         return None
@@ -184,25 +172,77 @@ def window_weights(channels: int, feature_dim: int, device: torch.device) -> Opt
     group = k // math.gcd(9, k)
     if channels % group:
         return None
-    per_group = 9 * group // k  # windows (output channels) per group
-    weight = torch.zeros(feature_dim, group, 9, dtype=torch.float64)
+    return k, group, 9 * group // k
+
+
+@functools.lru_cache(maxsize=16)
+def window_weights(channels: int, feature_dim: int, device: torch.device, merge: int = 1,
+                   value: Optional[float] = None) -> Optional[Tensor]:
+    """The 3x3-unfold + channel-pool step as grouped-convolution weights, when it is one.
+
+    Unfolding gives, per position, the vector ``x[c, ky, kx]`` at index ``9c + 3ky + kx``; pooling
+    to ``D`` averages windows of ``k = 9C / D`` consecutive entries when ``D`` divides ``9C``. Then
+    every ``g = k / gcd(9, k)`` channels hold exactly ``9g / k`` whole windows, so output ``d`` is a
+    fixed 3x3 filter (weights ``1/k`` on its window's entries) over one group of ``g`` channels.
+
+    Args:
+        merge: put ``merge`` such groups in one convolution group (block-diagonal weights, zeros
+            between blocks): larger groups run on tensor cores.
+        value: the weight of a window entry (default ``1/k``; 1.0 gives window sums).
+
+    Returns:
+        ``(D, g * merge, 3, 3)`` weights for ``conv2d(groups=C / (g * merge), padding=1)``, or None
+        when ``D`` does not divide ``9C`` (or ``g * merge`` does not divide ``C``).
+    """
+    layout = _window_layout(channels, feature_dim)
+    if layout is None or channels % (layout[1] * merge):
+        return None
+    k, group, per_group = layout
+    weight = torch.zeros(feature_dim, group * merge, 9, dtype=torch.float64)
     for d in range(feature_dim):
+        block = (d // per_group) % merge  # which of the merged groups the window lies in
         first = (d % per_group) * k  # the window's first entry inside its group
         for entry in range(first, first + k):
-            weight[d, entry // 9, entry % 9] = 1.0 / k
-    return weight.view(feature_dim, group, 3, 3).to(device=device, dtype=torch.float32)
+            weight[d, block * group + entry // 9, entry % 9] = 1.0 / k if value is None else value
+    return weight.view(feature_dim, group * merge, 3, 3).to(device=device, dtype=torch.float32)
+
+
+def _pool_windows(fmap: Tensor, feature_dim: int, from_bf16: bool) -> Optional[Tensor]:
+    """The unfold + channel-pool step as a convolution, or None when it is not one.
+
+    On CUDA, maps computed in bfloat16 (``amp``) are pooled as window *sums* with TF32 tensor-core
+    convolutions over merged groups of >= 32 channels, then divided by ``k``: a bfloat16 value and a
+    weight of 1 are exact in TF32 and the sums accumulate in float32, so this is the float32 result
+    up to the order of the additions, without cuDNN's slow kernel for 2- or 4-channel groups.
+    Otherwise the ``1/k`` weights run as an exact float32 grouped convolution.
+    """
+    channels = fmap.shape[1]
+    layout = _window_layout(channels, feature_dim)
+    if layout is None:
+        return None
+    k, group, _ = layout
+    if from_bf16 and fmap.is_cuda:
+        merge = 1
+        while group * merge < 32 and channels % (group * merge * 2) == 0:
+            merge *= 2
+        weight = window_weights(channels, feature_dim, fmap.device, merge, 1.0)
+        with _conv_precision(fmap, tf32=True):
+            return F.conv2d(fmap, weight, padding=1, groups=channels // weight.shape[1]) / k
+    weight = window_weights(channels, feature_dim, fmap.device)
+    with _conv_precision(fmap, tf32=False):
+        return F.conv2d(fmap, weight, padding=1, groups=channels // weight.shape[1])
 
 
 @contextlib.contextmanager
-def _exact_conv(ref: Tensor) -> Iterator[None]:
-    """float32 convolution as such: no bf16 autocast (the extractor runs under it with ``amp``) and,
-    on CUDA, no TF32 in cuDNN."""
+def _conv_precision(ref: Tensor, tf32: bool) -> Iterator[None]:
+    """float32 convolution: no bf16 autocast (the extractor runs under it with ``amp``) and, on
+    CUDA, TF32 in cuDNN only when ``tf32``."""
     with torch.autocast(ref.device.type, enabled=False):
         if not ref.is_cuda:
             yield
             return
         before = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = tf32
         try:
             yield
         finally:
