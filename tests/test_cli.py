@@ -24,7 +24,7 @@ def _rows(path: Path) -> list[dict]:
 def test_cli_end_to_end(tiny_data, tmp_path):
     log_dir = tmp_path / "logs"
     proc = run_cli([*tiny_flags(tiny_data, log_dir, classes=("fabric", "tile", "nut")), "--run_diagnostics",
-                    "--experiment_name", "e2e"])
+                    "--experiment_name", "e2e", "--compile_flow"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     exp = only_experiment(log_dir)
     assert exp.name.startswith("e2e_")
@@ -50,6 +50,7 @@ def test_cli_end_to_end(tiny_data, tmp_path):
     assert len(_rows(exp / "results_after_task_0.csv")) == 2  # one class + means
     log = (exp / "training.log").read_text()
     assert "trainable parameters" in log and "epoch 2/2" in log and "after task 2" in log
+    assert "--compile_flow has no effect on cpu" in log and config["config"]["compile_flow"] is True
     assert "mean image AUROC" in proc.stdout
     if all(float(r["routing_acc"]) == 1.0 for r in rows):
         assert (exp / "final_results.csv").read_bytes() == (exp / "final_results_oracle.csv").read_bytes()
