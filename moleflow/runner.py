@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from moleflow.extractors import build_extractor
 from moleflow.models.fusion import fusion
 from moleflow.models.mole_nf import build_flow
 from moleflow.models.routing import PrototypeRouter
-from moleflow.trainer.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from moleflow.trainer.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from moleflow.trainer.continual_trainer import MoLEContinualTrainer
 from moleflow.trainer.features import FeatureSet, extract_features
 from moleflow.utils.experiment import (

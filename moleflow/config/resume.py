@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from moleflow.config.ablation import AblationConfig, ConfigError, apply_overrides
 

@@ -7,13 +7,13 @@ The pixel map is ``S`` upsampled bilinearly to the image size and blurred with a
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from moleflow.trainer.precision import conv_tf32
 
 SCORE_METHODS: tuple[str, ...] = ("top_k", "max", "mean", "percentile")
 
@@ -73,26 +73,12 @@ def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
     radius = (kernel.numel() - 1) // 2
     _, height, width = maps.shape
     x = maps.unsqueeze(1)                                           # (B, 1, H, W)
-    with _full_precision_convs(maps):
+    with conv_tf32(maps.device, False):  # cuDNN would otherwise run these float32 convolutions in TF32
         x = x.index_select(3, _reflect_indices(width, radius, maps.device))
         x = F.conv2d(x, kernel.view(1, 1, 1, -1))                  # blur along W
         x = x.index_select(2, _reflect_indices(height, radius, maps.device))
         x = F.conv2d(x, kernel.view(1, 1, -1, 1))                  # blur along H
     return x.squeeze(1)
-
-
-@contextlib.contextmanager
-def _full_precision_convs(ref: Tensor) -> Iterator[None]:
-    """On CUDA, keep cuDNN from running float32 convolutions in TF32 (its default) in the block."""
-    if not ref.is_cuda:
-        yield
-        return
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = before
 
 
 def anomaly_maps(patch_scores: Tensor, out_size: tuple[int, int], sigma: float = 4.0) -> Tensor:

@@ -10,10 +10,9 @@ PatchCore order) at a fraction of the memory; a test checks the equality.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import timm
 import torch
@@ -22,6 +21,7 @@ from torch import Tensor
 
 from moleflow.extractors.base import FeatureExtractor, ImgSize, channel_pool
 from moleflow.extractors.weights import BackboneError, create_backbone
+from moleflow.trainer.precision import conv_tf32
 
 DEFAULT_REDUCTIONS = (8, 16)
 
@@ -226,27 +226,11 @@ def _pool_windows(fmap: Tensor, feature_dim: int, from_bf16: bool) -> Optional[T
         while group * merge < 32 and channels % (group * merge * 2) == 0:
             merge *= 2
         weight = window_weights(channels, feature_dim, fmap.device, merge, 1.0)
-        with _conv_precision(fmap, tf32=True):
+        with torch.autocast("cuda", enabled=False), conv_tf32(fmap.device, True):
             return F.conv2d(fmap, weight, padding=1, groups=channels // weight.shape[1]) / k
     weight = window_weights(channels, feature_dim, fmap.device)
-    with _conv_precision(fmap, tf32=False):
+    with torch.autocast(fmap.device.type, enabled=False), conv_tf32(fmap.device, False):
         return F.conv2d(fmap, weight, padding=1, groups=channels // weight.shape[1])
-
-
-@contextlib.contextmanager
-def _conv_precision(ref: Tensor, tf32: bool) -> Iterator[None]:
-    """float32 convolution: no bf16 autocast (the extractor runs under it with ``amp``) and, on
-    CUDA, TF32 in cuDNN only when ``tf32``."""
-    with torch.autocast(ref.device.type, enabled=False):
-        if not ref.is_cuda:
-            yield
-            return
-        before = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = tf32
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32 = before
 
 
 __all__ = ["CNNPatchCoreExtractor", "select_stages", "window_weights"]

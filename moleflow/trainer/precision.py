@@ -1,4 +1,4 @@
-"""Matrix-product precision of the flow on CUDA (TF32 or full float32), set for a block of code."""
+"""float32 matrix-product and convolution precision on CUDA (TF32 or full float32), set for a block of code."""
 
 from __future__ import annotations
 
@@ -29,3 +29,18 @@ def matmul_tf32(device: torch.device, enabled: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@contextlib.contextmanager
+def conv_tf32(device: torch.device, enabled: bool) -> Iterator[None]:
+    """Within the block, cuDNN float32 convolutions on CUDA use TF32 when ``enabled`` (its default is
+    on); the previous setting is restored on exit. On other devices this does nothing."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = bool(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
