@@ -171,7 +171,7 @@ class Run:
         if self.config.compile_flow and not fuse:
             self.log.info(f"--compile_flow has no effect on {self.device} (CUDA only); the flow runs eagerly")
         try:
-            with fusion(fuse):
+            with fusion(fuse, self.log):
                 return self._execute()
         except KeyboardInterrupt:
             self.log.info(f"interrupted after {self.done} finished task(s); continue with "

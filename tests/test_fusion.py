@@ -7,6 +7,7 @@ would be compiled; the compiled (Inductor) kernels are checked on a GPU in test_
 
 from __future__ import annotations
 
+import logging
 from typing import Iterator
 
 import pytest
@@ -100,3 +101,28 @@ def test_traced_training_gradients_equal_plain(traced: list) -> None:
         assert traced, "nothing was traced"
     for a, b in zip(plain, fused):
         assert torch.equal(a, b)
+
+
+def test_a_function_that_cannot_be_compiled_runs_plainly(monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """A compiler failure is logged once and the pass goes on without fusion, with the same values."""
+    def failing(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(fusion, "FUSED_DEVICES", ("cpu",))
+    monkeypatch.setattr(fusion, "COMPILE_OPTIONS", {"backend": failing})
+    fusion.reset_compiled()
+    model = _model(2).eval()
+    x = torch.randn(2, 4, 4, 16)
+    log = logging.getLogger("test_fusion_fallback")
+    try:
+        with torch.no_grad():
+            plain = model(x, 1)
+            with caplog.at_level(logging.WARNING, logger="test_fusion_fallback"), fusion.fusion(True, log):
+                fused = model(x, 1)
+                again = model(x, 1)
+    finally:
+        fusion.reset_compiled()
+    assert torch.equal(plain[0], fused[0]) and torch.equal(plain[1], again[1])
+    assert "could not be compiled" in caplog.text and "coupling_forward" in caplog.text
+    assert caplog.text.count("coupling_forward could not") == 1

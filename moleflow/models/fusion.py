@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable, Iterator, TypeVar
+import logging
+from typing import Callable, Iterator, Optional, TypeVar
 
 import torch
+from torch._dynamo.exc import TorchDynamoException
 
 F = TypeVar("F", bound=Callable)
 
 _enabled = False
+_log: Optional[logging.Logger] = None
 # Where fusion applies and how (tests trace on the CPU with a counting backend).
 FUSED_DEVICES: tuple[str, ...] = ("cuda",)
 COMPILE_OPTIONS: dict = {"dynamic": None}
@@ -37,23 +40,30 @@ _RECOMPILE_LIMIT = 64
 
 
 @contextlib.contextmanager
-def fusion(enabled: bool) -> Iterator[None]:
-    """Turn fusion on (``enabled``) or off inside the block; restores the previous state."""
-    global _enabled
+def fusion(enabled: bool, log: Optional[logging.Logger] = None) -> Iterator[None]:
+    """Turn fusion on (``enabled``) or off inside the block; restores the previous state.
+
+    ``log`` gets the warning when a function cannot be compiled (it then runs eagerly)."""
+    global _enabled, _log
     if enabled:
         config = torch._dynamo.config
         for name in ("recompile_limit", "cache_size_limit"):  # the name differs between torch versions
             if hasattr(config, name):
                 setattr(config, name, max(getattr(config, name), _RECOMPILE_LIMIT))
     previous, _enabled = _enabled, enabled
+    previous_log, _log = _log, log
     try:
         yield
     finally:
-        _enabled = previous
+        _enabled, _log = previous, previous_log
 
 
 def fusable(fn: F) -> F:
-    """Run ``fn`` compiled on CUDA inputs while fusion is on, plain otherwise."""
+    """Run ``fn`` compiled on CUDA inputs while fusion is on, plain otherwise.
+
+    If torch.compile fails for it (no working compiler toolchain, an unsupported construct), the
+    function runs plainly from then on and the failure is logged once: the run goes on, slower.
+    """
     compiled: list[Callable] = []
 
     @functools.wraps(fn)
@@ -62,7 +72,14 @@ def fusable(fn: F) -> F:
             return fn(*args, **kwargs)
         if not compiled:
             compiled.append(torch.compile(fn, **COMPILE_OPTIONS))
-        return compiled[0](*args, **kwargs)
+        try:
+            return compiled[0](*args, **kwargs)
+        except TorchDynamoException as err:
+            compiled[0] = fn
+            message = (f"--compile_flow: {fn.__name__} could not be compiled ({type(err).__name__}: "
+                       f"{str(err).splitlines()[0][:200] if str(err) else ''}); it runs without fusion")
+            (_log or logging.getLogger(__name__)).warning(message)
+            return fn(*args, **kwargs)
 
     run.eager = fn  # type: ignore[attr-defined]
     _compiled_lists.append(compiled)
