@@ -59,18 +59,25 @@ def test_recorded_step_equals_eager_step(nan_images: list[int], caplog: pytest.L
         assert torch.equal(a, b), name
 
 
-def test_mixed_expert_scoring_on_gpu() -> None:
-    """A routed batch of mixed experts in one pass scores each image as its own expert would."""
-    from moleflow.evaluation.evaluator import score_patches
+def _three_task_model(shared_too: bool) -> torch.nn.Module:
+    """A small flow on the GPU with 3 tasks whose parameters (and the shared ones, if asked) are
+    perturbed away from their initial values, so the experts really differ."""
     cfg = AblationConfig(feature_dim=32, lora_rank=4, num_coupling_layers=2)
     torch.manual_seed(0)
     model = build_flow(cfg, 32).cuda()
     for _ in range(3):
         model.add_task()
+    params = model.parameters() if shared_too else [p for t in range(3) for p in model.task_parameters(t)]
     with torch.no_grad():
-        for t in range(3):
-            for p in model.task_parameters(t):
-                p.add_(0.05 * torch.randn_like(p))
+        for p in params:
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_mixed_expert_scoring_on_gpu() -> None:
+    """A routed batch of mixed experts in one pass scores each image as its own expert would."""
+    from moleflow.evaluation.evaluator import score_patches
+    model = _three_task_model(shared_too=False)
     x = torch.randn(12, 6, 6, 32, device="cuda")
     ids = torch.tensor([2, 0, 1, 1, 2, 0, 0, 1, 2, 2, 1, 0])
     mixed = score_patches(model, x, ids, batch_size=12, device=torch.device("cuda"))
@@ -97,14 +104,7 @@ def test_compiled_recorded_training_matches_eager(caplog: pytest.LogCaptureFixtu
 def test_compiled_flow_matches_eager(per_image: bool) -> None:
     """Inductor-compiled passes (scores and training gradients) equal the eager ones to float tolerance."""
     torch.backends.cuda.matmul.allow_tf32 = False
-    cfg = AblationConfig(feature_dim=32, lora_rank=4, num_coupling_layers=2)
-    torch.manual_seed(0)
-    model = build_flow(cfg, 32).cuda()
-    for _ in range(3):
-        model.add_task()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = _three_task_model(shared_too=True)
     x = torch.randn(6, 6, 6, 32, device="cuda")
     task = torch.tensor([2, 0, 1, 1, 2, 0], device="cuda") if per_image else 1
     with torch.no_grad():

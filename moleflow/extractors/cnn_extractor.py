@@ -221,16 +221,14 @@ def _pool_windows(fmap: Tensor, feature_dim: int, from_bf16: bool) -> Optional[T
     if layout is None:
         return None
     k, group, _ = layout
-    if from_bf16 and fmap.is_cuda:
-        merge = 1
-        while group * merge < 32 and channels % (group * merge * 2) == 0:
-            merge *= 2
-        weight = window_weights(channels, feature_dim, fmap.device, merge, 1.0)
-        with torch.autocast("cuda", enabled=False), conv_tf32(fmap.device, True):
-            return F.conv2d(fmap, weight, padding=1, groups=channels // weight.shape[1]) / k
-    weight = window_weights(channels, feature_dim, fmap.device)
-    with torch.autocast(fmap.device.type, enabled=False), conv_tf32(fmap.device, False):
-        return F.conv2d(fmap, weight, padding=1, groups=channels // weight.shape[1])
+    sums = from_bf16 and fmap.is_cuda
+    merge = 1
+    while sums and group * merge < 32 and channels % (group * merge * 2) == 0:
+        merge *= 2
+    weight = window_weights(channels, feature_dim, fmap.device, merge, 1.0 if sums else None)
+    with torch.autocast(fmap.device.type, enabled=False), conv_tf32(fmap.device, sums):
+        pooled = F.conv2d(fmap, weight, padding=1, groups=channels // weight.shape[1])
+    return pooled / k if sums else pooled
 
 
 __all__ = ["CNNPatchCoreExtractor", "select_stages", "window_weights"]

@@ -72,9 +72,9 @@ class WhiteningAdapter(nn.Module):
         return (pick_experts([a.gamma_raw for a in adapters], experts),
                 pick_experts([a.beta_raw for a in adapters], experts))
 
-    @staticmethod
-    def run_picked(x: Tensor, picked: tuple[Tensor, ...]) -> Tensor:
-        """Image ``b`` of ``x`` (B, ..., D) with row ``b`` of ``pick``'s tensors (the same arithmetic)."""
+    def run_picked(self, x: Tensor, picked: tuple[Tensor, ...]) -> Tensor:
+        """Image ``b`` of ``x`` (B, ..., D) with row ``b`` of ``pick``'s tensors (the same arithmetic;
+        ``self`` is any task's adapter)."""
         gamma_raw, beta_raw = picked
         shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
         gamma = 0.5 + 1.5 * torch.sigmoid(gamma_raw)
@@ -102,12 +102,12 @@ class FiLMAdapter(nn.Module):
             lambda a: a.scale, lambda a: a.shift, lambda a: a.norm.weight, lambda a: a.norm.bias)
         return tuple(pick_experts([get(a) for a in adapters], experts) for get in getters)
 
-    @staticmethod
-    def run_picked(x: Tensor, picked: tuple[Tensor, ...], eps: float = 1e-5) -> Tensor:
-        """Image ``b`` of ``x`` (B, ..., D) with row ``b`` of ``pick``'s tensors."""
+    def run_picked(self, x: Tensor, picked: tuple[Tensor, ...]) -> Tensor:
+        """Image ``b`` of ``x`` (B, ..., D) with row ``b`` of ``pick``'s tensors (``self`` is any task's
+        adapter; its norm's eps is used)."""
         shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
         scale, shift, weight, bias = (t.view(shape) for t in picked)
-        normed = F.layer_norm(x * (1.0 + scale) + shift, x.shape[-1:], eps=eps)
+        normed = F.layer_norm(x * (1.0 + scale) + shift, x.shape[-1:], eps=self.norm.eps)
         return normed * weight + bias
 
 

@@ -57,9 +57,8 @@ def coupling_forward(x: Tensor, block: "MoLECouplingBlock", experts: Sequence[Op
     compiled kernel set serves every block and every task.
     """
     u1, u2 = x[..., : block.split1], x[..., block.split1:]
-    s_logits, t_logits = block.subnet.run(u1, experts)
-    s = block.clamp * torch.tanh(0.1 * s_logits)
-    y2 = u2 * torch.exp(s) + 0.1 * t_logits
+    s, t = block.coefficients(*block.subnet.run(u1, experts))
+    y2 = u2 * torch.exp(s) + t
     return permute_last_dim(torch.cat([u1, y2], dim=-1), block.perm, block.perm_inv), s.sum(dim=-1)
 
 
@@ -90,10 +89,9 @@ class MoLECouplingBlock(nn.Module):
         self.register_buffer("perm", perm)
         self.register_buffer("perm_inv", torch.argsort(perm))
 
-    def _coefficients(self, u1: Tensor, task_id: int | Tensor) -> tuple[Tensor, Tensor]:
-        s_logits, t = self.subnet(u1, task_id)
-        s = self.clamp * torch.tanh(0.1 * s_logits)
-        return s, 0.1 * t
+    def coefficients(self, s_logits: Tensor, t_logits: Tensor) -> tuple[Tensor, Tensor]:
+        """The subnet's logits -> (log-scale s = c tanh(0.1 s_logits), shift 0.1 t_logits)."""
+        return self.clamp * torch.tanh(0.1 * s_logits), 0.1 * t_logits
 
     def forward(self, x: Tensor, task_id: int | Tensor, rev: bool = False) -> tuple[Tensor, Tensor]:
         """Run the block.
@@ -110,7 +108,7 @@ class MoLECouplingBlock(nn.Module):
             return coupling_forward(x, self, self.subnet.experts(task_id))
         x = permute_last_dim(x, self.perm_inv, self.perm)
         u1, u2 = x[..., : self.split1], x[..., self.split1:]
-        s, t = self._coefficients(u1, task_id)
+        s, t = self.coefficients(*self.subnet(u1, task_id))
         y2 = (u2 - t) * torch.exp(-s)
         return torch.cat([u1, y2], dim=-1), -s.sum(dim=-1)
 

@@ -29,10 +29,6 @@ FUSED_DEVICES: tuple[str, ...] = ("cuda",)
 COMPILE_OPTIONS: dict = {"dynamic": None}
 
 
-def fusion_enabled() -> bool:
-    return _enabled
-
-
 # Each fusable function compiles once per input shape class and autograd mode (training with and
 # without trainable shared weights, scoring with one expert or one per image, full and last
 # batches): more variants than torch.compile keeps by default (8) before it falls back to eager.

@@ -19,7 +19,7 @@ into one small batch per expert.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -43,13 +43,13 @@ def condition_forward(x: Tensor, pos: Optional[Tensor], adapter: Optional[nn.Mod
 
 
 @fusable
-def condition_per_image(x: Tensor, pos: Optional[Tensor], run_picked: Callable[[Tensor, tuple[Tensor, ...]], Tensor],
-                        picked: tuple[Tensor, ...], mixer: Optional[nn.Module]) -> Tensor:
-    """Input stage with each image's own adapter (``run_picked`` of the adapter class, ``picked``
-    its per-image parameters)."""
+def condition_per_image(x: Tensor, pos: Optional[Tensor], adapter: nn.Module, picked: tuple[Tensor, ...],
+                        mixer: Optional[nn.Module]) -> Tensor:
+    """Input stage with each image's own adapter: ``picked`` = the adapters' ``pick``, run by any
+    one task's ``adapter``."""
     if pos is not None:
         x = x + pos
-    x = run_picked(x, picked)
+    x = adapter.run_picked(x, picked)
     return mixer(x) if mixer is not None else x
 
 
@@ -169,8 +169,8 @@ class MoLESpatialAwareNF(nn.Module):
         self._check_task(task_id)
         pos = self._positional(features.shape[1], features.shape[2], features) if self.use_pos_embed else None
         if self.adapter_kind is not None and isinstance(task_id, Tensor):
-            kind = type(self.adapters[0])
-            return condition_per_image(features, pos, kind.run_picked, kind.pick(self.adapters, task_id), self.mixer)
+            ref = self.adapters[0]
+            return condition_per_image(features, pos, ref, ref.pick(self.adapters, task_id), self.mixer)
         adapter = self.adapters[task_id] if self.adapter_kind is not None else None
         return condition_forward(features, pos, adapter, self.mixer)
 
