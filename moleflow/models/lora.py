@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moleflow.models.fusion import depthwise_conv_hwc
+
 
 Expert = tuple[Tensor, Tensor, Tensor]  # (A, B, b_t) of one task, or of each image (stacked)
 
@@ -96,13 +98,13 @@ class LoRALinear(nn.Module):
         lora_a, lora_b, task_bias = expert
         if lora_a.dim() == 3:
             return self._run_per_image(x, lora_a, lora_b, task_bias)
-        # Three matrix products and no full-size element-wise pass: both biases ride in the first
-        # product's epilogue, the low-rank term is accumulated into its output in place (beta = 1).
-        flat = x.reshape(-1, x.shape[-1])
-        out = torch.addmm(self.base.bias + task_bias, flat, self.base.weight.t())
-        low = flat @ lora_a.t()
-        out.addmm_(low, lora_b.t(), alpha=self.scaling)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        # One product with the merged weight W + s B_t A_t (out x r x in: small next to the patches'
+        # product) and both biases in its epilogue. Unmerged, the low-rank term costs two thin
+        # products forward and four backward, each a full pass over the patches (7 % of a GPU
+        # training step, benchmarks/train_probe.py); merged, backward needs one gradient of the
+        # merged weight, from which those of A_t and B_t are small products.
+        weight = torch.addmm(self.base.weight, lora_b, lora_a, alpha=self.scaling)
+        return F.linear(x, weight, self.base.bias + task_bias)
 
     def _run_per_image(self, x: Tensor, lora_a: Tensor, lora_b: Tensor, task_bias: Tensor) -> Tensor:
         """Image ``b`` of ``x`` (B, ..., in) through its own expert (row ``b`` of each stacked tensor):
@@ -179,8 +181,7 @@ class MoLESubnet(nn.Module):
         scale1, scale2, shift1, shift2 = experts
         scale_in = u1
         if self.use_context:
-            grid = u1.permute(0, 3, 1, 2)
-            ctx = self.context_conv(grid).permute(0, 2, 3, 1)
+            ctx = depthwise_conv_hwc(u1, self.context_conv)
             scale_in = torch.cat([u1, self.context_alpha() * ctx], dim=-1)
         s = self.scale2.run_expert(F.relu(self.scale1.run_expert(scale_in, scale1)), scale2)
         t = self.shift2.run_expert(F.relu(self.shift1.run_expert(u1, shift1)), shift2)

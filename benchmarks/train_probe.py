@@ -1,0 +1,190 @@
+"""Where does flow training spend its time in the run's own loop? (diagnostic, needs CUDA; prints)
+
+python benchmarks/train_probe.py   (PROBE_DEVICE=cpu PROBE_DIM=32 PROBE_GRID=4 for a dry run)
+
+Trains the main-configuration flow (D 768, 28x28 patches, batch 16, TF32, --compile_flow) with the
+trainer itself (recorded CUDA-graph steps) on random patch features of 240 images per task, and
+prints for each task the wall time of ``train_task`` and the time per step, so that compile time
+(tasks 0 and 1) and the steady state (later tasks) are separated. Then profiles the steady-state
+step's kernels (one eager call of the same fused body) grouped by kind. PROBE_VARIANTS names
+model variants to time the same way after the current one (``unmerged``: each LoRA layer's
+low-rank term as two thin products, the form before session 5; ``dia``: the DIA s and t MLPs side
+by side; ``nosum``: ATen's depthwise convolutions under fusion). Session 5, call 1 (before the
+merged LoRA product and the depthwise sums): current 12.0 ms/step, merged 11.3, merged + paired
+DIA 11.4.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import time
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+from moleflow.config.ablation import AblationConfig
+from moleflow.models import fusion as fusion_module
+from moleflow.models.fusion import fusion, reset_compiled
+from moleflow.models.coupling import DIASubnet
+from moleflow.models.lora import LoRALinear
+from moleflow.models.mole_nf import build_flow
+from moleflow.models.routing import PrototypeRouter
+from moleflow.trainer.continual_trainer import MoLEContinualTrainer
+from moleflow.trainer.features import FeatureSet
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def unmerged_run_expert(self: LoRALinear, x: torch.Tensor, expert) -> torch.Tensor:
+    """The form before session 5: the base product with both biases, then the low-rank term as two
+    thin products accumulated into it (s B (A x))."""
+    if expert is None:
+        return self.base(x)
+    lora_a, lora_b, task_bias = expert
+    if lora_a.dim() == 3:
+        return self._run_per_image(x, lora_a, lora_b, task_bias)
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.addmm(self.base.bias + task_bias, flat, self.base.weight.t())
+    out.addmm_(flat @ lora_a.t(), lora_b.t(), alpha=self.scaling)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def paired_dia_forward(self: DIASubnet, x: torch.Tensor) -> torch.Tensor:
+    """The s and t MLPs side by side: one product for both first layers, batched products after."""
+    s_net, t_net = self.s_net, self.t_net
+    hidden = s_net[0].out_features
+    h = F.relu(F.linear(x, torch.cat([s_net[0].weight, t_net[0].weight]), torch.cat([s_net[0].bias, t_net[0].bias])))
+    h = h.view(-1, 2, hidden).transpose(0, 1)                                     # (2, N, h)
+    for i, act in ((2, True), (4, False)):
+        weight = torch.stack([s_net[i].weight, t_net[i].weight]).transpose(1, 2)  # (2, in, out)
+        bias = torch.stack([s_net[i].bias, t_net[i].bias]).unsqueeze(1)           # (2, 1, out)
+        h = torch.baddbmm(bias, h, weight)
+        h = F.relu(h) if act else h
+    return torch.cat([h[0] / self.clamp, h[1]], dim=-1)
+
+
+def kind(name: str) -> str:
+    n = name.lower()
+    if "gemm" in n or "xmma" in n or "cutlass" in n or "gemv" in n or "splitk" in n:
+        return "matmul"
+    if n.startswith("triton"):
+        return "triton (fused)"
+    if "conv" in n or "depthwise" in n or "cudnn" in n or "implicit" in n:
+        return "conv"
+    if "reduce" in n or "norm" in n:
+        return "reduce"
+    if "adam" in n or "foreach" in n or "multi_tensor" in n:
+        return "optimizer/foreach"
+    if "memcpy" in n or "memset" in n:
+        return "copy/set"
+    return "other element-wise"
+
+
+def profile_body(body, feats: torch.Tensor, reps: int = 5) -> None:
+    from torch.profiler import ProfilerActivity, profile
+    body(feats, True)
+    sync()
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(reps):
+            body(feats, True)
+        sync()
+    per_kind: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    rows = []
+    for evt in prof.key_averages():
+        dev_us = getattr(evt, "self_device_time_total", 0) if cuda else evt.self_cpu_time_total
+        if dev_us <= 0:
+            continue
+        k = kind(evt.key)
+        per_kind[k][0] += dev_us / reps
+        per_kind[k][1] += evt.count / reps
+        rows.append((dev_us / reps, evt.count / reps, k, evt.key))
+    total = sum(v[0] for v in per_kind.values())
+    print(f"  GPU kernel time per step: {total / 1000:.2f} ms, kernels per step {sum(v[1] for v in per_kind.values()):.0f}")
+    for k, (us, cnt) in sorted(per_kind.items(), key=lambda kv: -kv[1][0]):
+        print(f"    {k:20s} {us / 1000:7.3f} ms  {100 * us / total:5.1f} %  {cnt:5.0f} kernels")
+    rows.sort(reverse=True)
+    for us, cnt, k, name in rows[:30]:
+        short = re.sub(r"\s+", " ", name)[:150]
+        print(f"    {us:8.1f} us {cnt:5.0f}x  {k:18s} {short}")
+
+
+def profile_step(trainer: MoLEContinualTrainer, model, cfg: AblationConfig, task: int, feats: FeatureSet) -> None:
+    """The steady-state step's kernels: the same body, run eagerly (dry: nothing changes)."""
+    params = trainer._trainable(task, slow=False)
+    optimizer = trainer._optimizer(params)
+    body = trainer._sync_free_body(task, optimizer, params)
+    model.train()
+    with _tf32():
+        profile_body(body, feats.patches[:cfg.batch_size].contiguous())
+    model.eval()
+
+
+def main() -> None:
+    dev = torch.device(os.environ.get("PROBE_DEVICE", "cuda"))
+    dim = int(os.environ.get("PROBE_DIM", 768))
+    grid = int(os.environ.get("PROBE_GRID", 28))
+    epochs = int(os.environ.get("PROBE_EPOCHS", 20))
+    tasks_per_variant = int(os.environ.get("PROBE_TASKS", 4))
+    variants = ["current"] + [v for v in os.environ.get("PROBE_VARIANTS", "unmerged").split(",") if v]
+    torch.backends.cudnn.allow_tf32 = True
+    log = logging.getLogger("probe")
+    log.addHandler(logging.NullHandler())
+    log.propagate = False
+    cfg = AblationConfig(num_epochs=epochs)
+    gen = torch.Generator().manual_seed(0)
+    n = 240
+
+    def features() -> FeatureSet:
+        patches = torch.randn(n, grid, grid, dim, generator=gen).to(dev)
+        return FeatureSet(patches=patches, router=patches.mean(dim=(1, 2)).cpu(), labels=torch.zeros(n), masks=None)
+
+    original, original_dia = LoRALinear.run_expert, DIASubnet.forward
+    for variant in variants:
+        LoRALinear.run_expert = unmerged_run_expert if "unmerged" in variant else original
+        DIASubnet.forward = paired_dia_forward if "dia" in variant else original_dia
+        fusion_module.DEPTHWISE_AS_SUM = "nosum" not in variant
+        reset_compiled()
+        torch.manual_seed(0)
+        model = build_flow(cfg, dim).to(dev)
+        trainer = MoLEContinualTrainer(cfg, model, PrototypeRouter(), dev, log, progress=False, tf32=True)
+        print(f"== variant {variant}: {epochs} epochs x {n} images per task, batch {cfg.batch_size}", flush=True)
+        with fusion(dev.type == "cuda", log):
+            for task in range(tasks_per_variant):
+                feats = features()
+                sync()
+                start = time.perf_counter()
+                stats = trainer.train_task(task, feats)
+                sync()
+                wall = time.perf_counter() - start
+                print(f"  task {task}: {wall:6.2f} s for {stats.steps} steps = {1000 * wall / stats.steps:6.2f} ms/step "
+                      f"({n * epochs / wall:5.0f} img/s), loss {stats.final_loss:.1f}", flush=True)
+            if dev.type == "cuda":  # the device-side body needs the fused optimizer
+                profile_step(trainer, model, cfg, tasks_per_variant - 1, feats)
+        try:
+            from torch._dynamo.utils import compile_times
+            print("  compile_times:", str(compile_times(repr="str"))[:1500])
+        except Exception as err:  # diagnostic only
+            print("  compile_times unavailable:", err)
+    LoRALinear.run_expert, DIASubnet.forward = original, original_dia
+    fusion_module.DEPTHWISE_AS_SUM = True
+
+
+class _tf32:
+    def __enter__(self) -> None:
+        self.before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    def __exit__(self, *exc: object) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = self.before
+
+
+if __name__ == "__main__":
+    sys.exit(main())
