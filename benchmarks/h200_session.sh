@@ -68,6 +68,13 @@ run_step() {  # run_step NAME: one named step
       echo "exit $? after ${SECONDS}s" >> "$RES/$1.log"
       tail -n 4 "$RES/$1.log"
       collect ;;
+    train_probe)  # the trainer's own step times per task and the fused step's kernels (benchmarks/train_probe.py)
+      echo "== $1 (t=${SECONDS}s)"
+      timeout ${PROBE_LIMIT:-150} env PYTHONPATH=$PWD:/tmp/site python3 benchmarks/train_probe.py 2>&1 \
+        | grep -v -E "Warning|^ +[a-zA-Z_.]+ +[0-9.]+(, [0-9.]+)*$" > "$RES/$1.log"
+      echo "exit $? after ${SECONDS}s" >> "$RES/$1.log"
+      grep -E "variant|task|GPU kernel" "$RES/$1.log" | tail -n 12
+      collect ;;
     compile_probe)  # eager vs torch.compile of the whole flow pass (benchmarks/compile_probe.py)
       echo "== $1 (t=${SECONDS}s)"
       timeout ${COMPILE_LIMIT:-300} env PYTHONPATH=$PWD:/tmp/site python3 benchmarks/compile_probe.py > "$RES/$1.log" 2>&1
