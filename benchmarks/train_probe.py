@@ -9,9 +9,10 @@ prints for each task the wall time of ``train_task`` and the time per step, so t
 step's kernels (one eager call of the same fused body) grouped by kind. PROBE_VARIANTS names
 model variants to time the same way after the current one (``unmerged``: each LoRA layer's
 low-rank term as two thin products, the form before session 5; ``dia``: the DIA s and t MLPs side
-by side; ``nosum``: ATen's depthwise convolutions under fusion). Session 5, call 1 (before the
-merged LoRA product and the depthwise sums): current 12.0 ms/step, merged 11.3, merged + paired
-DIA 11.4.
+by side). Session 5: call 1 (before the merged LoRA product): current 12.0 ms/step in the loop
+(11.0 ms of kernels), merged 11.3 (10.1), merged + paired DIA 11.4 (10.4); call 3: merged with the
+depthwise convolutions written as shifted sums under fusion 10.5 (9.3) vs ATen's 10.8 (9.6), at
++11 s of compiling and slower scoring, so not kept.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import torch
 import torch.nn.functional as F
 
 from moleflow.config.ablation import AblationConfig
-from moleflow.models import fusion as fusion_module
 from moleflow.models.fusion import fusion, reset_compiled
 from moleflow.models.coupling import DIASubnet
 from moleflow.models.lora import LoRALinear
@@ -150,7 +150,6 @@ def main() -> None:
     for variant in variants:
         LoRALinear.run_expert = unmerged_run_expert if "unmerged" in variant else original
         DIASubnet.forward = paired_dia_forward if "dia" in variant else original_dia
-        fusion_module.DEPTHWISE_AS_SUM = "nosum" not in variant
         reset_compiled()
         torch.manual_seed(0)
         model = build_flow(cfg, dim).to(dev)
@@ -174,7 +173,6 @@ def main() -> None:
         except Exception as err:  # diagnostic only
             print("  compile_times unavailable:", err)
     LoRALinear.run_expert, DIASubnet.forward = original, original_dia
-    fusion_module.DEPTHWISE_AS_SUM = True
 
 
 class _tf32:

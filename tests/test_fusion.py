@@ -40,7 +40,6 @@ def traced(monkeypatch: pytest.MonkeyPatch) -> Iterator[list]:
 
     monkeypatch.setattr(fusion, "FUSED_DEVICES", ("cpu",))
     monkeypatch.setattr(fusion, "COMPILE_OPTIONS", {"backend": backend, "dynamic": False})
-    monkeypatch.setattr(fusion, "DEPTHWISE_AS_SUM", False)  # ATen's convolution, as in the plain pass
     fusion.reset_compiled()
     yield graphs
     fusion.reset_compiled()
@@ -102,51 +101,6 @@ def test_traced_training_gradients_equal_plain(traced: list) -> None:
         assert traced, "nothing was traced"
     for a, b in zip(plain, fused):
         assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("kernel,bias", [(5, True), (3, False)])
-def test_depthwise_conv_as_a_sum_of_shifted_products_equals_the_convolution(kernel: int, bias: bool) -> None:
-    """The form traced for fusion (context conv 5x5 with bias, mixer 3x3 without), values and gradients."""
-    conv = torch.nn.Conv2d(6, 6, kernel, padding=kernel // 2, groups=6, bias=bias).double()
-    x = torch.randn(2, 5, 7, 6, dtype=torch.float64, requires_grad=True)
-    ref = conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-    got = fusion.depthwise_as_sum(x, conv.weight, conv.bias)
-    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
-    grad = torch.randn_like(ref)
-    expected = torch.autograd.grad(ref, [x, conv.weight], grad)
-    actual = torch.autograd.grad(got, [x, conv.weight], grad)
-    for a, e in zip(actual, expected):
-        torch.testing.assert_close(a, e, rtol=0, atol=1e-12)
-    with pytest.raises(ValueError, match="odd kernel"):
-        fusion.depthwise_as_sum(x, torch.zeros(6, 1, 2, 2, dtype=torch.float64), None)
-
-
-def test_traced_flow_with_depthwise_sums_equals_plain_to_rounding(traced: list,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the sum form on (as under --compile_flow), the traced pass and its gradients equal the plain ones."""
-    monkeypatch.setattr(fusion, "DEPTHWISE_AS_SUM", True)
-    model = _model(2).double()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = model.task_parameters(1)
-    for p in params:
-        p.requires_grad_(True)
-    x = torch.randn(2, 4, 4, 16, dtype=torch.float64)
-
-    def run() -> list[torch.Tensor]:
-        for p in params:
-            p.grad = None
-        z, log_det = model(x, 1)
-        moleflow_loss(z, log_det).backward()
-        return [z.detach(), log_det.detach()] + [p.grad.clone() for p in params]
-
-    plain = run()
-    with fusion.fusion(True):
-        fused = run()
-    assert traced, "nothing was traced"
-    assert not torch.equal(plain[0], fused[0])  # the sum form did run
-    for a, b in zip(plain, fused):
-        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
 
 
 def test_the_first_task_trains_unfused_and_later_tasks_fused(traced: list) -> None:

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moleflow.models.fusion import depthwise_conv_hwc
 from moleflow.models.lora import pick_experts
 
 
@@ -129,5 +128,5 @@ class SpatialContextMixer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(B, H, W, D) -> (B, H, W, D)."""
         g = torch.sigmoid(self.gate)
-        mixed = depthwise_conv_hwc(x, self.conv)
+        mixed = self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return (1.0 - g) * x + g * mixed

@@ -18,8 +18,6 @@ import logging
 from typing import Callable, Iterator, Optional, TypeVar
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
 from torch._dynamo.exc import TorchDynamoException
 
 Fn = TypeVar("Fn", bound=Callable)
@@ -29,10 +27,6 @@ _log: Optional[logging.Logger] = None
 # Where fusion applies and how (tests trace on the CPU with a counting backend).
 FUSED_DEVICES: tuple[str, ...] = ("cuda",)
 COMPILE_OPTIONS: dict = {"dynamic": None}
-# While a fusable function is traced, depthwise convolutions on the patch grid are written as sums
-# of shifted products (``depthwise_conv_hwc``); the tests turn this off to compare a traced pass
-# with the plain one bit for bit.
-DEPTHWISE_AS_SUM = True
 
 
 # Each fusable function compiles once per input shape class and autograd mode (training with and
@@ -107,34 +101,3 @@ def reset_compiled() -> None:
         compiled.clear()
     torch._dynamo.reset()
 
-
-def depthwise_conv_hwc(x: Tensor, conv: nn.Conv2d) -> Tensor:
-    """``conv`` (depthwise, odd kernel, zero 'same' padding, stride 1) on ``x`` (B, H, W, C) -> (B, H, W, C).
-
-    Plainly this is ATen's convolution on the channels-first view. While torch.compile traces
-    (``--compile_flow``) it is written as the k*k shifted products it sums
-    (``depthwise_as_sum``): Inductor then fuses it with the element-wise work around it, forward
-    and backward, where ATen's depthwise kernels took 10 % of a fused GPU training step
-    (benchmarks/train_probe.py). The two round differently (the order of the additions).
-    """
-    if DEPTHWISE_AS_SUM and torch.compiler.is_compiling():
-        return depthwise_as_sum(x, conv.weight, conv.bias)
-    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-
-
-def depthwise_as_sum(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """Depthwise cross-correlation with zero 'same' padding: out[b, h, w, c] = bias[c] +
-    sum_{i,j} weight[c, 0, i, j] * x[b, h + i - k // 2, w + j - k // 2, c] (x channels-last)."""
-    channels, _, k_h, k_w = weight.shape
-    if k_h % 2 == 0 or k_w % 2 == 0 or x.shape[-1] != channels:
-        raise ValueError(f"depthwise_as_sum: odd kernel over the last dim expected, got weight {tuple(weight.shape)} "
-                         f"for x {tuple(x.shape)}")
-    height, width = x.shape[1], x.shape[2]
-    padded = F.pad(x, (0, 0, k_w // 2, k_w // 2, k_h // 2, k_h // 2))
-    taps = weight.reshape(channels, k_h, k_w)
-    out = bias
-    for i in range(k_h):
-        for j in range(k_w):
-            term = padded[:, i:i + height, j:j + width, :] * taps[:, i, j]
-            out = term if out is None else out + term
-    return out

@@ -14,8 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moleflow.models.fusion import depthwise_conv_hwc
-
 
 Expert = tuple[Tensor, Tensor, Tensor]  # (A, B, b_t) of one task, or of each image (stacked)
 
@@ -181,7 +179,8 @@ class MoLESubnet(nn.Module):
         scale1, scale2, shift1, shift2 = experts
         scale_in = u1
         if self.use_context:
-            ctx = depthwise_conv_hwc(u1, self.context_conv)
+            grid = u1.permute(0, 3, 1, 2)
+            ctx = self.context_conv(grid).permute(0, 2, 3, 1)
             scale_in = torch.cat([u1, self.context_alpha() * ctx], dim=-1)
         s = self.scale2.run_expert(F.relu(self.scale1.run_expert(scale_in, scale1)), scale2)
         t = self.shift2.run_expert(F.relu(self.shift1.run_expert(u1, shift1)), shift2)
