@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Optional, TypeVar
 import torch
 from torch._dynamo.exc import TorchDynamoException
 
-Fn = TypeVar("Fn", bound=Callable)
+F = TypeVar("F", bound=Callable)
 
 _enabled = False
 _log: Optional[logging.Logger] = None
@@ -64,7 +64,7 @@ def paused(pause: bool = True) -> Iterator[None]:
         yield
 
 
-def fusable(fn: Fn) -> Fn:
+def fusable(fn: F) -> F:
     """Run ``fn`` compiled on CUDA inputs while fusion is on, plain otherwise.
 
     If torch.compile fails for it (no working compiler toolchain, an unsupported construct), the
@@ -100,4 +100,3 @@ def reset_compiled() -> None:
     for compiled in _compiled_lists:
         compiled.clear()
     torch._dynamo.reset()
-
