@@ -40,8 +40,8 @@ HELP: dict[str, str] = {
     "tf32": "TF32 float32 matrix products in the flow on CUDA (faster; routing stays full float32)",
     "cuda_graphs": "on CUDA, record the training step once per task as a CUDA graph and replay it "
                    "(same kernels, no per-kernel Python launch); no effect on the CPU",
-    "compile_flow": "on CUDA, fuse the flow's element-wise work with torch.compile from the second task on "
-                    "(task 0 trains unfused; compiles once per block shape and mode, tens of seconds per run; "
+    "compile_flow": "on CUDA, fuse the flow's element-wise work with torch.compile (all scoring, and "
+                    "training from the second task on; compiles once per block shape and mode, tens of seconds per run; "
                     "scores equal to float tolerance); no effect on the CPU",
     "freeze_base": "freeze shared flow weights after task 0 (off only in baseline_nf: naive fine-tuning)",
 }
