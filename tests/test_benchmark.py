@@ -49,6 +49,10 @@ def test_benchmark_end_to_end_writes_every_figure(tmp_path: Path, capsys: pytest
     assert run["run_total_s"] == pytest.approx(sum(v for k, v in run["phases_s"].items() if k != "e2e_measurement"))
     assert run["images"]["train"] == 8 and run["images"]["test"] == 12 and run["images"]["decoded"] == 20
     assert run["training"]["image_steps"] == 8 and run["training"]["images_per_s"] > 0
+    per_task = run["training"]["per_task"]
+    assert sum(t["image_steps"] for t in per_task) == 8 and all(t["seconds"] > 0 for t in per_task)
+    assert abs(sum(t["seconds"] for t in per_task) - run["training"]["seconds"]) < 1e-6
+    assert run["training"]["from_third_task_images_per_s"] is None  # 2 tasks: no third
     assert [p["tasks"] for p in run["inference_e2e"]["per_task_count"]] == [1, 2]
     growth = run["parameters"]["total_after_each_task"]
     assert growth[1] - growth[0] == run["parameters"]["per_task"][1] > 0

@@ -135,11 +135,14 @@ def ratios(result: dict) -> dict[str, Optional[float]]:
     backbone = backbone or limits["backbone_fp32_images_per_s"]
     serial = 1.0 / (1.0 / backbone + 1.0 / ref32["infer_images_per_s"])
     train = run["training"]["images_per_s"]
+    steady = run["training"].get("from_third_task_images_per_s")
+    same = ref_fast if result["speed_settings"]["tf32"] else ref32
     e2e = run["inference_e2e"]["images_per_s"]
     return {
         "training_over_flow_train_limit_fp32": train / ref32["train_images_per_s"],
-        "training_over_flow_train_limit_same_precision": train / (ref_fast if result["speed_settings"]["tf32"]
-                                                                  else ref32)["train_images_per_s"],
+        "training_over_flow_train_limit_same_precision": train / same["train_images_per_s"],
+        "training_from_third_task_over_flow_train_limit_same_precision":
+            steady / same["train_images_per_s"] if steady else None,
         "e2e_over_serial_limit_backbone_plus_flow_fp32": e2e / serial,
         "e2e_over_flow_infer_limit_fp32": e2e / ref32["infer_images_per_s"],
         "extraction_over_backbone_limit": run["extraction_images_per_s"] / backbone,
@@ -191,6 +194,10 @@ def summary_lines(result: dict) -> list[str]:
                      f"img/s | extraction {run['extraction_images_per_s']:.0f} img/s | e2e inference "
                      f"{run['inference_e2e']['images_per_s']:.0f} img/s (x{run['inference_e2e']['last_over_first_ms_per_image']:.2f}"
                      f" ms/img from 1 to {len(run['tasks'])} tasks)")
+        steady = run["training"].get("from_third_task_images_per_s")
+        if steady:
+            lines.append(f"training from the third task on (nothing compiled there): {steady:.0f} img/s; per task, s: "
+                         + " ".join(f"{t['seconds']:.1f}" for t in run["training"]["per_task"]))
         last = run["inference_e2e"]["per_task_count"][-1]
         if "stage_ms_per_image" in last:
             lines.append(f"e2e stages after {last['tasks']} tasks, ms/image: "
@@ -201,7 +208,7 @@ def summary_lines(result: dict) -> list[str]:
     for seed, m in (result.get("final_routed_mean_by_seed") or {}).items():
         lines.append(f"final routed mean (seed {seed}): " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
     for key, value in (result.get("ratios") or {}).items():
-        lines.append(f"ratio {key}: {value:.3f}")
+        lines.append(f"ratio {key}: {value:.3f}" if value is not None else f"ratio {key}: n/a")
     for key, (value, ok) in (result.get("goals") or {}).items():
         verdict = "n/a (needs 15 tasks x 60 epochs)" if ok is None else ("met" if ok else "NOT met")
         lines.append(f"goal {key}: {value if value is None else round(value, 3)} -> {verdict}")
