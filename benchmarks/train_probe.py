@@ -27,6 +27,7 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
+from moleflow.benchmark.limits import sync
 from moleflow.config.ablation import AblationConfig
 from moleflow.models.fusion import fusion, reset_compiled
 from moleflow.models.coupling import DIASubnet
@@ -35,11 +36,7 @@ from moleflow.models.mole_nf import build_flow
 from moleflow.models.routing import PrototypeRouter
 from moleflow.trainer.continual_trainer import MoLEContinualTrainer
 from moleflow.trainer.features import FeatureSet
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+from moleflow.trainer.precision import matmul_tf32
 
 
 def unmerged_run_expert(self: LoRALinear, x: torch.Tensor, expert) -> torch.Tensor:
@@ -90,12 +87,12 @@ def kind(name: str) -> str:
 def profile_body(body, feats: torch.Tensor, reps: int = 5) -> None:
     from torch.profiler import ProfilerActivity, profile
     body(feats, True)
-    sync()
+    sync(feats.device)
     cuda = torch.cuda.is_available()
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         for _ in range(reps):
             body(feats, True)
-        sync()
+        sync(feats.device)
     per_kind: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     rows = []
     for evt in prof.key_averages():
@@ -122,7 +119,7 @@ def profile_step(trainer: MoLEContinualTrainer, model, cfg: AblationConfig, task
     optimizer = trainer._optimizer(params)
     body = trainer._sync_free_body(task, optimizer, params)
     model.train()
-    with _tf32():
+    with matmul_tf32(torch.device("cuda"), True):
         profile_body(body, feats.patches[:cfg.batch_size].contiguous())
     model.eval()
 
@@ -158,10 +155,10 @@ def main() -> None:
         with fusion(dev.type == "cuda", log):
             for task in range(tasks_per_variant):
                 feats = features()
-                sync()
+                sync(dev)
                 start = time.perf_counter()
                 stats = trainer.train_task(task, feats)
-                sync()
+                sync(dev)
                 wall = time.perf_counter() - start
                 print(f"  task {task}: {wall:6.2f} s for {stats.steps} steps = {1000 * wall / stats.steps:6.2f} ms/step "
                       f"({n * epochs / wall:5.0f} img/s), loss {stats.final_loss:.1f}", flush=True)
@@ -173,15 +170,6 @@ def main() -> None:
         except Exception as err:  # diagnostic only
             print("  compile_times unavailable:", err)
     LoRALinear.run_expert, DIASubnet.forward = original, original_dia
-
-
-class _tf32:
-    def __enter__(self) -> None:
-        self.before = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
-
-    def __exit__(self, *exc: object) -> None:
-        torch.backends.cuda.matmul.allow_tf32 = self.before
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -20,27 +20,28 @@ def matmul_tf32(device: torch.device, enabled: bool) -> Iterator[None]:
         device: where the code in the block runs.
         enabled: use TF32 for float32 matrix products on CUDA.
     """
-    if device.type != "cuda":
+    with _tf32_switch(device, torch.backends.cuda.matmul, enabled):
         yield
-        return
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 @contextlib.contextmanager
 def conv_tf32(device: torch.device, enabled: bool) -> Iterator[None]:
     """Within the block, cuDNN float32 convolutions on CUDA use TF32 when ``enabled`` (its default is
     on); the previous setting is restored on exit. On other devices this does nothing."""
+    with _tf32_switch(device, torch.backends.cudnn, enabled):
+        yield
+
+
+@contextlib.contextmanager
+def _tf32_switch(device: torch.device, backend: Any, enabled: bool) -> Iterator[None]:
+    """Set ``backend.allow_tf32`` (torch.backends.cuda.matmul or torch.backends.cudnn) for the block
+    on CUDA, restoring it on exit; nothing on other devices."""
     if device.type != "cuda":
         yield
         return
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = bool(enabled)
+    before = backend.allow_tf32
+    backend.allow_tf32 = bool(enabled)
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32 = before
+        backend.allow_tf32 = before
