@@ -9,7 +9,8 @@ prints for each task the wall time of ``train_task`` and the time per step, so t
 step's kernels (one eager call of the same fused body) grouped by kind. PROBE_VARIANTS names
 model variants to time the same way after the current one (``unmerged``: each LoRA layer's
 low-rank term as two thin products, the form before session 5; ``dia``: the DIA s and t MLPs side
-by side). Session 5: call 1 (before the merged LoRA product): current 12.0 ms/step in the loop
+by side; ``atenconv``: the context conv's input gradient by autograd's depthwise kernel, the form
+before session 6). Session 5: call 1 (before the merged LoRA product): current 12.0 ms/step in the loop
 (11.0 ms of kernels), merged 11.3 (10.1), merged + paired DIA 11.4 (10.4); call 3: merged with the
 depthwise convolutions written as shifted sums under fusion 10.5 (9.3) vs ATen's 10.8 (9.6), at
 +11 s of compiling and slower scoring, so not kept.
@@ -31,6 +32,7 @@ from moleflow.benchmark.limits import sync
 from moleflow.config.ablation import AblationConfig
 from moleflow.models.fusion import fusion, reset_compiled
 from moleflow.models.coupling import DIASubnet
+from moleflow.models import lora
 from moleflow.models.lora import LoRALinear
 from moleflow.models.mole_nf import build_flow
 from moleflow.models.routing import PrototypeRouter
@@ -65,6 +67,11 @@ def paired_dia_forward(self: DIASubnet, x: torch.Tensor) -> torch.Tensor:
         h = torch.baddbmm(bias, h, weight)
         h = F.relu(h) if act else h
     return torch.cat([h[0] / self.clamp, h[1]], dim=-1)
+
+
+def aten_depthwise_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+    """The context conv with autograd's own gradients (the form before session 6)."""
+    return conv(x)
 
 
 def kind(name: str) -> str:
@@ -143,10 +150,11 @@ def main() -> None:
         patches = torch.randn(n, grid, grid, dim, generator=gen).to(dev)
         return FeatureSet(patches=patches, router=patches.mean(dim=(1, 2)).cpu(), labels=torch.zeros(n), masks=None)
 
-    original, original_dia = LoRALinear.run_expert, DIASubnet.forward
+    original, original_dia, original_conv = LoRALinear.run_expert, DIASubnet.forward, lora.depthwise_conv2d
     for variant in variants:
         LoRALinear.run_expert = unmerged_run_expert if "unmerged" in variant else original
         DIASubnet.forward = paired_dia_forward if "dia" in variant else original_dia
+        lora.depthwise_conv2d = aten_depthwise_conv2d if "atenconv" in variant else original_conv
         reset_compiled()
         torch.manual_seed(0)
         model = build_flow(cfg, dim).to(dev)
@@ -169,7 +177,7 @@ def main() -> None:
             print("  compile_times:", str(compile_times(repr="str"))[:1500])
         except Exception as err:  # diagnostic only
             print("  compile_times unavailable:", err)
-    LoRALinear.run_expert, DIASubnet.forward = original, original_dia
+    LoRALinear.run_expert, DIASubnet.forward, lora.depthwise_conv2d = original, original_dia, original_conv
 
 
 if __name__ == "__main__":

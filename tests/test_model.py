@@ -252,6 +252,28 @@ def test_permutation_gradient_is_the_inverse_gather():
     assert torch.equal(ours, plain)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_depthwise_conv_gradients_equal_autograds(bias: bool) -> None:
+    """The context conv's input gradient (the flipped kernel's convolution) and its kernel and bias
+    gradients equal autograd's for nn.Conv2d; with the kernel frozen only the input gets one."""
+    from moleflow.models.lora import depthwise_conv2d
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 6, 5, padding=2, groups=6, bias=bias).double()
+    x = torch.randn(2, 6, 7, 9, dtype=torch.float64, requires_grad=True)
+    ours = depthwise_conv2d(x, conv)
+    plain = conv(x)
+    assert torch.equal(ours, plain)
+    g = torch.randn_like(ours)
+    wanted = [x, conv.weight] + ([conv.bias] if bias else [])
+    for a, b in zip(torch.autograd.grad(ours, wanted, g), torch.autograd.grad(plain, wanted, g)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    conv.requires_grad_(False)
+    out = depthwise_conv2d(x, conv)
+    assert out.grad_fn is not None
+    (only,) = torch.autograd.grad(out, x, g)
+    torch.testing.assert_close(only, torch.autograd.grad(conv(x), x, g)[0], rtol=0, atol=1e-12)
+
+
 def test_router_sees_a_task_added_after_routing():
     """Prototypes are cached per device; adding a task must reach the next route() call."""
     gen = torch.Generator().manual_seed(2)

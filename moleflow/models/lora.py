@@ -18,6 +18,44 @@ from torch import Tensor, nn
 Expert = tuple[Tensor, Tensor, Tensor]  # (A, B, b_t) of one task, or of each image (stacked)
 
 
+class _DepthwiseConv(torch.autograd.Function):
+    """Depthwise, stride-1, 'same'-padded ``conv2d`` whose input gradient is the same convolution with
+    the kernel flipped (exact for stride 1; the two differ only in summation order).
+
+    On CUDA, autograd's own input gradient of a depthwise float32 convolution is ATen's generic
+    kernel, ~2.4x the forward convolution's time on the coupling subnets' 5x5 context conv
+    (benchmarks/train_probe.py, H200); the flipped forward runs the fast kernel again. Kernel and
+    bias gradients (task 0 only: the conv is shared) are autograd's own.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                padding: int) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.padding = padding
+        ctx.has_bias = bias is not None
+        return F.conv2d(x, weight, bias, padding=padding, groups=weight.shape[0])
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor
+                 ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], None]:
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.conv2d(grad, weight.flip(-2, -1), padding=ctx.padding, groups=weight.shape[0])
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad, x, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1], [ctx.padding] * 2,
+                [1, 1], False, [0, 0], weight.shape[0], [False, ctx.needs_input_grad[1], ctx.needs_input_grad[2]])
+        return grad_x, grad_w, grad_b, None
+
+
+def depthwise_conv2d(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """``conv(x)`` for a depthwise, stride-1 conv with odd kernel and 'same' padding (x: (B, C, H, W)),
+    through ``_DepthwiseConv``."""
+    return _DepthwiseConv.apply(x, conv.weight, conv.bias, conv.padding[0])
+
+
 def pick_experts(tensors: Sequence[Tensor], experts: Tensor) -> Tensor:
     """``(B, *shape)``: row ``b`` is ``tensors[experts[b]]`` (one task's tensor per image)."""
     return torch.stack(tuple(tensors))[experts]
@@ -180,7 +218,7 @@ class MoLESubnet(nn.Module):
         scale_in = u1
         if self.use_context:
             grid = u1.permute(0, 3, 1, 2)
-            ctx = self.context_conv(grid).permute(0, 2, 3, 1)
+            ctx = depthwise_conv2d(grid, self.context_conv).permute(0, 2, 3, 1)
             scale_in = torch.cat([u1, self.context_alpha() * ctx], dim=-1)
         s = self.scale2.run_expert(F.relu(self.scale1.run_expert(scale_in, scale1)), scale2)
         t = self.shift2.run_expert(F.relu(self.shift1.run_expert(u1, shift1)), shift2)
