@@ -144,14 +144,3 @@ def test_amp_window_pooling_on_gpu_equals_unfold_and_pool(channels: int) -> None
     pooled = channel_pool(F.unfold(x, 3, padding=1).transpose(1, 2), 768)  # (B, h*w, D)
     expected = pooled.reshape(x.shape[0], *grid, 768)
     torch.testing.assert_close(got.double().cpu(), expected, rtol=0, atol=2e-6)
-
-
-def test_compiling_ahead_in_a_child_succeeds_on_the_gpu(caplog: pytest.LogCaptureFixture) -> None:
-    """The child of --compile_flow runs its fused passes on the GPU and exits 0 (no warning); with
-    an unindexed "cuda" device, which failed in s5 call 5."""
-    from moleflow.trainer import precompile
-    cfg = AblationConfig(feature_dim=32, lora_rank=4, num_coupling_layers=2)
-    log = logging.getLogger("test_gpu_ahead")
-    with caplog.at_level(logging.WARNING, logger="test_gpu_ahead"):
-        precompile.start(cfg, (4, 4, 4, 32), torch.device("cuda"), tf32=True).wait(log)
-    assert caplog.text == ""
