@@ -101,7 +101,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     known = set(AblationConfig.__dataclass_fields__)
     config = AblationConfig(**{k: v for k, v in spec["config"].items() if k in known})
     device = torch.device(spec["device"])
-    if device.type == "cuda" and device.index is not None:  # "cuda" alone: the current device
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     compile_passes(config, tuple(spec["batch_shape"]), device, bool(spec["tf32"]))
 
