@@ -114,31 +114,13 @@ def test_the_first_task_trains_unfused_and_later_tasks_fused(traced: list) -> No
     torch.manual_seed(0)
     trainer = MoLEContinualTrainer(cfg, build_flow(cfg, 16), PrototypeRouter(), torch.device("cpu"),
                                    logging.getLogger("test_fusion"), progress=False)
-    counts, children = [], []
+    counts = []
     with fusion.fusion(True):
         for task in range(2):
             patches = torch.randn(8, 4, 4, 16)
             trainer.train_task(task, FeatureSet(patches, patches.mean(dim=(1, 2)), torch.zeros(8), None))
             counts.append(len(traced))
-            children.append(trainer._ahead)
     assert counts[0] == 0 and counts[1] > 0
-    # task 0 started the child that compiles task 1's step ahead; task 1 waited for it (exit 0)
-    assert children[0] is not None and children[0].process.returncode == 0 and children[1] is None
-
-
-def test_compiling_ahead_runs_the_passes_and_reports_a_failure(caplog: pytest.LogCaptureFixture) -> None:
-    """The child's passes run on a replica (here on the CPU, where they run plainly); a child that
-    fails is logged as one warning and changes nothing else."""
-    from moleflow.config.ablation import AblationConfig
-    from moleflow.trainer import precompile
-    cfg = AblationConfig(feature_dim=16, lora_rank=2, num_coupling_layers=2)
-    precompile.compile_passes(cfg, (4, 3, 3, 16), torch.device("cpu"), tf32=False)
-    log = logging.getLogger("test_fusion_ahead")
-    with caplog.at_level(logging.WARNING, logger="test_fusion_ahead"):
-        precompile.start(cfg, (4, 3, 3, 16), torch.device("cpu"), tf32=False).wait(log)
-        assert caplog.text == ""
-        precompile.start(cfg, (4, 3, 3, 15), torch.device("cpu"), tf32=False).wait(log)  # D 15: not a multiple of 4
-    assert "compiling ahead in a child process failed" in caplog.text and caplog.text.count("\n") == 1
 
 
 def test_a_function_that_cannot_be_compiled_runs_plainly(monkeypatch: pytest.MonkeyPatch,

@@ -15,8 +15,7 @@ the loop is the plain one. ``tf32=True`` lets the flow's float32 matrix products
 Under ``--compile_flow`` the first task trains unfused: it is the only task whose shared weights
 train, so its compiled graph would serve one task (900 steps at MVTec size, ~12 s on an H200) and
 costs longer to compile (~30 s on a fresh 16-core host) than fusion saves. Later tasks share one
-compiled graph (frozen base), which a child process compiles while task 0 trains
-(``precompile.py``; the run waits for it before task 1).
+compiled graph (frozen base).
 """
 
 from __future__ import annotations
@@ -32,11 +31,11 @@ from tqdm import tqdm
 
 from moleflow.config.ablation import AblationConfig
 from moleflow.models import fusion
+from moleflow.models.loss import moleflow_loss
 from moleflow.models.mole_nf import MoLESpatialAwareNF
 from moleflow.models.routing import PrototypeRouter
 from moleflow.trainer.features import FeatureSet
 from moleflow.trainer.graph_step import GraphedStep, StepBody
-from moleflow.trainer import precompile
 from moleflow.trainer.precision import matmul_tf32
 
 
@@ -100,7 +99,6 @@ class MoLEContinualTrainer:
         # sync-free path: (sum of finite losses, skipped batches) of the epoch, kept on the device
         self._sums = (torch.zeros((), dtype=torch.float64, device=device),
                       torch.zeros((), dtype=torch.long, device=device))
-        self._ahead: Optional[precompile.AheadCompile] = None
 
     def _trainable(self, task_id: int, slow: bool) -> list[nn.Parameter]:
         """Set requires_grad for this task's stage and return the parameters to optimise."""
@@ -161,11 +159,6 @@ class MoLEContinualTrainer:
         cfg = self.config
         if task_id != self.model.num_tasks:
             raise ValueError(f"task {task_id} cannot follow {self.model.num_tasks} trained tasks")
-        if self._ahead is not None:  # the compiled graph of this task's training is ready on disk
-            self._ahead.wait(self.log)
-            self._ahead = None
-        elif task_id == 0 and fusion.active(self.device):
-            self._ahead = precompile.start(cfg, (cfg.batch_size, *train.patches.shape[1:]), self.device, self.tf32)
         torch.manual_seed(cfg.seed * 7919 + task_id)
         self.model.add_task()
         params = self._trainable(task_id, slow=False)
@@ -300,4 +293,7 @@ class MoLEContinualTrainer:
         optimizer.step()
 
     def _loss(self, feats: Tensor, task_id: int) -> Tensor:
-        return precompile.training_loss(self.model, feats, task_id, self.config)
+        cfg = self.config
+        z, log_det = self.model(feats, task_id)
+        return moleflow_loss(z, log_det, tail_weight=cfg.tail_weight, tail_ratio=cfg.tail_top_k_ratio,
+                             lambda_logdet=cfg.lambda_logdet, tail_aware=cfg.use_tail_aware_loss)
