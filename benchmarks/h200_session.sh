@@ -51,7 +51,7 @@ run_step() {  # run_step NAME: one named step
   case $1 in
     gpu_tests)  # the GPU-only tests (recorded step = eager step, pooling bits) and the fast-path tests
       echo "== gpu_tests (t=${SECONDS}s)"
-      timeout ${TESTS_LIMIT:-360} env PYTHONPATH=$PWD:/tmp/site python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+      timeout 240 env PYTHONPATH=$PWD:/tmp/site python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
         tests/test_speed_paths.py tests/test_fusion.py > "$RES/gpu_tests.log" 2>&1
       echo "exit $? after ${SECONDS}s" >> "$RES/gpu_tests.log"
       tail -n 3 "$RES/gpu_tests.log"

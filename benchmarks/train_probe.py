@@ -10,8 +10,7 @@ step's kernels (one eager call of the same fused body) grouped by kind. PROBE_VA
 model variants to time the same way after the current one (``unmerged``: each LoRA layer's
 low-rank term as two thin products, the form before session 5; ``dia``: the DIA s and t MLPs side
 by side; ``atenconv``: the context conv's input gradient by autograd's depthwise kernel, the form
-before session 6; ``tlin``: the merged weight built transposed and used through ``addmm``; ``lt``:
-cuBLASLt as torch's preferred BLAS library; variants combine with ``+``). Session 5: call 1 (before the merged LoRA product): current 12.0 ms/step in the loop
+before session 6). Session 5: call 1 (before the merged LoRA product): current 12.0 ms/step in the loop
 (11.0 ms of kernels), merged 11.3 (10.1), merged + paired DIA 11.4 (10.4); call 3: merged with the
 depthwise convolutions written as shifted sums under fusion 10.5 (9.3) vs ATen's 10.8 (9.6), at
 +11 s of compiling and slower scoring, so not kept.
@@ -70,22 +69,8 @@ def paired_dia_forward(self: DIASubnet, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([h[0] / self.clamp, h[1]], dim=-1)
 
 
-def transposed_run_expert(self: LoRALinear, x: torch.Tensor, expert) -> torch.Tensor:
-    """The merged weight built transposed, (in, out) contiguous, and the product as ``addmm``: a
-    different operand layout for cuBLAS (its kernel choice differs per layout)."""
-    if expert is None:
-        return self.base(x)
-    lora_a, lora_b, task_bias = expert
-    if lora_a.dim() == 3:
-        return self._run_per_image(x, lora_a, lora_b, task_bias)
-    weight_t = torch.addmm(self.base.weight.t(), lora_a.t(), lora_b.t(), alpha=self.scaling)
-    out = torch.addmm(self.base.bias + task_bias, x.reshape(-1, x.shape[-1]), weight_t)
-    return out.view(*x.shape[:-1], out.shape[-1])
-
-
 def aten_depthwise_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
-    """The context conv with autograd's own gradients (the form before session 6; ``tlin``: the merged weight built transposed and used through ``addmm``; ``lt``:
-cuBLASLt as torch's preferred BLAS library; variants combine with ``+``)."""
+    """The context conv with autograd's own gradients (the form before session 6)."""
     return conv(x)
 
 
@@ -167,10 +152,7 @@ def main() -> None:
 
     original, original_dia, original_conv = LoRALinear.run_expert, DIASubnet.forward, lora.depthwise_conv2d
     for variant in variants:
-        LoRALinear.run_expert = (unmerged_run_expert if "unmerged" in variant else
-                                 transposed_run_expert if "tlin" in variant else original)
-        if dev.type == "cuda":
-            torch.backends.cuda.preferred_blas_library("cublaslt" if "lt" in variant.split("+") else "default")
+        LoRALinear.run_expert = unmerged_run_expert if "unmerged" in variant else original
         DIASubnet.forward = paired_dia_forward if "dia" in variant else original_dia
         lora.depthwise_conv2d = aten_depthwise_conv2d if "atenconv" in variant else original_conv
         reset_compiled()

@@ -8,7 +8,6 @@ would be compiled; the compiled (Inductor) kernels are checked on a GPU in test_
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Iterator
 
 import pytest
@@ -33,15 +32,10 @@ def _model(tasks: int, **kwargs) -> MoLESpatialAwareNF:
 @pytest.fixture
 def traced(monkeypatch: pytest.MonkeyPatch) -> Iterator[list]:
     """Fusion on for CPU tensors, with a backend that counts the graphs it is given and runs them."""
-    class Graphs(list):
-        """The graphs traced, with ``threads``: the name of the thread that traced each."""
-
-    graphs = Graphs()
-    graphs.threads = []
+    graphs: list = []
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
         graphs.append(gm)
-        graphs.threads.append(threading.current_thread().name)
         return gm.forward
 
     monkeypatch.setattr(fusion, "FUSED_DEVICES", ("cpu",))
@@ -109,59 +103,24 @@ def test_traced_training_gradients_equal_plain(traced: list) -> None:
         assert torch.equal(a, b)
 
 
-def _train_two_tasks(model: torch.nn.Module, cfg, traced: list) -> list[int]:
-    """Train tasks 0 and 1 of ``model`` under fusion; the number of graphs traced after each."""
+def test_the_first_task_trains_unfused_and_later_tasks_fused(traced: list) -> None:
+    """Under --compile_flow task 0 (the only task whose shared weights train) traces nothing."""
+    from moleflow.config.ablation import AblationConfig
+    from moleflow.models.mole_nf import build_flow
     from moleflow.models.routing import PrototypeRouter
     from moleflow.trainer.continual_trainer import MoLEContinualTrainer
     from moleflow.trainer.features import FeatureSet
-    trainer = MoLEContinualTrainer(cfg, model, PrototypeRouter(), torch.device("cpu"),
+    cfg = AblationConfig(feature_dim=16, lora_rank=2, num_coupling_layers=2, num_epochs=1, batch_size=4)
+    torch.manual_seed(0)
+    trainer = MoLEContinualTrainer(cfg, build_flow(cfg, 16), PrototypeRouter(), torch.device("cpu"),
                                    logging.getLogger("test_fusion"), progress=False)
     counts = []
-    gen = torch.Generator().manual_seed(1)
     with fusion.fusion(True):
         for task in range(2):
-            patches = torch.randn(8, 4, 4, 16, generator=gen)
+            patches = torch.randn(8, 4, 4, 16)
             trainer.train_task(task, FeatureSet(patches, patches.mean(dim=(1, 2)), torch.zeros(8), None))
             counts.append(len(traced))
-    return counts
-
-
-def _small() -> tuple[torch.nn.Module, object]:
-    from moleflow.config.ablation import AblationConfig
-    from moleflow.models.mole_nf import build_flow
-    cfg = AblationConfig(feature_dim=16, lora_rank=2, num_coupling_layers=2, num_epochs=2, batch_size=4)
-    torch.manual_seed(0)
-    return build_flow(cfg, 16), cfg
-
-
-def test_the_first_task_trains_unfused_and_later_tasks_fused(traced: list) -> None:
-    """Under --compile_flow task 0 (the only task whose shared weights train) traces nothing."""
-    counts = _train_two_tasks(*_small(), traced)
     assert counts[0] == 0 and counts[1] > 0
-
-
-def test_compiling_ahead_in_a_thread_leaves_nothing_for_task_1(traced: list) -> None:
-    """CompileAhead traces, in its own thread, every graph that task 1's training step runs through
-    (task 1 then traces none), and changes no value: the trained model is bit for bit the one
-    trained without it. (In a run the thread overlaps task 0's recorded steps: test_gpu.py.)"""
-    from moleflow.trainer.compile_ahead import CompileAhead
-    from moleflow.trainer.continual_trainer import MoLEContinualTrainer
-    model, cfg = _small()
-    plain_model, _ = _small()
-    trainer = MoLEContinualTrainer(cfg, model, None, torch.device("cpu"), logging.getLogger("test_fusion"))
-    ahead = CompileAhead(model, lambda m, t: trainer._trainable(t, slow=False, model=m), trainer._task_loss,
-                         (4, 4, 4, 16), torch.device("cpu"), logging.getLogger("test_fusion"))
-    ahead.start()
-    ahead.wait()
-    assert len(traced) > 0 and set(traced.threads) == {"moleflow-compile-ahead"}
-    ahead_graphs = len(traced)
-    counts = _train_two_tasks(model, cfg, traced)
-    assert counts == [ahead_graphs, ahead_graphs]
-    traced.clear()
-    fusion.reset_compiled()
-    _train_two_tasks(plain_model, cfg, traced)
-    for (name, a), b in zip(model.state_dict().items(), plain_model.state_dict().values()):
-        assert torch.equal(a, b), name
 
 
 def test_a_function_that_cannot_be_compiled_runs_plainly(monkeypatch: pytest.MonkeyPatch,

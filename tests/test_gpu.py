@@ -144,36 +144,3 @@ def test_amp_window_pooling_on_gpu_equals_unfold_and_pool(channels: int) -> None
     pooled = channel_pool(F.unfold(x, 3, padding=1).transpose(1, 2), 768)  # (B, h*w, D)
     expected = pooled.reshape(x.shape[0], *grid, 768)
     torch.testing.assert_close(got.double().cpu(), expected, rtol=0, atol=2e-6)
-
-
-def test_compiling_ahead_overlaps_task_0_and_changes_nothing(caplog: pytest.LogCaptureFixture,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """--compile_flow: the thread compiling task 1's fused step runs while task 0's recorded steps
-    replay. Task 0's (shared) weights come out bit for bit as without it, task 1's to float
-    tolerance (its kernels are compiled, and autotuned, once more), and nothing is logged."""
-    from moleflow.trainer.compile_ahead import CompileAhead
-    started = []
-    start = CompileAhead.start
-    monkeypatch.setattr(CompileAhead, "start", lambda self: (started.append(True), start(self)))
-    device = torch.device("cuda")
-    cfg = AblationConfig(feature_dim=32, lora_rank=4, num_coupling_layers=2, num_epochs=4, batch_size=4)
-    log = logging.getLogger("test_gpu_ahead")
-    runs = []
-    for ahead in (False, True):
-        fusion.reset_compiled()
-        torch.manual_seed(0)
-        model = build_flow(cfg, 32).to(device)
-        trainer = MoLEContinualTrainer(cfg, model, PrototypeRouter(), device, log, progress=False, tf32=True)
-        trainer.compile_ahead = ahead
-        with caplog.at_level(logging.WARNING, logger="test_gpu_ahead"), fusion.fusion(True, log):
-            for task in range(2):
-                patches = torch.randn(12, 6, 6, 32, generator=torch.Generator().manual_seed(task)) + task
-                trainer.train_task(task, FeatureSet(patches.to(device), patches.mean(dim=(1, 2)),
-                                                    torch.zeros(12, dtype=torch.long), None))
-        runs.append(model)
-    assert started == [True] and caplog.text == ""
-    plain, ahead_model = runs
-    for a, b in zip(plain.shared_parameters(), ahead_model.shared_parameters()):
-        assert torch.equal(a, b)
-    for a, b in zip(plain.task_parameters(1), ahead_model.task_parameters(1)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -8,9 +8,6 @@ compiled kernel set per shape and autograd mode, shared by every block and every
 task's parameters are arguments, not constants); otherwise, and always on the CPU, the plain
 function runs. The compiled kernels round a little differently from the eager ones (their tanh
 and exp), so results are equal to float tolerance, not bit for bit.
-
-Whether fusion is on is a per-thread setting, so that a background thread can compile a pass
-(``trainer/compile_ahead.py``) while the run's own thread trains unfused.
 """
 
 from __future__ import annotations
@@ -18,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import threading
 from typing import Callable, Iterator, Optional, TypeVar
 
 import torch
@@ -26,12 +22,8 @@ from torch._dynamo.exc import TorchDynamoException
 
 F = TypeVar("F", bound=Callable)
 
-class _State(threading.local):
-    enabled = False
-    log: Optional[logging.Logger] = None
-
-
-_state = _State()
+_enabled = False
+_log: Optional[logging.Logger] = None
 # Where fusion applies and how (tests trace on the CPU with a counting backend).
 FUSED_DEVICES: tuple[str, ...] = ("cuda",)
 COMPILE_OPTIONS: dict = {"dynamic": None}
@@ -48,17 +40,18 @@ def fusion(enabled: bool, log: Optional[logging.Logger] = None) -> Iterator[None
     """Turn fusion on (``enabled``) or off inside the block; restores the previous state.
 
     ``log`` gets the warning when a function cannot be compiled (it then runs eagerly)."""
+    global _enabled, _log
     if enabled:
         config = torch._dynamo.config
         for name in ("recompile_limit", "cache_size_limit"):  # the name differs between torch versions
             if hasattr(config, name):
                 setattr(config, name, max(getattr(config, name), _RECOMPILE_LIMIT))
-    previous, previous_log = _state.enabled, _state.log
-    _state.enabled, _state.log = enabled, log
+    previous, _enabled = _enabled, enabled
+    previous_log, _log = _log, log
     try:
         yield
     finally:
-        _state.enabled, _state.log = previous, previous_log
+        _enabled, _log = previous, previous_log
 
 
 @contextlib.contextmanager
@@ -67,13 +60,8 @@ def paused(pause: bool = True) -> Iterator[None]:
     if not pause:
         yield
         return
-    with fusion(False, _state.log):
+    with fusion(False, _log):
         yield
-
-
-def active(device: torch.device) -> bool:
-    """Whether fusion is on in this thread for tensors on ``device``."""
-    return _state.enabled and device.type in FUSED_DEVICES
 
 
 def fusable(fn: F) -> F:
@@ -86,8 +74,7 @@ def fusable(fn: F) -> F:
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        if torch.compiler.is_compiling() or not active(args[0].device):
-            # inside a traced fusable function: inlined, with no guard on this wrapper's state
+        if not (_enabled and args[0].device.type in FUSED_DEVICES):
             return fn(*args, **kwargs)
         if not compiled:
             compiled.append(torch.compile(fn, **COMPILE_OPTIONS))
@@ -97,7 +84,7 @@ def fusable(fn: F) -> F:
             compiled[0] = fn
             message = (f"--compile_flow: {fn.__name__} could not be compiled ({type(err).__name__}: "
                        f"{str(err).splitlines()[0][:200] if str(err) else ''}); it runs without fusion")
-            (_state.log or logging.getLogger(__name__)).warning(message)
+            (_log or logging.getLogger(__name__)).warning(message)
             return fn(*args, **kwargs)
 
     run.eager = fn  # type: ignore[attr-defined]

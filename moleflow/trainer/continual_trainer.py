@@ -15,13 +15,11 @@ the loop is the plain one. ``tf32=True`` lets the flow's float32 matrix products
 Under ``--compile_flow`` the first task trains unfused: it is the only task whose shared weights
 train, so its compiled graph would serve one task (900 steps at MVTec size, ~12 s on an H200) and
 costs longer to compile (~30 s on a fresh 16-core host) than fusion saves. Later tasks share one
-compiled graph (frozen base), which a background thread compiles while task 0 trains
-(``compile_ahead.py``).
+compiled graph (frozen base).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -36,7 +34,6 @@ from moleflow.models import fusion
 from moleflow.models.loss import moleflow_loss
 from moleflow.models.mole_nf import MoLESpatialAwareNF
 from moleflow.models.routing import PrototypeRouter
-from moleflow.trainer.compile_ahead import CompileAhead
 from moleflow.trainer.features import FeatureSet
 from moleflow.trainer.graph_step import GraphedStep, StepBody
 from moleflow.trainer.precision import matmul_tf32
@@ -85,9 +82,6 @@ class MoLEContinualTrainer:
         graphs: run full-batch steps through ``GraphedStep`` (needs ``sync_free``; default: on CUDA
             with ``config.cuda_graphs``). Off CUDA the step runs on the same fixed input buffer
             without being recorded (how the tests check this path on a CPU).
-        compile_ahead: while fusion is on and steps are recorded, compile task 1's fused step in a
-            thread during task 0 (``CompileAhead``; default on; not with augmentation, whose
-            refresh changes the TF32 setting the thread reads).
     """
 
     def __init__(self, config: AblationConfig, model: MoLESpatialAwareNF, router: PrototypeRouter,
@@ -102,26 +96,20 @@ class MoLEContinualTrainer:
         self.fused = device.type == "cuda"
         self.sync_free = self.fused
         self.graphs = self.sync_free and config.cuda_graphs
-        self.compile_ahead = True
         # sync-free path: (sum of finite losses, skipped batches) of the epoch, kept on the device
         self._sums = (torch.zeros((), dtype=torch.float64, device=device),
                       torch.zeros((), dtype=torch.long, device=device))
-        self._runner: Optional[GraphedStep] = None
-        self._ahead: Optional[CompileAhead] = None  # compiling in a thread while this task trains
 
-    def _trainable(self, task_id: int, slow: bool, model: Optional[MoLESpatialAwareNF] = None
-                   ) -> list[nn.Parameter]:
-        """Set requires_grad for this task's stage and return the parameters to optimise (of
-        ``model``, default the run's)."""
-        model = self.model if model is None else model
-        shared = model.shared_parameters()
-        own = model.task_parameters(task_id)
+    def _trainable(self, task_id: int, slow: bool) -> list[nn.Parameter]:
+        """Set requires_grad for this task's stage and return the parameters to optimise."""
+        shared = self.model.shared_parameters()
+        own = self.model.task_parameters(task_id)
         train_shared = task_id == 0 or not self.config.freeze_base
-        for p in model.parameters():
+        for p in self.model.parameters():
             p.requires_grad_(False)
         params = own + (shared if train_shared else [])
         if slow:
-            params = params + model.slow_parameters(self.config.slow_blocks_k)
+            params = params + self.model.slow_parameters(self.config.slow_blocks_k)
         unique = list({id(p): p for p in params}.values())
         for p in unique:
             p.requires_grad_(True)
@@ -171,11 +159,6 @@ class MoLEContinualTrainer:
         cfg = self.config
         if task_id != self.model.num_tasks:
             raise ValueError(f"task {task_id} cannot follow {self.model.num_tasks} trained tasks")
-        ahead = None
-        if task_id == 0 and self.compile_ahead and self.graphs and refresh is None and fusion.active(self.device):
-            # the replica's tasks are added here, before the seeding below: no draw of the run changes
-            ahead = CompileAhead(self.model, lambda m, t: self._trainable(t, slow=False, model=m), self._task_loss,
-                                 (cfg.batch_size, *train.patches.shape[1:]), self.device, self.log)
         torch.manual_seed(cfg.seed * 7919 + task_id)
         self.model.add_task()
         params = self._trainable(task_id, slow=False)
@@ -186,32 +169,6 @@ class MoLEContinualTrainer:
             self.log.info(f"task {task_id}: fused {cfg.optimizer}, non-finite batches skipped on the device, "
                           f"flow matmuls {'TF32' if self.tf32 else 'float32'}", extra={"file_only": True})
         optimizer = self._optimizer(params)
-        self.model.train()
-        tf32_outside = torch.backends.cuda.matmul.allow_tf32
-        with matmul_tf32(self.device, self.tf32):  # for the whole task: a thread compiling ahead reads it
-            try:
-                step, skipped, last_loss = self._epochs(task_id, train, refresh, optimizer, params, ahead,
-                                                        lambda: matmul_tf32(self.device, tf32_outside))
-            finally:
-                if ahead is not None:
-                    ahead.wait()
-                    self._ahead = None
-        optimizer.zero_grad(set_to_none=True)
-        self._release_graph()
-        self.model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.router.add_task(router_features)
-        return TaskStats(task_id, cfg.num_epochs, step, skipped, last_loss, n_params)
-
-    def _epochs(self, task_id: int, train: FeatureSet, refresh: Optional[Callable[[], FeatureSet]],
-                optimizer: torch.optim.Optimizer, params: list[nn.Parameter], ahead: Optional[CompileAhead],
-                outside_tf32: Callable[[], contextlib.AbstractContextManager]) -> tuple[int, int, float]:
-        """The task's epochs; returns (steps, skipped batches, mean loss of the last epoch).
-
-        ``ahead`` starts after the first epoch (its step is recorded by then); a refresh of the
-        features runs under ``outside_tf32()`` (the precision the caller had)."""
-        cfg = self.config
         n = len(train)
         steps_per_epoch = math.ceil(n / cfg.batch_size)
         total = cfg.num_epochs * steps_per_epoch
@@ -221,7 +178,8 @@ class MoLEContinualTrainer:
         use_slow = cfg.enable_slow_stage and task_id > 0 and slow_epoch < cfg.num_epochs
         generator = torch.Generator().manual_seed(cfg.seed * 104729 + task_id)
         step, skipped, last_loss = 0, 0, float("nan")
-        self._runner = None
+        runner: Optional[GraphedStep] = None
+        self.model.train()
         bar = tqdm(range(cfg.num_epochs), desc=f"task {task_id} train", leave=False, disable=not self.progress)
         for epoch in bar:
             if use_slow and epoch == slow_epoch:
@@ -231,24 +189,19 @@ class MoLEContinualTrainer:
                 lr_value = self._lr_tensor(slow_lr) if self.sync_free else slow_lr
                 optimizer.add_param_group({"params": slow, "base_lr": slow_lr, "lr": lr_value})
                 params = params + slow
-                self._release_graph()  # the recorded step holds the old parameter set
+                runner = None  # the recorded step holds the old parameter set
                 self.log.info(f"task {task_id}: SLOW stage from epoch {epoch + 1}: last {cfg.slow_blocks_k} "
                               f"shared blocks unfrozen at lr x {cfg.slow_lr_ratio}")
             if refresh is not None and epoch > 0:
-                with outside_tf32():
-                    train = refresh()
+                train = refresh()
             order = torch.randperm(n, generator=generator).to(train.patches.device)
-            if self.graphs and self._runner is None:
-                self._runner = GraphedStep(self._sync_free_body(task_id, optimizer, params),
-                                           (cfg.batch_size, *train.patches.shape[1:]), self.device,
-                                           capture=self.device.type == "cuda", on_failure=self.log.warning)
-            with fusion.paused(task_id == 0):
+            if self.graphs and runner is None:
+                runner = GraphedStep(self._sync_free_body(task_id, optimizer, params),
+                                     (cfg.batch_size, *train.patches.shape[1:]), self.device,
+                                     capture=self.device.type == "cuda", on_failure=self.log.warning)
+            with matmul_tf32(self.device, self.tf32), fusion.paused(task_id == 0):
                 loss_sum, good, bad = self._epoch(task_id, train, order, optimizer, params, step, total, warmup,
-                                                  self._runner)
-            if ahead is not None and epoch == 0 and self._runner is not None and self._runner.graph is not None:
-                # from now on every full batch is a replayed graph; an eager step waits (_epoch)
-                self._ahead = ahead
-                ahead.start()
+                                                  runner)
             step += good + bad
             skipped += bad
             if skipped > cfg.max_skip_fraction * step:
@@ -260,15 +213,17 @@ class MoLEContinualTrainer:
             bar.set_postfix(loss=f"{last_loss:.2f}")
             self.log.info(f"task {task_id} epoch {epoch + 1}/{cfg.num_epochs} loss {last_loss:.4f} "
                           f"lr {float(optimizer.param_groups[0]['lr']):.2e} skipped {skipped}", extra={"file_only": True})
-        return step, skipped, last_loss
-
-    def _release_graph(self) -> None:
-        """Drop the recorded step. It keeps a private memory pool that the allocator hands back only
-        on request; without this every task would leave its pool reserved."""
-        runner, self._runner = self._runner, None
+        optimizer.zero_grad(set_to_none=True)
         if runner is not None and runner.graph is not None:
+            # A recorded step keeps a private memory pool that the allocator hands back only on
+            # request; without this every task would leave its pool reserved.
             del runner
             torch.cuda.empty_cache()
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.router.add_task(router_features)
+        return TaskStats(task_id, cfg.num_epochs, step, skipped, last_loss, n_params)
 
     def _epoch(self, task_id: int, train: FeatureSet, order: Tensor, optimizer: torch.optim.Optimizer,
                params: list[nn.Parameter], step: int, total: int, warmup: int,
@@ -295,9 +250,6 @@ class MoLEContinualTrainer:
                 if runner is not None and len(index) == cfg.batch_size:
                     runner(feats)
                 else:
-                    if self._ahead is not None:  # while torch compiles, its eager optimizer paths differ
-                        self._ahead.wait()
-                        self._ahead = None
                     body(feats.to(self.device, non_blocking=True), False)
                 continue
             loss = self._loss(train.patches[index].to(self.device), task_id)
@@ -341,11 +293,7 @@ class MoLEContinualTrainer:
         optimizer.step()
 
     def _loss(self, feats: Tensor, task_id: int) -> Tensor:
-        return self._task_loss(self.model, feats, task_id)
-
-    def _task_loss(self, model: nn.Module, feats: Tensor, task_id: int) -> Tensor:
-        """The training loss of ``model`` (the run's, or a replica compiling ahead)."""
         cfg = self.config
-        z, log_det = model(feats, task_id)
+        z, log_det = self.model(feats, task_id)
         return moleflow_loss(z, log_det, tail_weight=cfg.tail_weight, tail_ratio=cfg.tail_top_k_ratio,
                              lambda_logdet=cfg.lambda_logdet, tail_aware=cfg.use_tail_aware_loss)
