@@ -13,7 +13,10 @@ by side; ``atenconv``: the context conv's input gradient by autograd's depthwise
 before session 6). Session 5: call 1 (before the merged LoRA product): current 12.0 ms/step in the loop
 (11.0 ms of kernels), merged 11.3 (10.1), merged + paired DIA 11.4 (10.4); call 3: merged with the
 depthwise convolutions written as shifted sums under fusion 10.5 (9.3) vs ATen's 10.8 (9.6), at
-+11 s of compiling and slower scoring, so not kept.
++11 s of compiling and slower scoring, so not kept. Session 6, call 1: the context conv's input
+gradient as the flipped kernel's convolution 9.82 (8.90) vs ``atenconv`` 10.54 (9.57); call 2 (variants
+since removed): the merged weight built transposed and used through addmm 10.12 (8.93) vs 10.18
+(8.91), cuBLASLt as torch's preferred BLAS 10.86 (9.52): neither kept.
 """
 
 from __future__ import annotations

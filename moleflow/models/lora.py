@@ -23,9 +23,10 @@ class _DepthwiseConv(torch.autograd.Function):
     the kernel flipped (exact for stride 1; the two differ only in summation order).
 
     On CUDA, autograd's own input gradient of a depthwise float32 convolution is ATen's generic
-    kernel, ~2.4x the forward convolution's time on the coupling subnets' 5x5 context conv
-    (benchmarks/train_probe.py, H200); the flipped forward runs the fast kernel again. Kernel and
-    bias gradients (task 0 only: the conv is shared) are autograd's own.
+    kernel: 85 us per call on the coupling subnets' 5x5 context conv, against 35 us for the forward
+    convolution's kernel, which the flipped form runs again (H200; the training step went from
+    10.5 to 9.8 ms, benchmarks/train_probe.py). Kernel and bias gradients (task 0 only: the conv is
+    shared) are autograd's own.
     """
 
     @staticmethod
