@@ -34,7 +34,6 @@ class _DepthwiseConv(torch.autograd.Function):
                 padding: int) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.padding = padding
-        ctx.has_bias = bias is not None
         return F.conv2d(x, weight, bias, padding=padding, groups=weight.shape[0])
 
     @staticmethod
@@ -46,7 +45,7 @@ class _DepthwiseConv(torch.autograd.Function):
             grad_x = F.conv2d(grad, weight.flip(-2, -1), padding=ctx.padding, groups=weight.shape[0])
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                grad, x, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1], [ctx.padding] * 2,
+                grad, x, weight, [weight.shape[0]] if ctx.needs_input_grad[2] else None, [1, 1], [ctx.padding] * 2,
                 [1, 1], False, [0, 0], weight.shape[0], [False, ctx.needs_input_grad[1], ctx.needs_input_grad[2]])
         return grad_x, grad_w, grad_b, None
 
