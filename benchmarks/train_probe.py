@@ -7,16 +7,30 @@ trainer itself (recorded CUDA-graph steps) on random patch features of 240 image
 prints for each task the wall time of ``train_task`` and the time per step, so that compile time
 (tasks 0 and 1) and the steady state (later tasks) are separated. Then profiles the steady-state
 step's kernels (one eager call of the same fused body) grouped by kind. PROBE_VARIANTS names
-model variants to time the same way after the current one (``unmerged``: each LoRA layer's
-low-rank term as two thin products, the form before session 5; ``dia``: the DIA s and t MLPs side
-by side; ``atenconv``: the context conv's input gradient by autograd's depthwise kernel, the form
-before session 6). Session 5: call 1 (before the merged LoRA product): current 12.0 ms/step in the loop
-(11.0 ms of kernels), merged 11.3 (10.1), merged + paired DIA 11.4 (10.4); call 3: merged with the
-depthwise convolutions written as shifted sums under fusion 10.5 (9.3) vs ATen's 10.8 (9.6), at
-+11 s of compiling and slower scoring, so not kept. Session 6, call 1: the context conv's input
-gradient as the flipped kernel's convolution 9.82 (8.90) vs ``atenconv`` 10.54 (9.57); call 2 (variants
-since removed): the merged weight built transposed and used through addmm 10.12 (8.93) vs 10.18
-(8.91), cuBLASLt as torch's preferred BLAS 10.86 (9.52): neither kept.
+model variants to time the same way after the current one (PROBE_ONLY: only those):
+  ``unmerged``: each LoRA layer's low-rank term as two thin products (before session 5);
+  ``dia``: the DIA s and t MLPs side by side;
+  ``atenconv``: the context conv's input gradient by autograd's depthwise kernel (before session 6);
+  ``mixer``: the spatial mixer's conv through the flipped-kernel gradient too;
+  ``sortedperm`` / ``identityperm`` (timing only, they change the model): each block's permutation
+  sorted within the halves it splits into / dropped;
+  ``layoutopt`` / ``nolayoutopt``: Inductor's layout optimisation on / off;
+  ``static``: every fused call compiled for its exact shapes (``dynamic=False``);
+  ``evalfirst``: fused scoring at two batch sizes after task 0, as a run's evaluation does, so that
+  the training graph compiled at task 1 has a symbolic batch size (what happens in a real run).
+Session 5, call 1 (before the merged LoRA product): current 12.0 ms/step in the loop (11.0 ms of
+kernels), merged 11.3 (10.1), merged + paired DIA 11.4 (10.4); call 3: merged with the depthwise
+convolutions written as shifted sums under fusion 10.5 (9.3) vs ATen's 10.8 (9.6), at +11 s of
+compiling and slower scoring, so not kept. Session 6, call 1: the context conv's input gradient as
+the flipped kernel's convolution 9.82 (8.90) vs ``atenconv`` 10.54 (9.57); call 2 (variants since
+removed): the merged weight built transposed and used through addmm 10.12 (8.93) vs 10.18 (8.91),
+cuBLASLt as torch's preferred BLAS 10.86 (9.52): neither kept. Session 7 (results
+2026-11-28_h200_s7_call*): call 1: ``mixer`` 9.85 (8.94), ``sortedperm`` 9.75 (8.84),
+``identityperm`` 9.86 (8.83) vs current 9.85 (8.93): the permutation gathers cost about 0.1 ms;
+call 6: ``nolayoutopt`` 8.91 (7.90) vs current 10.06 (8.91); call 8 (10 epochs per task):
+``evalfirst_nolayoutopt`` 9.94 (8.59), ``evalfirst_static_nolayoutopt`` 9.34 (7.85), ``evalfirst``
+10.07 (8.58): a run's training graph has a symbolic batch size (so the layout optimisation does not
+apply), and its bias-gradient reductions are slower than with the batch size fixed.
 """
 
 from __future__ import annotations
@@ -33,9 +47,11 @@ import torch.nn.functional as F
 
 from moleflow.benchmark.limits import sync
 from moleflow.config.ablation import AblationConfig
+from moleflow.models import fusion as fusion_module
 from moleflow.models.fusion import fusion, reset_compiled
 from moleflow.models.coupling import DIASubnet
 from moleflow.models import lora
+from moleflow.models.adapters import SpatialContextMixer
 from moleflow.models.lora import LoRALinear
 from moleflow.models.mole_nf import build_flow
 from moleflow.models.routing import PrototypeRouter
@@ -75,6 +91,27 @@ def paired_dia_forward(self: DIASubnet, x: torch.Tensor) -> torch.Tensor:
 def aten_depthwise_conv2d(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
     """The context conv with autograd's own gradients (the form before session 6)."""
     return conv(x)
+
+
+def flipped_mixer_forward(self: SpatialContextMixer, x: torch.Tensor) -> torch.Tensor:
+    """The spatial mixer with its conv's input gradient as the flipped kernel's convolution."""
+    g = torch.sigmoid(self.gate)
+    mixed = lora.depthwise_conv2d(x.permute(0, 3, 1, 2), self.conv).permute(0, 2, 3, 1)
+    return (1.0 - g) * x + g * mixed
+
+
+def set_permutations(model, how: str) -> None:
+    """Timing only (changes the model): ``sorted`` keeps each block's split of the channels but
+    orders each half (the access pattern of a storage order that follows the split); ``identity``
+    drops the permutation (contiguous reads: the bound on what the gather costs)."""
+    for block in model.blocks:
+        perm = block.perm
+        if how == "sorted":
+            perm = torch.cat([perm[:block.split1].sort().values, perm[block.split1:].sort().values])
+        else:
+            perm = torch.arange(len(perm), device=perm.device)
+        block.perm.copy_(perm)
+        block.perm_inv.copy_(torch.argsort(perm))
 
 
 def kind(name: str) -> str:
@@ -141,6 +178,8 @@ def main() -> None:
     epochs = int(os.environ.get("PROBE_EPOCHS", 20))
     tasks_per_variant = int(os.environ.get("PROBE_TASKS", 4))
     variants = ["current"] + [v for v in os.environ.get("PROBE_VARIANTS", "unmerged").split(",") if v]
+    if os.environ.get("PROBE_ONLY"):
+        variants = os.environ["PROBE_ONLY"].split(",")
     torch.backends.cudnn.allow_tf32 = True
     log = logging.getLogger("probe")
     log.addHandler(logging.NullHandler())
@@ -154,13 +193,24 @@ def main() -> None:
         return FeatureSet(patches=patches, router=patches.mean(dim=(1, 2)).cpu(), labels=torch.zeros(n), masks=None)
 
     original, original_dia, original_conv = LoRALinear.run_expert, DIASubnet.forward, lora.depthwise_conv2d
+    original_mixer = SpatialContextMixer.forward
+    original_options = dict(fusion_module.COMPILE_OPTIONS)
     for variant in variants:
         LoRALinear.run_expert = unmerged_run_expert if "unmerged" in variant else original
         DIASubnet.forward = paired_dia_forward if "dia" in variant else original_dia
         lora.depthwise_conv2d = aten_depthwise_conv2d if "atenconv" in variant else original_conv
+        SpatialContextMixer.forward = flipped_mixer_forward if "mixer" in variant else original_mixer
+        fusion_module.COMPILE_OPTIONS = dict(original_options)
+        if "layoutopt" in variant:  # Inductor's layout optimisation off (nolayoutopt) or on (layoutopt)
+            fusion_module.COMPILE_OPTIONS["options"] = {"layout_optimization": "nolayoutopt" not in variant}
+        if "static" in variant:
+            fusion_module.COMPILE_OPTIONS["dynamic"] = False
         reset_compiled()
         torch.manual_seed(0)
         model = build_flow(cfg, dim).to(dev)
+        for how in ("sorted", "identity"):
+            if f"{how}perm" in variant:
+                set_permutations(model, how)
         trainer = MoLEContinualTrainer(cfg, model, PrototypeRouter(), dev, log, progress=False, tf32=True)
         print(f"== variant {variant}: {epochs} epochs x {n} images per task, batch {cfg.batch_size}", flush=True)
         with fusion(dev.type == "cuda", log):
@@ -173,6 +223,10 @@ def main() -> None:
                 wall = time.perf_counter() - start
                 print(f"  task {task}: {wall:6.2f} s for {stats.steps} steps = {1000 * wall / stats.steps:6.2f} ms/step "
                       f"({n * epochs / wall:5.0f} img/s), loss {stats.final_loss:.1f}", flush=True)
+                if "evalfirst" in variant and task == 0:  # as a run does: fused scoring before task 1
+                    with torch.no_grad():
+                        for size in (8, 12):
+                            model(feats.patches[:size], 0)
             if dev.type == "cuda":  # the device-side body needs the fused optimizer
                 profile_step(trainer, model, cfg, tasks_per_variant - 1, feats)
         try:
@@ -181,6 +235,8 @@ def main() -> None:
         except Exception as err:  # diagnostic only
             print("  compile_times unavailable:", err)
     LoRALinear.run_expert, DIASubnet.forward, lora.depthwise_conv2d = original, original_dia, original_conv
+    SpatialContextMixer.forward = original_mixer
+    fusion_module.COMPILE_OPTIONS = original_options
 
 
 if __name__ == "__main__":
