@@ -146,3 +146,82 @@ def test_a_function_that_cannot_be_compiled_runs_plainly(monkeypatch: pytest.Mon
     assert torch.equal(plain[0], fused[0]) and torch.equal(plain[1], again[1])
     assert "could not be compiled" in caplog.text and "coupling_forward" in caplog.text
     assert caplog.text.count("coupling_forward could not") == 1
+
+
+@pytest.fixture
+def traced_like_a_run(monkeypatch: pytest.MonkeyPatch) -> Iterator[list]:
+    """As ``traced``, with the run's automatic dynamic shapes: records whether each graph has a
+    symbolic size among its inputs."""
+    graphs: list = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(any(isinstance(e, torch.SymInt) for e in example_inputs))
+        return gm.forward
+
+    monkeypatch.setattr(fusion, "FUSED_DEVICES", ("cpu",))
+    monkeypatch.setattr(fusion, "COMPILE_OPTIONS", {"backend": backend, "dynamic": None})
+    fusion.reset_compiled()
+    yield graphs
+    fusion.reset_compiled()
+
+
+def test_static_shapes_compile_for_the_exact_shape_after_symbolic_ones(traced_like_a_run: list) -> None:
+    """Scoring at two batch sizes makes the batch size symbolic; a training step inside
+    static_shapes() still gets graphs for its exact shape, with the same values as unfused."""
+    model = _model(2)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = model.task_parameters(1)
+    for p in params:
+        p.requires_grad_(True)
+
+    def grads(x: torch.Tensor) -> list[torch.Tensor]:
+        for p in params:
+            p.grad = None
+        moleflow_loss(*model(x, 1)).backward()
+        return [p.grad.clone() for p in params]
+
+    x = torch.randn(4, 4, 4, 16)
+    plain = grads(x)
+    with fusion.fusion(True):
+        with torch.no_grad():
+            model(torch.randn(2, 4, 4, 16), 1)
+            model(torch.randn(3, 4, 4, 16), 1)
+        scoring = list(traced_like_a_run)
+        with fusion.static_shapes():
+            fused = grads(x)
+        training = traced_like_a_run[len(scoring):]
+        with fusion.static_shapes():
+            grads(torch.randn(4, 4, 4, 16))
+    assert any(scoring) and training and not any(training)
+    assert len(traced_like_a_run) == len(scoring) + len(training)  # the same shape reuses them
+    for a, b in zip(plain, fused):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("images", [8, 10])
+def test_training_compiles_full_batches_for_their_shape_and_runs_a_last_smaller_batch_unfused(
+        traced_like_a_run: list, images: int) -> None:
+    from moleflow.config.ablation import AblationConfig
+    from moleflow.models.mole_nf import build_flow
+    from moleflow.models.routing import PrototypeRouter
+    from moleflow.trainer.continual_trainer import MoLEContinualTrainer
+    from moleflow.trainer.features import FeatureSet
+    cfg = AblationConfig(feature_dim=16, lora_rank=2, num_coupling_layers=2, num_epochs=2, batch_size=4)
+    torch.manual_seed(0)
+    model = build_flow(cfg, 16)
+    trainer = MoLEContinualTrainer(cfg, model, PrototypeRouter(), torch.device("cpu"),
+                                   logging.getLogger("test_fusion"), progress=False)
+    with fusion.fusion(True):
+        for task in range(3):
+            patches = torch.randn(images, 4, 4, 16)
+            trainer.train_task(task, FeatureSet(patches, patches.mean(dim=(1, 2)), torch.zeros(images), None))
+            if task == 0:  # scoring between tasks, as a run evaluates: symbolic batch sizes from here on
+                with torch.no_grad():
+                    model(patches[:2], 0)
+                    model(patches[:3], 0)
+                scoring = len(traced_like_a_run)
+    training = traced_like_a_run[scoring:]
+    assert any(traced_like_a_run[:scoring])
+    # condition, coupling block, DIA, loss: one graph each, for the full batch only, reused by task 2
+    assert len(training) == 4 and not any(training)

@@ -15,15 +15,17 @@ the loop is the plain one. ``tf32=True`` lets the flow's float32 matrix products
 Under ``--compile_flow`` the first task trains unfused: it is the only task whose shared weights
 train, so its compiled graph would serve one task (900 steps at MVTec size, ~12 s on an H200) and
 costs longer to compile (~30 s on a fresh 16-core host) than fusion saves. Later tasks share one
-compiled graph (frozen base).
+compiled graph (frozen base), compiled for the exact shape of a full batch; a smaller last batch
+runs unfused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -61,6 +63,15 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@contextlib.contextmanager
+def _step_fusion(full_batch: bool) -> Iterator[None]:
+    """Under ``--compile_flow``: a full batch runs the graph compiled for its exact shape (one per
+    run, shared by all later tasks); a smaller last batch runs unfused (its size differs from task to
+    task, and compiling for each size would cost more than the few unfused steps)."""
+    with fusion.static_shapes(full_batch), fusion.paused(not full_batch):
+        yield
 
 
 class MoLEContinualTrainer:
@@ -245,14 +256,17 @@ class MoLEContinualTrainer:
             self._set_lr(optimizer, lr_factor(step + batches, total, warmup))
             batches += 1
             index = order[start:start + cfg.batch_size]
+            full = len(index) == cfg.batch_size
             if self.sync_free:
                 feats = train.patches[index]
-                if runner is not None and len(index) == cfg.batch_size:
-                    runner(feats)
-                else:
-                    body(feats.to(self.device, non_blocking=True), False)
+                with _step_fusion(full):
+                    if runner is not None and full:
+                        runner(feats)
+                    else:
+                        body(feats.to(self.device, non_blocking=True), False)
                 continue
-            loss = self._loss(train.patches[index].to(self.device), task_id)
+            with _step_fusion(full):
+                loss = self._loss(train.patches[index].to(self.device), task_id)
             if not torch.isfinite(loss):
                 skipped += 1
                 optimizer.zero_grad(set_to_none=True)
