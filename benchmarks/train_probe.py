@@ -17,7 +17,9 @@ model variants to time the same way after the current one (PROBE_ONLY: only thos
   ``layoutopt`` / ``nolayoutopt``: Inductor's layout optimisation on / off;
   ``static``: every fused call compiled for its exact shapes (``dynamic=False``);
   ``evalfirst``: fused scoring at two batch sizes after task 0, as a run's evaluation does, so that
-  the training graph compiled at task 1 has a symbolic batch size (what happens in a real run).
+  the training graph compiled at task 1 has a symbolic batch size (what happens in a real run);
+  ``thinwgrad``: with the base frozen, the LoRA factors' gradients as four thin products each
+  instead of the merged weight's full gradient (not measured yet).
 Session 5, call 1 (before the merged LoRA product): current 12.0 ms/step in the loop (11.0 ms of
 kernels), merged 11.3 (10.1), merged + paired DIA 11.4 (10.4); call 3: merged with the depthwise
 convolutions written as shifted sums under fusion 10.5 (9.3) vs ATen's 10.8 (9.6), at +11 s of
@@ -72,6 +74,49 @@ def unmerged_run_expert(self: LoRALinear, x: torch.Tensor, expert) -> torch.Tens
     out = torch.addmm(self.base.bias + task_bias, flat, self.base.weight.t())
     out.addmm_(flat @ lora_a.t(), lora_b.t(), alpha=self.scaling)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+class _ThinGradLoRALinear(torch.autograd.Function):
+    """The merged LoRA product (one product forward); backward with the base frozen takes A's and B's
+    gradients as four thin products (rank r) instead of the full merged-weight gradient G^T X, which
+    cuBLAS runs as a split-K product (K = the batch's patches)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, task_bias, scaling: float):
+        merged = torch.addmm(weight, lora_b, lora_a, alpha=scaling)
+        ctx.save_for_backward(x, merged, lora_a, lora_b)
+        ctx.scaling = scaling
+        return F.linear(x, merged, bias + task_bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, merged, lora_a, lora_b = ctx.saved_tensors
+        s = ctx.scaling
+        g = grad.reshape(-1, grad.shape[-1])
+        flat = x.reshape(-1, x.shape[-1])
+        grad_x = (g @ merged).view(x.shape) if ctx.needs_input_grad[0] else None
+        grad_w = grad_a = grad_b = None
+        if ctx.needs_input_grad[1]:  # base trains: the full weight gradient, as autograd
+            grad_w = g.t() @ flat
+            grad_a = s * (lora_b.t() @ grad_w)
+            grad_b = s * (grad_w @ lora_a.t())
+        else:
+            grad_b = s * (g.t() @ (flat @ lora_a.t()))
+            grad_a = s * ((g @ lora_b).t() @ flat)
+        grad_bias = g.sum(0) if (ctx.needs_input_grad[2] or ctx.needs_input_grad[5]) else None
+        return (grad_x, grad_w, grad_bias if ctx.needs_input_grad[2] else None, grad_a, grad_b,
+                grad_bias if ctx.needs_input_grad[5] else None, None)
+
+
+def thin_grad_run_expert(self: LoRALinear, x: torch.Tensor, expert) -> torch.Tensor:
+    """``run_expert`` through ``_ThinGradLoRALinear`` for a single expert (per-image path unchanged)."""
+    if expert is None or expert[0].dim() == 3:
+        return original_run_expert(self, x, expert)
+    lora_a, lora_b, task_bias = expert
+    return _ThinGradLoRALinear.apply(x, self.base.weight, self.base.bias, lora_a, lora_b, task_bias, self.scaling)
+
+
+original_run_expert = LoRALinear.run_expert
 
 
 def paired_dia_forward(self: DIASubnet, x: torch.Tensor) -> torch.Tensor:
@@ -196,7 +241,8 @@ def main() -> None:
     original_mixer = SpatialContextMixer.forward
     original_options = dict(fusion_module.COMPILE_OPTIONS)
     for variant in variants:
-        LoRALinear.run_expert = unmerged_run_expert if "unmerged" in variant else original
+        LoRALinear.run_expert = (unmerged_run_expert if "unmerged" in variant else
+                                 thin_grad_run_expert if "thinwgrad" in variant else original)
         DIASubnet.forward = paired_dia_forward if "dia" in variant else original_dia
         lora.depthwise_conv2d = aten_depthwise_conv2d if "atenconv" in variant else original_conv
         SpatialContextMixer.forward = flipped_mixer_forward if "mixer" in variant else original_mixer
