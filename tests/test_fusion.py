@@ -8,7 +8,7 @@ would be compiled; the compiled (Inductor) kernels are checked on a GPU in test_
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import pytest
 import torch
@@ -29,20 +29,27 @@ def _model(tasks: int, **kwargs) -> MoLESpatialAwareNF:
     return model
 
 
-@pytest.fixture
-def traced(monkeypatch: pytest.MonkeyPatch) -> Iterator[list]:
-    """Fusion on for CPU tensors, with a backend that counts the graphs it is given and runs them."""
+def _trace_on_the_cpu(monkeypatch: pytest.MonkeyPatch, dynamic: Optional[bool],
+                      record: Callable[[torch.fx.GraphModule, list], object]) -> Iterator[list]:
+    """Fusion on for CPU tensors, with a backend that appends ``record(graph, example inputs)`` for
+    each graph it is given and runs the graph as is."""
     graphs: list = []
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
-        graphs.append(gm)
+        graphs.append(record(gm, example_inputs))
         return gm.forward
 
     monkeypatch.setattr(fusion, "FUSED_DEVICES", ("cpu",))
-    monkeypatch.setattr(fusion, "COMPILE_OPTIONS", {"backend": backend, "dynamic": False})
+    monkeypatch.setattr(fusion, "COMPILE_OPTIONS", {"backend": backend, "dynamic": dynamic})
     fusion.reset_compiled()
     yield graphs
     fusion.reset_compiled()
+
+
+@pytest.fixture
+def traced(monkeypatch: pytest.MonkeyPatch) -> Iterator[list]:
+    """The graphs traced, each compiled for its exact shapes."""
+    yield from _trace_on_the_cpu(monkeypatch, False, lambda gm, inputs: gm)
 
 
 def test_fusion_is_off_on_the_cpu_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -80,24 +87,28 @@ def test_traced_flow_equals_plain_and_does_not_grow_with_tasks(traced: list, kwa
     assert len(traced) == count  # a 4th task reuses every graph
 
 
-def test_traced_training_gradients_equal_plain(traced: list) -> None:
-    model = _model(2)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = model.task_parameters(1)
+def _task_gradients(model: MoLESpatialAwareNF, task: int) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+    """Only ``task``'s own parameters train; returns x -> their gradients of the loss on x."""
+    model.requires_grad_(False)
+    params = model.task_parameters(task)
     for p in params:
         p.requires_grad_(True)
-    x = torch.randn(2, 4, 4, 16)
 
-    def grads() -> list[torch.Tensor]:
+    def grads(x: torch.Tensor) -> list[torch.Tensor]:
         for p in params:
             p.grad = None
-        moleflow_loss(*model(x, 1)).backward()
+        moleflow_loss(*model(x, task)).backward()
         return [p.grad.clone() for p in params]
 
-    plain = grads()
+    return grads
+
+
+def test_traced_training_gradients_equal_plain(traced: list) -> None:
+    grads = _task_gradients(_model(2), 1)
+    x = torch.randn(2, 4, 4, 16)
+    plain = grads(x)
     with fusion.fusion(True):
-        fused = grads()
+        fused = grads(x)
         assert traced, "nothing was traced"
     for a, b in zip(plain, fused):
         assert torch.equal(a, b)
@@ -150,37 +161,17 @@ def test_a_function_that_cannot_be_compiled_runs_plainly(monkeypatch: pytest.Mon
 
 @pytest.fixture
 def traced_like_a_run(monkeypatch: pytest.MonkeyPatch) -> Iterator[list]:
-    """As ``traced``, with the run's automatic dynamic shapes: records whether each graph has a
-    symbolic size among its inputs."""
-    graphs: list = []
-
-    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
-        graphs.append(any(isinstance(e, torch.SymInt) for e in example_inputs))
-        return gm.forward
-
-    monkeypatch.setattr(fusion, "FUSED_DEVICES", ("cpu",))
-    monkeypatch.setattr(fusion, "COMPILE_OPTIONS", {"backend": backend, "dynamic": None})
-    fusion.reset_compiled()
-    yield graphs
-    fusion.reset_compiled()
+    """With the run's automatic dynamic shapes: for each graph, whether a size among its inputs is
+    symbolic."""
+    yield from _trace_on_the_cpu(monkeypatch, None,
+                                 lambda gm, inputs: any(isinstance(e, torch.SymInt) for e in inputs))
 
 
 def test_static_shapes_compile_for_the_exact_shape_after_symbolic_ones(traced_like_a_run: list) -> None:
     """Scoring at two batch sizes makes the batch size symbolic; a training step inside
     static_shapes() still gets graphs for its exact shape, with the same values as unfused."""
     model = _model(2)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = model.task_parameters(1)
-    for p in params:
-        p.requires_grad_(True)
-
-    def grads(x: torch.Tensor) -> list[torch.Tensor]:
-        for p in params:
-            p.grad = None
-        moleflow_loss(*model(x, 1)).backward()
-        return [p.grad.clone() for p in params]
-
+    grads = _task_gradients(model, 1)
     x = torch.randn(4, 4, 4, 16)
     plain = grads(x)
     with fusion.fusion(True):
