@@ -237,7 +237,7 @@ def main() -> None:
         patches = torch.randn(n, grid, grid, dim, generator=gen).to(dev)
         return FeatureSet(patches=patches, router=patches.mean(dim=(1, 2)).cpu(), labels=torch.zeros(n), masks=None)
 
-    original, original_dia, original_conv = LoRALinear.run_expert, DIASubnet.forward, lora.depthwise_conv2d
+    original, original_dia, original_conv = original_run_expert, DIASubnet.forward, lora.depthwise_conv2d
     original_mixer = SpatialContextMixer.forward
     original_options = dict(fusion_module.COMPILE_OPTIONS)
     for variant in variants:
