@@ -13,9 +13,14 @@ from typing import Callable, Iterator, Optional
 import pytest
 import torch
 
+from moleflow.config.ablation import AblationConfig
 from moleflow.models import fusion
 from moleflow.models.loss import moleflow_loss
-from moleflow.models.mole_nf import MoLESpatialAwareNF
+from moleflow.models.mole_nf import MoLESpatialAwareNF, build_flow
+from moleflow.models.routing import PrototypeRouter
+from moleflow.trainer import precompile
+from moleflow.trainer.continual_trainer import MoLEContinualTrainer
+from moleflow.trainer.features import FeatureSet
 
 
 def _model(tasks: int, **kwargs) -> MoLESpatialAwareNF:
@@ -27,6 +32,20 @@ def _model(tasks: int, **kwargs) -> MoLESpatialAwareNF:
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return model
+
+
+def _trainer(**settings) -> MoLEContinualTrainer:
+    """A CPU trainer of a small flow (D 16, batch 4), without the compile-ahead child unless asked."""
+    cfg = AblationConfig(**{"feature_dim": 16, "lora_rank": 2, "num_coupling_layers": 2, "num_epochs": 1,
+                            "batch_size": 4, "compile_ahead": False, **settings})
+    torch.manual_seed(0)
+    return MoLEContinualTrainer(cfg, build_flow(cfg, 16), PrototypeRouter(), torch.device("cpu"),
+                                logging.getLogger("test_fusion"), progress=False)
+
+
+def _features(images: int) -> FeatureSet:
+    patches = torch.randn(images, 4, 4, 16)
+    return FeatureSet(patches, patches.mean(dim=(1, 2)), torch.zeros(images), None)
 
 
 def _trace_on_the_cpu(monkeypatch: pytest.MonkeyPatch, dynamic: Optional[bool],
@@ -116,20 +135,11 @@ def test_traced_training_gradients_equal_plain(traced: list) -> None:
 
 def test_the_first_task_trains_unfused_and_later_tasks_fused(traced: list) -> None:
     """Under --compile_flow task 0 (the only task whose shared weights train) traces nothing."""
-    from moleflow.config.ablation import AblationConfig
-    from moleflow.models.mole_nf import build_flow
-    from moleflow.models.routing import PrototypeRouter
-    from moleflow.trainer.continual_trainer import MoLEContinualTrainer
-    from moleflow.trainer.features import FeatureSet
-    cfg = AblationConfig(feature_dim=16, lora_rank=2, num_coupling_layers=2, num_epochs=1, batch_size=4)
-    torch.manual_seed(0)
-    trainer = MoLEContinualTrainer(cfg, build_flow(cfg, 16), PrototypeRouter(), torch.device("cpu"),
-                                   logging.getLogger("test_fusion"), progress=False)
+    trainer = _trainer()
     counts = []
     with fusion.fusion(True):
         for task in range(2):
-            patches = torch.randn(8, 4, 4, 16)
-            trainer.train_task(task, FeatureSet(patches, patches.mean(dim=(1, 2)), torch.zeros(8), None))
+            trainer.train_task(task, _features(8))
             counts.append(len(traced))
     assert counts[0] == 0 and counts[1] > 0
 
@@ -193,26 +203,62 @@ def test_static_shapes_compile_for_the_exact_shape_after_symbolic_ones(traced_li
 @pytest.mark.parametrize("images", [8, 10])
 def test_training_compiles_full_batches_for_their_shape_and_runs_a_last_smaller_batch_unfused(
         traced_like_a_run: list, images: int) -> None:
-    from moleflow.config.ablation import AblationConfig
-    from moleflow.models.mole_nf import build_flow
-    from moleflow.models.routing import PrototypeRouter
-    from moleflow.trainer.continual_trainer import MoLEContinualTrainer
-    from moleflow.trainer.features import FeatureSet
-    cfg = AblationConfig(feature_dim=16, lora_rank=2, num_coupling_layers=2, num_epochs=2, batch_size=4)
-    torch.manual_seed(0)
-    model = build_flow(cfg, 16)
-    trainer = MoLEContinualTrainer(cfg, model, PrototypeRouter(), torch.device("cpu"),
-                                   logging.getLogger("test_fusion"), progress=False)
+    trainer = _trainer(num_epochs=2)
     with fusion.fusion(True):
         for task in range(3):
-            patches = torch.randn(images, 4, 4, 16)
-            trainer.train_task(task, FeatureSet(patches, patches.mean(dim=(1, 2)), torch.zeros(images), None))
-            if task == 0:  # scoring between tasks, as a run evaluates: symbolic batch sizes from here on
-                with torch.no_grad():
-                    model(patches[:2], 0)
-                    model(patches[:3], 0)
+            trainer.train_task(task, _features(images))
+            if task == 0:
+                _score_at_two_batch_sizes(trainer.model)
                 scoring = len(traced_like_a_run)
     training = traced_like_a_run[scoring:]
     assert any(traced_like_a_run[:scoring])
     # condition, coupling block, DIA, loss: one graph each, for the full batch only, reused by task 2
     assert len(training) == 4 and not any(training)
+
+
+def _score_at_two_batch_sizes(model: MoLESpatialAwareNF) -> None:
+    """Scoring between tasks, as a run evaluates: fused calls get symbolic batch sizes from here on."""
+    with torch.no_grad():
+        model(torch.randn(2, 4, 4, 16), 0)
+        model(torch.randn(3, 4, 4, 16), 0)
+
+
+@pytest.fixture
+def traced_code(monkeypatch: pytest.MonkeyPatch) -> Iterator[list]:
+    """With the run's automatic dynamic shapes: each graph's code and its inputs' shapes and
+    requires_grad (what torch's compile caches key a graph on, with its settings)."""
+    def record(gm: torch.fx.GraphModule, inputs: list) -> str:
+        return repr((gm.code, [(tuple(t.shape), t.requires_grad) if isinstance(t, torch.Tensor) else t
+                               for t in inputs]))
+    yield from _trace_on_the_cpu(monkeypatch, None, record)
+
+
+def test_compile_ahead_traces_the_graphs_that_later_tasks_train_with(traced_code: list,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """The compile-ahead child's pass (run here in-process) traces exactly the graphs that task 1 of
+    a run traces after task 0's evaluation; and the run starts the child at task 0 and waits for it
+    at task 1 (a real child process; on the CPU it runs its pass plainly)."""
+    trainer = _trainer(compile_ahead=True)
+    with fusion.fusion(True), caplog.at_level(logging.INFO, logger="test_fusion"):
+        trainer.train_task(0, _features(8))
+        assert trainer.compile_ahead is None
+        _score_at_two_batch_sizes(trainer.model)
+        scoring = len(traced_code)
+        trainer.train_task(1, _features(8))
+    run = sorted(traced_code[scoring:])
+    assert trainer.compile_ahead is not None and trainer.compile_ahead["seconds"] > 0
+    assert "a child process compiled the later tasks' training step" in caplog.text
+    fusion.reset_compiled()
+    del traced_code[:]
+    precompile.compile_training_step(trainer.config, (4, 4, 4, 16), torch.device("cpu"), tf32=False)
+    assert len(run) == 4 and sorted(traced_code) == run
+
+
+def test_a_failing_compile_ahead_child_is_one_warning_and_no_report(caplog: pytest.LogCaptureFixture) -> None:
+    config = _trainer().config
+    log = logging.getLogger("test_precompile")
+    with caplog.at_level(logging.INFO, logger="test_precompile"):
+        report = precompile.start(config, (4, 4, 4, 15), torch.device("cpu"), False).wait(log)  # D 15: no flow
+    assert report is None
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert "failed (exit 1: " in caplog.text and "--no_compile_ahead" in caplog.text

@@ -65,6 +65,11 @@ def fusion(enabled: bool, log: Optional[logging.Logger] = None) -> Iterator[None
         _enabled, _log = previous, previous_log
 
 
+def active(device: torch.device) -> bool:
+    """Whether fusable functions run compiled for tensors on ``device`` right now."""
+    return _enabled and device.type in FUSED_DEVICES
+
+
 @contextlib.contextmanager
 def paused(pause: bool = True) -> Iterator[None]:
     """Fusion off inside the block when ``pause`` (the compile-failure log is kept)."""
