@@ -8,14 +8,19 @@ would be compiled; the compiled (Inductor) kernels are checked on a GPU in test_
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import pytest
 import torch
 
+from moleflow.config.ablation import AblationConfig
 from moleflow.models import fusion
 from moleflow.models.loss import moleflow_loss
-from moleflow.models.mole_nf import MoLESpatialAwareNF
+from moleflow.models.mole_nf import MoLESpatialAwareNF, build_flow
+from moleflow.models.routing import PrototypeRouter
+from moleflow.trainer import precompile
+from moleflow.trainer.continual_trainer import MoLEContinualTrainer
+from moleflow.trainer.features import FeatureSet
 
 
 def _model(tasks: int, **kwargs) -> MoLESpatialAwareNF:
@@ -29,20 +34,41 @@ def _model(tasks: int, **kwargs) -> MoLESpatialAwareNF:
     return model
 
 
-@pytest.fixture
-def traced(monkeypatch: pytest.MonkeyPatch) -> Iterator[list]:
-    """Fusion on for CPU tensors, with a backend that counts the graphs it is given and runs them."""
+def _trainer(**settings) -> MoLEContinualTrainer:
+    """A CPU trainer of a small flow (D 16, batch 4), without the compile-ahead child unless asked."""
+    cfg = AblationConfig(**{"feature_dim": 16, "lora_rank": 2, "num_coupling_layers": 2, "num_epochs": 1,
+                            "batch_size": 4, "compile_ahead": False, **settings})
+    torch.manual_seed(0)
+    return MoLEContinualTrainer(cfg, build_flow(cfg, 16), PrototypeRouter(), torch.device("cpu"),
+                                logging.getLogger("test_fusion"), progress=False)
+
+
+def _features(images: int) -> FeatureSet:
+    patches = torch.randn(images, 4, 4, 16)
+    return FeatureSet(patches, patches.mean(dim=(1, 2)), torch.zeros(images), None)
+
+
+def _trace_on_the_cpu(monkeypatch: pytest.MonkeyPatch, dynamic: Optional[bool],
+                      record: Callable[[torch.fx.GraphModule, list], object]) -> Iterator[list]:
+    """Fusion on for CPU tensors, with a backend that appends ``record(graph, example inputs)`` for
+    each graph it is given and runs the graph as is."""
     graphs: list = []
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
-        graphs.append(gm)
+        graphs.append(record(gm, example_inputs))
         return gm.forward
 
     monkeypatch.setattr(fusion, "FUSED_DEVICES", ("cpu",))
-    monkeypatch.setattr(fusion, "COMPILE_OPTIONS", {"backend": backend, "dynamic": False})
+    monkeypatch.setattr(fusion, "COMPILE_OPTIONS", {"backend": backend, "dynamic": dynamic})
     fusion.reset_compiled()
     yield graphs
     fusion.reset_compiled()
+
+
+@pytest.fixture
+def traced(monkeypatch: pytest.MonkeyPatch) -> Iterator[list]:
+    """The graphs traced, each compiled for its exact shapes."""
+    yield from _trace_on_the_cpu(monkeypatch, False, lambda gm, inputs: gm)
 
 
 def test_fusion_is_off_on_the_cpu_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -80,24 +106,28 @@ def test_traced_flow_equals_plain_and_does_not_grow_with_tasks(traced: list, kwa
     assert len(traced) == count  # a 4th task reuses every graph
 
 
-def test_traced_training_gradients_equal_plain(traced: list) -> None:
-    model = _model(2)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = model.task_parameters(1)
+def _task_gradients(model: MoLESpatialAwareNF, task: int) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+    """Only ``task``'s own parameters train; returns x -> their gradients of the loss on x."""
+    model.requires_grad_(False)
+    params = model.task_parameters(task)
     for p in params:
         p.requires_grad_(True)
-    x = torch.randn(2, 4, 4, 16)
 
-    def grads() -> list[torch.Tensor]:
+    def grads(x: torch.Tensor) -> list[torch.Tensor]:
         for p in params:
             p.grad = None
-        moleflow_loss(*model(x, 1)).backward()
+        moleflow_loss(*model(x, task)).backward()
         return [p.grad.clone() for p in params]
 
-    plain = grads()
+    return grads
+
+
+def test_traced_training_gradients_equal_plain(traced: list) -> None:
+    grads = _task_gradients(_model(2), 1)
+    x = torch.randn(2, 4, 4, 16)
+    plain = grads(x)
     with fusion.fusion(True):
-        fused = grads()
+        fused = grads(x)
         assert traced, "nothing was traced"
     for a, b in zip(plain, fused):
         assert torch.equal(a, b)
@@ -105,20 +135,11 @@ def test_traced_training_gradients_equal_plain(traced: list) -> None:
 
 def test_the_first_task_trains_unfused_and_later_tasks_fused(traced: list) -> None:
     """Under --compile_flow task 0 (the only task whose shared weights train) traces nothing."""
-    from moleflow.config.ablation import AblationConfig
-    from moleflow.models.mole_nf import build_flow
-    from moleflow.models.routing import PrototypeRouter
-    from moleflow.trainer.continual_trainer import MoLEContinualTrainer
-    from moleflow.trainer.features import FeatureSet
-    cfg = AblationConfig(feature_dim=16, lora_rank=2, num_coupling_layers=2, num_epochs=1, batch_size=4)
-    torch.manual_seed(0)
-    trainer = MoLEContinualTrainer(cfg, build_flow(cfg, 16), PrototypeRouter(), torch.device("cpu"),
-                                   logging.getLogger("test_fusion"), progress=False)
+    trainer = _trainer()
     counts = []
     with fusion.fusion(True):
         for task in range(2):
-            patches = torch.randn(8, 4, 4, 16)
-            trainer.train_task(task, FeatureSet(patches, patches.mean(dim=(1, 2)), torch.zeros(8), None))
+            trainer.train_task(task, _features(8))
             counts.append(len(traced))
     assert counts[0] == 0 and counts[1] > 0
 
@@ -146,3 +167,98 @@ def test_a_function_that_cannot_be_compiled_runs_plainly(monkeypatch: pytest.Mon
     assert torch.equal(plain[0], fused[0]) and torch.equal(plain[1], again[1])
     assert "could not be compiled" in caplog.text and "coupling_forward" in caplog.text
     assert caplog.text.count("coupling_forward could not") == 1
+
+
+@pytest.fixture
+def traced_like_a_run(monkeypatch: pytest.MonkeyPatch) -> Iterator[list]:
+    """With the run's automatic dynamic shapes: for each graph, whether a size among its inputs is
+    symbolic."""
+    yield from _trace_on_the_cpu(monkeypatch, None,
+                                 lambda gm, inputs: any(isinstance(e, torch.SymInt) for e in inputs))
+
+
+def test_static_shapes_compile_for_the_exact_shape_after_symbolic_ones(traced_like_a_run: list) -> None:
+    """Scoring at two batch sizes makes the batch size symbolic; a training step inside
+    static_shapes() still gets graphs for its exact shape, with the same values as unfused."""
+    model = _model(2)
+    grads = _task_gradients(model, 1)
+    x = torch.randn(4, 4, 4, 16)
+    plain = grads(x)
+    with fusion.fusion(True):
+        with torch.no_grad():
+            model(torch.randn(2, 4, 4, 16), 1)
+            model(torch.randn(3, 4, 4, 16), 1)
+        scoring = list(traced_like_a_run)
+        with fusion.static_shapes():
+            fused = grads(x)
+        training = traced_like_a_run[len(scoring):]
+        with fusion.static_shapes():
+            grads(torch.randn(4, 4, 4, 16))
+    assert any(scoring) and training and not any(training)
+    assert len(traced_like_a_run) == len(scoring) + len(training)  # the same shape reuses them
+    for a, b in zip(plain, fused):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("images", [8, 10])
+def test_training_compiles_full_batches_for_their_shape_and_runs_a_last_smaller_batch_unfused(
+        traced_like_a_run: list, images: int) -> None:
+    trainer = _trainer(num_epochs=2)
+    with fusion.fusion(True):
+        for task in range(3):
+            trainer.train_task(task, _features(images))
+            if task == 0:
+                _score_at_two_batch_sizes(trainer.model)
+                scoring = len(traced_like_a_run)
+    training = traced_like_a_run[scoring:]
+    assert any(traced_like_a_run[:scoring])
+    # condition, coupling block, DIA, loss: one graph each, for the full batch only, reused by task 2
+    assert len(training) == 4 and not any(training)
+
+
+def _score_at_two_batch_sizes(model: MoLESpatialAwareNF) -> None:
+    """Scoring between tasks, as a run evaluates: fused calls get symbolic batch sizes from here on."""
+    with torch.no_grad():
+        model(torch.randn(2, 4, 4, 16), 0)
+        model(torch.randn(3, 4, 4, 16), 0)
+
+
+@pytest.fixture
+def traced_code(monkeypatch: pytest.MonkeyPatch) -> Iterator[list]:
+    """With the run's automatic dynamic shapes: each graph's code and its inputs' shapes and
+    requires_grad (what torch's compile caches key a graph on, with its settings)."""
+    def record(gm: torch.fx.GraphModule, inputs: list) -> str:
+        return repr((gm.code, [(tuple(t.shape), t.requires_grad) if isinstance(t, torch.Tensor) else t
+                               for t in inputs]))
+    yield from _trace_on_the_cpu(monkeypatch, None, record)
+
+
+def test_compile_ahead_traces_the_graphs_that_later_tasks_train_with(traced_code: list,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """The compile-ahead child's pass (run here in-process) traces exactly the graphs that task 1 of
+    a run traces after task 0's evaluation; and the run starts the child at task 0 and waits for it
+    at task 1 (a real child process; on the CPU it runs its pass plainly)."""
+    trainer = _trainer(compile_ahead=True)
+    with fusion.fusion(True), caplog.at_level(logging.INFO, logger="test_fusion"):
+        trainer.train_task(0, _features(8))
+        assert trainer.compile_ahead is None
+        _score_at_two_batch_sizes(trainer.model)
+        scoring = len(traced_code)
+        trainer.train_task(1, _features(8))
+    run = sorted(traced_code[scoring:])
+    assert trainer.compile_ahead is not None and trainer.compile_ahead["seconds"] > 0
+    assert "a child process compiled the later tasks' training step" in caplog.text
+    fusion.reset_compiled()
+    del traced_code[:]
+    precompile.compile_training_step(trainer.config, (4, 4, 4, 16), torch.device("cpu"), tf32=False)
+    assert len(run) == 4 and sorted(traced_code) == run
+
+
+def test_a_failing_compile_ahead_child_is_one_warning_and_no_report(caplog: pytest.LogCaptureFixture) -> None:
+    config = _trainer().config
+    log = logging.getLogger("test_precompile")
+    with caplog.at_level(logging.INFO, logger="test_precompile"):
+        report = precompile.start(config, (4, 4, 4, 15), torch.device("cpu"), False).wait(log)  # D 15: no flow
+    assert report is None
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert "failed (exit 1: " in caplog.text and "--no_compile_ahead" in caplog.text

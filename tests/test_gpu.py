@@ -100,6 +100,22 @@ def test_compiled_recorded_training_matches_eager(caplog: pytest.LogCaptureFixtu
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
 
 
+def test_the_compile_ahead_child_fills_the_cache_that_task_1_loads(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path) -> None:
+    """--compile_flow from empty compile caches: the child compiles task 1's training step while
+    task 0 trains, and the run's own compile at task 1 finds every graph in the on-disk cache."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
+    torch.backends.cuda.matmul.allow_tf32 = False
+    fusion.reset_compiled()
+    counters.clear()
+    trainer, _ = _train(graphs=True, nan_images=[], fused=True)
+    assert trainer.compile_ahead is not None
+    hits = counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
+    assert counters["inductor"]["fxgraph_cache_miss"] == 0 and hits >= 4, dict(counters)
+
+
 @pytest.mark.parametrize("per_image", [False, True])
 def test_compiled_flow_matches_eager(per_image: bool) -> None:
     """Inductor-compiled passes (scores and training gradients) equal the eager ones to float tolerance."""

@@ -342,6 +342,8 @@ def run_pipeline(config: AblationConfig, device: torch.device, weights: str, amp
         "parameters": {"shared": growth[-1]["shared"], "per_task": growth[-1]["per_task"],
                        "total_after_each_task": [g["total"] for g in growth]},
         "memory": _memory(device),
+        "compile_ahead": getattr(trainer, "compile_ahead", None),
+        "compile_cache": _compile_cache_counts(),
         "metrics": {"final_routed_mean": _mean_rows(final), "final_oracle_mean": _mean_rows(oracle) if oracle else None,
                     "final_routed_per_class": final, "after_each_task_mean": after_task},
     }
@@ -359,6 +361,14 @@ def _e2e_set(test_sets: dict[str, AnomalyDataset], count: int, pin: bool) -> Ten
         index += 1
     images = torch.stack(picks)
     return images.pin_memory() if pin else images
+
+
+def _compile_cache_counts() -> dict[str, int]:
+    """How often torch's on-disk compile caches were hit or missed in this process so far
+    (Inductor's FX graphs, AOTAutograd's joint graphs)."""
+    from torch._dynamo.utils import counters
+    return {**{k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")},
+            **{k: v for k, v in counters["aot_autograd"].items() if k.startswith("autograd_cache")}}
 
 
 def _memory(device: torch.device) -> dict[str, float]:

@@ -92,6 +92,7 @@ class AblationConfig:
     tf32: bool = False
     cuda_graphs: bool = True
     compile_flow: bool = False
+    compile_ahead: bool = True
     resume: Optional[str] = None
     ablation_preset: str = "full"
     demo: bool = False

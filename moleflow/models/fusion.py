@@ -8,6 +8,12 @@ compiled kernel set per shape and autograd mode, shared by every block and every
 task's parameters are arguments, not constants); otherwise, and always on the CPU, the plain
 function runs. The compiled kernels round a little differently from the eager ones (their tanh
 and exp), so results are equal to float tolerance, not bit for bit.
+
+Batch sizes: scoring sees many (the last batch of each class, the router's groups), so its graphs
+take the batch size as a symbol (torch's automatic dynamic shapes, after the second size seen).
+A training step always has the same shape, and a graph compiled for that exact shape runs faster
+(the bias-gradient sums over the batch's patches split well only for a known size): the trainer
+runs its full batches inside ``static_shapes()``, which compiles for the exact shapes.
 """
 
 from __future__ import annotations
@@ -23,10 +29,15 @@ from torch._dynamo.exc import TorchDynamoException
 F = TypeVar("F", bound=Callable)
 
 _enabled = False
+_static = False
 _log: Optional[logging.Logger] = None
 # Where fusion applies and how (tests trace on the CPU with a counting backend).
+# Inductor's layout optimisation is off: in a graph compiled for exact shapes it re-laid each coupling
+# block's input out channel-major for the context conv, so the patches were read with strides and the
+# conditioning half was copied back to rows twice per block. Off, tensors keep their eager layout:
+# 8.91 -> 7.90 ms of kernels per training step on an H200 (benchmarks/train_probe.py, session 7).
 FUSED_DEVICES: tuple[str, ...] = ("cuda",)
-COMPILE_OPTIONS: dict = {"dynamic": None}
+COMPILE_OPTIONS: dict = {"dynamic": None, "options": {"layout_optimization": False}}
 
 
 # Each fusable function compiles once per input shape class and autograd mode (training with and
@@ -54,6 +65,11 @@ def fusion(enabled: bool, log: Optional[logging.Logger] = None) -> Iterator[None
         _enabled, _log = previous, previous_log
 
 
+def active(device: torch.device) -> bool:
+    """Whether fusable functions run compiled for tensors on ``device`` right now."""
+    return _enabled and device.type in FUSED_DEVICES
+
+
 @contextlib.contextmanager
 def paused(pause: bool = True) -> Iterator[None]:
     """Fusion off inside the block when ``pause`` (the compile-failure log is kept)."""
@@ -62,6 +78,19 @@ def paused(pause: bool = True) -> Iterator[None]:
         return
     with fusion(False, _log):
         yield
+
+
+@contextlib.contextmanager
+def static_shapes(enabled: bool = True) -> Iterator[None]:
+    """Inside the block (when ``enabled``), fused calls compile for the exact shapes of their tensor
+    arguments, even where earlier calls made a size symbolic; a graph compiled so is reused by any
+    later call of the same shapes and autograd mode."""
+    global _static
+    previous, _static = _static, enabled
+    try:
+        yield
+    finally:
+        _static = previous
 
 
 def fusable(fn: F) -> F:
@@ -76,8 +105,16 @@ def fusable(fn: F) -> F:
     def run(*args, **kwargs):
         if not (_enabled and args[0].device.type in FUSED_DEVICES):
             return fn(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            # Called from a fusable function being traced: inline the plain function (going through
+            # ``compiled`` here would make the outer graph guard on that list, and compile twice).
+            return fn(*args, **kwargs)
         if not compiled:
             compiled.append(torch.compile(fn, **COMPILE_OPTIONS))
+        if _static:
+            for arg in (*args, *kwargs.values()):
+                if isinstance(arg, torch.Tensor):
+                    torch._dynamo.mark_static(arg)
         try:
             return compiled[0](*args, **kwargs)
         except TorchDynamoException as err:

@@ -15,15 +15,18 @@ the loop is the plain one. ``tf32=True`` lets the flow's float32 matrix products
 Under ``--compile_flow`` the first task trains unfused: it is the only task whose shared weights
 train, so its compiled graph would serve one task (900 steps at MVTec size, ~12 s on an H200) and
 costs longer to compile (~30 s on a fresh 16-core host) than fusion saves. Later tasks share one
-compiled graph (frozen base).
+compiled graph (frozen base), compiled for the exact shape of a full batch; a smaller last batch
+runs unfused. With ``compile_ahead`` (default) a child process compiles that graph into torch's
+on-disk caches while task 0 trains (``precompile.py``), and the run loads it at task 1.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +38,7 @@ from moleflow.models.loss import moleflow_loss
 from moleflow.models.mole_nf import MoLESpatialAwareNF
 from moleflow.models.routing import PrototypeRouter
 from moleflow.trainer.features import FeatureSet
+from moleflow.trainer import precompile
 from moleflow.trainer.graph_step import GraphedStep, StepBody
 from moleflow.trainer.precision import matmul_tf32
 
@@ -63,6 +67,15 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+@contextlib.contextmanager
+def _step_fusion(full_batch: bool) -> Iterator[None]:
+    """Under ``--compile_flow``: a full batch runs the graph compiled for its exact shape (one per
+    run, shared by all later tasks); a smaller last batch runs unfused (its size differs from task to
+    task, and compiling for each size would cost more than the few unfused steps)."""
+    with fusion.static_shapes(full_batch), fusion.paused(not full_batch):
+        yield
+
+
 class MoLEContinualTrainer:
     """Owns the model and the router and trains them task after task.
 
@@ -82,6 +95,8 @@ class MoLEContinualTrainer:
         graphs: run full-batch steps through ``GraphedStep`` (needs ``sync_free``; default: on CUDA
             with ``config.cuda_graphs``). Off CUDA the step runs on the same fixed input buffer
             without being recorded (how the tests check this path on a CPU).
+        compile_ahead: what the compile-ahead child reported (``precompile.AheadCompile.wait``), once
+            task 1 has started; None if no child ran or it failed.
     """
 
     def __init__(self, config: AblationConfig, model: MoLESpatialAwareNF, router: PrototypeRouter,
@@ -96,6 +111,8 @@ class MoLEContinualTrainer:
         self.fused = device.type == "cuda"
         self.sync_free = self.fused
         self.graphs = self.sync_free and config.cuda_graphs
+        self.compile_ahead: Optional[dict] = None
+        self._ahead: Optional[precompile.AheadCompile] = None
         # sync-free path: (sum of finite losses, skipped batches) of the epoch, kept on the device
         self._sums = (torch.zeros((), dtype=torch.float64, device=device),
                       torch.zeros((), dtype=torch.long, device=device))
@@ -169,6 +186,11 @@ class MoLEContinualTrainer:
             self.log.info(f"task {task_id}: fused {cfg.optimizer}, non-finite batches skipped on the device, "
                           f"flow matmuls {'TF32' if self.tf32 else 'float32'}", extra={"file_only": True})
         optimizer = self._optimizer(params)
+        if self._ahead is not None:  # this task's compiled training step is (about to be) on disk
+            self.compile_ahead = self._ahead.wait(self.log)
+            self._ahead = None
+        elif task_id == 0 and cfg.compile_ahead and fusion.active(self.device):
+            self._ahead = precompile.start(cfg, (cfg.batch_size, *train.patches.shape[1:]), self.device, self.tf32)
         n = len(train)
         steps_per_epoch = math.ceil(n / cfg.batch_size)
         total = cfg.num_epochs * steps_per_epoch
@@ -245,14 +267,17 @@ class MoLEContinualTrainer:
             self._set_lr(optimizer, lr_factor(step + batches, total, warmup))
             batches += 1
             index = order[start:start + cfg.batch_size]
+            full = len(index) == cfg.batch_size
             if self.sync_free:
                 feats = train.patches[index]
-                if runner is not None and len(index) == cfg.batch_size:
-                    runner(feats)
-                else:
-                    body(feats.to(self.device, non_blocking=True), False)
+                with _step_fusion(full):
+                    if runner is not None and full:
+                        runner(feats)
+                    else:
+                        body(feats.to(self.device, non_blocking=True), False)
                 continue
-            loss = self._loss(train.patches[index].to(self.device), task_id)
+            with _step_fusion(full):
+                loss = self._loss(train.patches[index].to(self.device), task_id)
             if not torch.isfinite(loss):
                 skipped += 1
                 optimizer.zero_grad(set_to_none=True)
@@ -285,6 +310,21 @@ class MoLEContinualTrainer:
                 bad_sum.add_(bad)
 
         return body
+
+    def trace_step(self, task_id: int, batch_shape: tuple[int, ...]) -> None:
+        """One training forward and backward of ``task_id`` (already added to the model) on random
+        features of a full batch of ``batch_shape``, with the trainable set, precision and fusion of
+        ``train_task``; updates nothing. Under ``--compile_flow`` it compiles what that task's first
+        step would compile (the compile-ahead child's work)."""
+        params = self._trainable(task_id, slow=False)
+        self.model.train()
+        feats = torch.randn(batch_shape, device=self.device)
+        with matmul_tf32(self.device, self.tf32), fusion.paused(task_id == 0), _step_fusion(True):
+            self._loss(feats, task_id).backward()
+        self.model.eval()
+        for p in params:
+            p.grad = None
+            p.requires_grad_(False)
 
     def _update(self, loss: Tensor, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
         optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,121 @@
+"""Compile the later tasks' fused training step in a child process while task 0 trains.
+
+Under ``--compile_flow`` task 0 trains unfused, and every later task trains through one graph
+(frozen base) compiled for the exact shape of a full batch. Compiled in the run's own process, at
+the start of task 1, that graph stops training for about 10 s on a fresh machine. With
+``compile_ahead`` (default) the trainer starts a child process when task 0 starts: it builds a
+replica of the flow with two tasks (same settings and shapes; the values do not matter), runs the
+trainer's own fused forward and backward of task 1 once, and exits. torch's on-disk compile caches
+(Inductor's FX graph and AOTAutograd caches, Triton's kernels) then hold that graph, and the run's
+compile at task 1 loads it instead of generating it. The child shares nothing with the run but
+those caches, so it cannot change the run's numbers; if it fails, the run compiles as it would
+have and says so in one warning line.
+
+``python -m moleflow.trainer.precompile SPEC`` is the child (SPEC: the JSON written by ``start``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import IO, Optional
+
+import torch
+
+from moleflow.config.ablation import AblationConfig
+
+
+class AheadCompile:
+    """The running child; ``wait`` for it before the run's first fused training step."""
+
+    def __init__(self, process: subprocess.Popen, output: IO[bytes], errors: IO[bytes]) -> None:
+        self.process = process
+        self.output = output
+        self.errors = errors
+        self.report: Optional[dict] = None
+
+    def wait(self, log: logging.Logger) -> Optional[dict]:
+        """Wait for the child; log what it did (one line) and return its report (None if it failed).
+
+        The report: ``seconds`` from the child's launch to its end, ``gpu_peak_reserved_gib`` it held, ``waited_s`` the
+        run waited for it here."""
+        started = time.perf_counter()
+        code = self.process.wait()
+        waited = time.perf_counter() - started
+        if code == 0:
+            self.output.seek(0)
+            self.report = {**json.loads(self.output.read().decode().strip().splitlines()[-1]), "waited_s": waited}
+            log.info(f"--compile_flow: a child process compiled the later tasks' training step while task 0 "
+                     f"trained ({self.report['seconds']:.1f} s, GPU peak {self.report['gpu_peak_reserved_gib']:.2f} "
+                     f"GiB); the run waited {waited:.1f} s for it")
+        else:
+            self.errors.seek(0)
+            lines = [ln for ln in self.errors.read().decode(errors="replace").splitlines() if ln.strip()]
+            last = lines[-1][:200] if lines else "no output"
+            log.warning(f"--compile_flow: compiling ahead in a child process failed (exit {code}: {last}); "
+                        f"the run compiles the training step itself (--no_compile_ahead skips the attempt)")
+        self.output.close()
+        self.errors.close()
+        return self.report
+
+
+def start(config: AblationConfig, batch_shape: tuple[int, ...], device: torch.device, tf32: bool) -> AheadCompile:
+    """Start the child for full training batches of ``batch_shape`` (B, H, W, D) on ``device``."""
+    spec = {"config": config.to_dict(), "batch_shape": list(batch_shape), "device": str(device), "tf32": tf32,
+            "launched": time.time()}
+    root = str(Path(__file__).resolve().parents[2])  # the folder holding the moleflow package
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    output, errors = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    process = subprocess.Popen([sys.executable, "-m", "moleflow.trainer.precompile", json.dumps(spec)],
+                               env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=errors)
+    atexit.register(_stop, process)  # a run that ends (or fails) before task 1 leaves no child behind
+    return AheadCompile(process, output, errors)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def compile_training_step(config: AblationConfig, batch_shape: tuple[int, ...], device: torch.device,
+                          tf32: bool) -> None:
+    """On a replica of the flow with two tasks, run task 1's fused training forward and backward
+    once, as the trainer will (``MoLEContinualTrainer.trace_step``)."""
+    from moleflow.models.fusion import fusion
+    from moleflow.models.mole_nf import build_flow
+    from moleflow.models.routing import PrototypeRouter
+    from moleflow.trainer.continual_trainer import MoLEContinualTrainer
+
+    model = build_flow(config, batch_shape[-1]).to(device)
+    model.add_task()
+    model.add_task()
+    trainer = MoLEContinualTrainer(config, model, PrototypeRouter(), device, logging.getLogger(__name__),
+                                   progress=False, tf32=tf32)
+    with fusion(True):
+        trainer.trace_step(1, batch_shape)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    spec = json.loads((argv if argv is not None else sys.argv[1:])[0])
+    known = set(AblationConfig.__dataclass_fields__)
+    config = AblationConfig(**{k: v for k, v in spec["config"].items() if k in known})
+    device = torch.device(spec["device"])
+    if device.type == "cuda" and device.index is not None:  # "cuda" alone: the current device
+        torch.cuda.set_device(device)
+    compile_training_step(config, tuple(spec["batch_shape"]), device, bool(spec["tf32"]))
+    peak = torch.cuda.max_memory_reserved(device) / 1024**3 if device.type == "cuda" else 0.0
+    seconds = time.time() - spec.get("launched", time.time())  # from its launch, the interpreter's start included
+    print(json.dumps({"seconds": seconds, "gpu_peak_reserved_gib": peak}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
