@@ -19,7 +19,7 @@ model variants to time the same way after the current one (PROBE_ONLY: only thos
   ``evalfirst``: fused scoring at two batch sizes after task 0, as a run's evaluation does, so that
   the training graph compiled at task 1 has a symbolic batch size (what happens in a real run);
   ``thinwgrad``: with the base frozen, the LoRA factors' gradients as four thin products each
-  instead of the merged weight's full gradient (not measured yet).
+  instead of the merged weight's full gradient.
 Session 5, call 1 (before the merged LoRA product): current 12.0 ms/step in the loop (11.0 ms of
 kernels), merged 11.3 (10.1), merged + paired DIA 11.4 (10.4); call 3: merged with the depthwise
 convolutions written as shifted sums under fusion 10.5 (9.3) vs ATen's 10.8 (9.6), at +11 s of
@@ -32,7 +32,9 @@ cuBLASLt as torch's preferred BLAS 10.86 (9.52): neither kept. Session 7 (result
 call 6: ``nolayoutopt`` 8.91 (7.90) vs current 10.06 (8.91); call 8 (10 epochs per task):
 ``evalfirst_nolayoutopt`` 9.94 (8.59), ``evalfirst_static_nolayoutopt`` 9.34 (7.85), ``evalfirst``
 10.07 (8.58): a run's training graph has a symbolic batch size (so the layout optimisation does not
-apply), and its bias-gradient reductions are slower than with the batch size fixed.
+apply), and its bias-gradient reductions are slower than with the batch size fixed. Session 8
+(results 2026-11-29_h200_s8_call1, the trainer compiling its full-batch step for the exact shape):
+``evalfirst`` 8.92 (7.78), ``evalfirst_thinwgrad`` 9.21 (7.78): the thin products were not kept.
 """
 
 from __future__ import annotations

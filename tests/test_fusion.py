@@ -133,15 +133,17 @@ def test_traced_training_gradients_equal_plain(traced: list) -> None:
         assert torch.equal(a, b)
 
 
-def test_the_first_task_trains_unfused_and_later_tasks_fused(traced: list) -> None:
-    """Under --compile_flow task 0 (the only task whose shared weights train) traces nothing."""
+def test_the_first_task_trains_unfused_and_later_tasks_fused(traced: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under --compile_flow task 0 (the only task whose shared weights train) traces nothing; with
+    --no_compile_ahead no child process is started."""
+    monkeypatch.setattr(precompile, "start", lambda *args: pytest.fail("compile-ahead child started"))
     trainer = _trainer()
     counts = []
     with fusion.fusion(True):
         for task in range(2):
             trainer.train_task(task, _features(8))
             counts.append(len(traced))
-    assert counts[0] == 0 and counts[1] > 0
+    assert counts[0] == 0 and counts[1] > 0 and trainer.compile_ahead is None
 
 
 def test_a_function_that_cannot_be_compiled_runs_plainly(monkeypatch: pytest.MonkeyPatch,
