@@ -264,3 +264,10 @@ def test_a_failing_compile_ahead_child_is_one_warning_and_no_report(caplog: pyte
     assert report is None
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
     assert "failed (exit 1: " in caplog.text and "--no_compile_ahead" in caplog.text
+
+
+def test_the_compile_ahead_report_is_the_last_output_line_or_none() -> None:
+    report = '{"seconds": 2.5, "gpu_peak_reserved_gib": 0.5}'
+    assert precompile._last_report(f"a library's print\n{report}\n") == {"seconds": 2.5, "gpu_peak_reserved_gib": 0.5}
+    for output in ("", "not json", '{"seconds": 2.5}', "[1, 2]"):
+        assert precompile._last_report(output) is None

@@ -37,8 +37,8 @@ from moleflow.models import fusion
 from moleflow.models.loss import moleflow_loss
 from moleflow.models.mole_nf import MoLESpatialAwareNF
 from moleflow.models.routing import PrototypeRouter
-from moleflow.trainer.features import FeatureSet
 from moleflow.trainer import precompile
+from moleflow.trainer.features import FeatureSet
 from moleflow.trainer.graph_step import GraphedStep, StepBody
 from moleflow.trainer.precision import matmul_tf32
 

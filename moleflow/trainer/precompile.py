@@ -44,26 +44,37 @@ class AheadCompile:
     def wait(self, log: logging.Logger) -> Optional[dict]:
         """Wait for the child; log what it did (one line) and return its report (None if it failed).
 
-        The report: ``seconds`` from the child's launch to its end, ``gpu_peak_reserved_gib`` it held, ``waited_s`` the
-        run waited for it here."""
+        The report: ``seconds`` from the child's launch to its end, ``gpu_peak_reserved_gib`` it
+        held, ``waited_s`` the run waited for it here."""
         started = time.perf_counter()
         code = self.process.wait()
         waited = time.perf_counter() - started
-        if code == 0:
-            self.output.seek(0)
-            self.report = {**json.loads(self.output.read().decode().strip().splitlines()[-1]), "waited_s": waited}
+        self.output.seek(0)
+        self.report = _last_report(self.output.read().decode(errors="replace")) if code == 0 else None
+        if self.report is not None:
+            self.report["waited_s"] = waited
             log.info(f"--compile_flow: a child process compiled the later tasks' training step while task 0 "
                      f"trained ({self.report['seconds']:.1f} s, GPU peak {self.report['gpu_peak_reserved_gib']:.2f} "
                      f"GiB); the run waited {waited:.1f} s for it")
         else:
             self.errors.seek(0)
             lines = [ln for ln in self.errors.read().decode(errors="replace").splitlines() if ln.strip()]
-            last = lines[-1][:200] if lines else "no output"
+            last = "no report in its output" if code == 0 else lines[-1][:200] if lines else "no output"
             log.warning(f"--compile_flow: compiling ahead in a child process failed (exit {code}: {last}); "
                         f"the run compiles the training step itself (--no_compile_ahead skips the attempt)")
         self.output.close()
         self.errors.close()
         return self.report
+
+
+def _last_report(output: str) -> Optional[dict]:
+    """The child's report: the JSON object on the last line of its output (None if there is none)."""
+    lines = output.strip().splitlines()
+    try:
+        report = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        return None
+    return report if isinstance(report, dict) and {"seconds", "gpu_peak_reserved_gib"} <= set(report) else None
 
 
 def start(config: AblationConfig, batch_shape: tuple[int, ...], device: torch.device, tf32: bool) -> AheadCompile:
