@@ -138,6 +138,13 @@ class AblationConfig:
         """Plain-data view (JSON-serialisable)."""
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AblationConfig":
+        """Settings from a plain dict such as ``to_dict`` gives; keys this version does not know are
+        dropped (a config saved by another version), missing ones keep their defaults."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
 
 def _check(ok: bool, message: str) -> None:
     if not ok:

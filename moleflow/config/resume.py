@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,7 @@ def resolve_resume(config: AblationConfig, explicit: dict[str, Any]):
         raise ConfigError(f"--resume {exp_dir} is not a folder; pass an experiment folder under --log_dir")
     ckpt = load_checkpoint(exp_dir / CHECKPOINT_NAME)
     saved: dict[str, Any] = dict(ckpt["config"])
-    known = {f.name for f in dataclasses.fields(AblationConfig)}
-    base = AblationConfig(**{k: v for k, v in saved.items() if k in known})
+    base = AblationConfig.from_dict(saved)
     overrides = {k: v for k, v in explicit.items() if k not in ("task_classes", "demo")}
     resolved = apply_overrides(base, {**overrides, "resume": str(exp_dir), "demo": False})
     diffs = architecture_differences(saved, resolved.to_dict())

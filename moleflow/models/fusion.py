@@ -103,7 +103,7 @@ def fusable(fn: F) -> F:
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        if not (_enabled and args[0].device.type in FUSED_DEVICES):
+        if not active(args[0].device):
             return fn(*args, **kwargs)
         if torch.compiler.is_compiling():
             # Called from a fusable function being traced: inline the plain function (going through

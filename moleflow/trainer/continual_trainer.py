@@ -221,7 +221,7 @@ class MoLEContinualTrainer:
                 runner = GraphedStep(self._sync_free_body(task_id, optimizer, params),
                                      (cfg.batch_size, *train.patches.shape[1:]), self.device,
                                      capture=self.device.type == "cuda", on_failure=self.log.warning)
-            with matmul_tf32(self.device, self.tf32), fusion.paused(task_id == 0):
+            with self._task_compute(task_id):
                 loss_sum, good, bad = self._epoch(task_id, train, order, optimizer, params, step, total, warmup,
                                                   runner)
             step += good + bad
@@ -311,6 +311,12 @@ class MoLEContinualTrainer:
 
         return body
 
+    @contextlib.contextmanager
+    def _task_compute(self, task_id: int) -> Iterator[None]:
+        """How ``task_id`` trains: its matrix products' precision, fused or not (task 0 unfused)."""
+        with matmul_tf32(self.device, self.tf32), fusion.paused(task_id == 0):
+            yield
+
     def trace_step(self, task_id: int, batch_shape: tuple[int, ...]) -> None:
         """One training forward and backward of ``task_id`` (already added to the model) on random
         features of a full batch of ``batch_shape``, with the trainable set, precision and fusion of
@@ -319,7 +325,7 @@ class MoLEContinualTrainer:
         params = self._trainable(task_id, slow=False)
         self.model.train()
         feats = torch.randn(batch_shape, device=self.device)
-        with matmul_tf32(self.device, self.tf32), fusion.paused(task_id == 0), _step_fusion(True):
+        with self._task_compute(task_id), _step_fusion(True):
             self._loss(feats, task_id).backward()
         self.model.eval()
         for p in params:

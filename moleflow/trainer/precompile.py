@@ -39,7 +39,6 @@ class AheadCompile:
         self.process = process
         self.output = output
         self.errors = errors
-        self.report: Optional[dict] = None
 
     def wait(self, log: logging.Logger) -> Optional[dict]:
         """Wait for the child; log what it did (one line) and return its report (None if it failed).
@@ -50,11 +49,11 @@ class AheadCompile:
         code = self.process.wait()
         waited = time.perf_counter() - started
         self.output.seek(0)
-        self.report = _last_report(self.output.read().decode(errors="replace")) if code == 0 else None
-        if self.report is not None:
-            self.report["waited_s"] = waited
+        report = _last_report(self.output.read().decode(errors="replace")) if code == 0 else None
+        if report is not None:
+            report["waited_s"] = waited
             log.info(f"--compile_flow: a child process compiled the later tasks' training step while task 0 "
-                     f"trained ({self.report['seconds']:.1f} s, GPU peak {self.report['gpu_peak_reserved_gib']:.2f} "
+                     f"trained ({report['seconds']:.1f} s, GPU peak {report['gpu_peak_reserved_gib']:.2f} "
                      f"GiB); the run waited {waited:.1f} s for it")
         else:
             self.errors.seek(0)
@@ -64,7 +63,7 @@ class AheadCompile:
                         f"the run compiles the training step itself (--no_compile_ahead skips the attempt)")
         self.output.close()
         self.errors.close()
-        return self.report
+        return report
 
 
 def _last_report(output: str) -> Optional[dict]:
@@ -117,14 +116,13 @@ def compile_training_step(config: AblationConfig, batch_shape: tuple[int, ...], 
 
 def main(argv: Optional[list[str]] = None) -> None:
     spec = json.loads((argv if argv is not None else sys.argv[1:])[0])
-    known = set(AblationConfig.__dataclass_fields__)
-    config = AblationConfig(**{k: v for k, v in spec["config"].items() if k in known})
+    config = AblationConfig.from_dict(spec["config"])
     device = torch.device(spec["device"])
     if device.type == "cuda" and device.index is not None:  # "cuda" alone: the current device
         torch.cuda.set_device(device)
     compile_training_step(config, tuple(spec["batch_shape"]), device, bool(spec["tf32"]))
     peak = torch.cuda.max_memory_reserved(device) / 1024**3 if device.type == "cuda" else 0.0
-    seconds = time.time() - spec.get("launched", time.time())  # from its launch, the interpreter's start included
+    seconds = time.time() - spec["launched"]  # from its launch, the interpreter's start included
     print(json.dumps({"seconds": seconds, "gpu_peak_reserved_gib": peak}), flush=True)
 
 
