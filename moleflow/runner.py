@@ -14,9 +14,10 @@ from tqdm import tqdm
 from moleflow.config.ablation import AblationConfig, ConfigError
 from moleflow.data import AnomalyDataset, ClassSplit, generate_demo_dataset, load_class_split, split_tasks, validate_samples
 from moleflow.evaluation.continual import ContinualMatrix, write_continual_summary
-from moleflow.evaluation.evaluator import ClassEvaluation, evaluate_class
+from moleflow.evaluation.evaluator import ClassEvaluation, evaluate_class, score_patches
 from moleflow.extractors import build_extractor
 from moleflow.models.fusion import fusion
+from moleflow.models.memory import PatchMemory, fit_task_memory
 from moleflow.models.mole_nf import build_flow
 from moleflow.models.routing import PrototypeRouter
 from moleflow.trainer.checkpoint import CHECKPOINT_NAME, save_checkpoint
@@ -89,6 +90,7 @@ class Run:
         self._warn_feature_dim()
         self.model = build_flow(config, config.feature_dim).to(self.device)
         self.router = PrototypeRouter(mahalanobis=config.use_mahalanobis)
+        self.memory = PatchMemory() if config.anomaly_score != "flow" else None
         self.trainer = MoLEContinualTrainer(config, self.model, self.router, self.device, self.log, progress,
                                             tf32=config.tf32)
         self.storage = self.device
@@ -113,6 +115,8 @@ class Run:
         self.model.load_state_dict(ckpt["model"])
         self.router = PrototypeRouter.from_state(ckpt["router"])
         self.trainer.router = self.router
+        if self.memory is not None:
+            self.memory = PatchMemory.from_state(ckpt["memory"])
         self.done = int(ckpt["tasks_done"])
         for metric, values in ckpt["history"].items():
             for i, row in enumerate(values):
@@ -123,14 +127,15 @@ class Run:
 
     # ------------------------------------------------------------------ data
     def _dataset(self, samples: list) -> AnomalyDataset:
-        return AnomalyDataset(samples, self.config.img_size, augment=False)
+        return AnomalyDataset(samples, self.config.img_size, augment=False, resize_mode=self.config.resize_mode)
 
     def _train_features(self, task_id: int, augment: bool = False) -> FeatureSet:
         samples = [s for c in self.tasks[task_id] for s in self.splits[c].train]
         key = (task_id, augment)
         if key not in self._train_datasets:  # decoded images stay cached across epochs of this task
             self._train_datasets = {k: v for k, v in self._train_datasets.items() if k[0] == task_id}
-            self._train_datasets[key] = AnomalyDataset(samples, self.config.img_size, augment=augment)
+            self._train_datasets[key] = AnomalyDataset(samples, self.config.img_size, augment=augment,
+                                                       resize_mode=self.config.resize_mode)
         dataset = self._train_datasets[key]
         return extract_features(self.extractor, dataset, self.config.batch_size, self.device, self.storage,
                                 keep_masks=False, desc=f"task {task_id} features",
@@ -149,7 +154,8 @@ class Run:
         pairs = [(task_id, name) for task_id in range(after_task + 1) for name in self.tasks[task_id]]
         label = "oracle" if oracle else "routed"
         return [evaluate_class(self.model, self.router, self._test_features(name), name, task_id, self.config,
-                               self.device, oracle=oracle, keep_maps=keep_maps, tf32=self.config.tf32)
+                               self.device, oracle=oracle, keep_maps=keep_maps, tf32=self.config.tf32,
+                               memory=self.memory)
                 for task_id, name in tqdm(pairs, desc=f"evaluate ({label})", leave=False, disable=not self.progress)]
 
     def _record(self, after_task: int, results: list[ClassEvaluation]) -> None:
@@ -158,10 +164,26 @@ class Run:
             for metric in MATRIX_METRICS:
                 self.matrices[metric].set(after_task, task_id, sum(r[metric] for r in rows) / len(rows))
 
+    def _add_memory(self, task_id: int, train: FeatureSet) -> None:
+        """Store task ``task_id``'s patch memory and its training-score statistics (never changed later)."""
+        cfg = self.config
+        flow = None
+        if cfg.anomaly_score == "fused":
+            ids = torch.full((len(train),), task_id, dtype=torch.long)
+            batch = 128 if self.device.type == "cuda" else max(1, 2 * cfg.batch_size)
+            flow = score_patches(self.model, train.patches, ids, batch, self.device, tf32=cfg.tf32)
+        started = time.time()
+        memory = fit_task_memory(train.patches, flow, cfg.memory_size, seed=cfg.seed * 131 + task_id)
+        self.memory.add_task(memory)
+        self.log.info(f"task {task_id}: patch memory of {memory.bank.shape[0]:,} patches in "
+                      f"{time.time() - started:.1f}s (held-out distance {memory.memory_mean:.3f} +- "
+                      f"{memory.memory_std:.3f})")
+
     def _checkpoint(self) -> None:
         history = {m: self.matrices[m].values.tolist() for m in MATRIX_METRICS}
         save_checkpoint(self.exp_dir / CHECKPOINT_NAME, {
             "model": self.model.state_dict(), "router": self.router.state(), "config": self.config.to_dict(),
+            "memory": self.memory.state() if self.memory is not None else None,
             "tasks": self.tasks, "tasks_done": self.done, "history": history, "versions": library_versions(),
         })
 
@@ -187,9 +209,17 @@ class Run:
             started = time.time()
             self.log.info(f"=== task {task_id}: {', '.join(self.tasks[task_id])} ===")
             refresh = (lambda t=task_id: self._train_features(t, augment=True)) if cfg.use_augmentation else None
-            stats = self.trainer.train_task(task_id, self._train_features(task_id), refresh=refresh)
-            self.log.info(f"task {task_id} trained in {time.time() - started:.1f}s "
-                          f"({stats.steps} steps, {stats.skipped_batches} skipped, final loss {stats.final_loss:.4f})")
+            train = self._train_features(task_id)
+            if cfg.anomaly_score == "memory":  # the flow's score is not used: nothing to train
+                self.model.add_task()
+                self.router.add_task(train.router)
+                self.log.info(f"task {task_id}: --anomaly_score memory, the flow is not trained")
+            else:
+                stats = self.trainer.train_task(task_id, train, refresh=refresh)
+                self.log.info(f"task {task_id} trained in {time.time() - started:.1f}s ({stats.steps} steps, "
+                              f"{stats.skipped_batches} skipped, final loss {stats.final_loss:.4f})")
+            if self.memory is not None:
+                self._add_memory(task_id, train)
             results = self.evaluate_seen(task_id, oracle=False)
             self._record(task_id, results)
             mean = write_results_csv(self.exp_dir / f"results_after_task_{task_id}.csv", [r.row for r in results])

@@ -17,6 +17,11 @@ MVTEC_CLASSES: list[str] = [
 ]
 
 
+# Patch anomaly score: the flow's NLL (paper), the per-task patch memory's distance alone, or both
+# standardised and averaged (moleflow/models/memory.py).
+ANOMALY_SCORES: tuple[str, ...] = ("flow", "memory", "fused")
+
+
 class ConfigError(ValueError):
     """A setting or a combination of settings that cannot run; the message names the fix."""
 
@@ -31,6 +36,7 @@ class AblationConfig:
     task_classes: list[str] = field(default_factory=lambda: list(MVTEC_CLASSES))
     cl_scenario: str = "1-1"
     img_size: int = 224
+    resize_mode: str = "crop"
     use_augmentation: bool = False
     # --- backbone ---
     backbone_name: str = "wide_resnet50_2"
@@ -75,6 +81,9 @@ class AblationConfig:
     score_aggregation_top_k: int = 3
     score_aggregation_percentile: float = 99.0
     anomaly_map_sigma: float = 4.0
+    anomaly_score: str = "fused"
+    memory_size: int = 10000
+    memory_weight: float = 0.7
     # --- SLOW stage ---
     enable_slow_stage: bool = False
     slow_blocks_k: int = 2
@@ -119,6 +128,14 @@ class AblationConfig:
         _check(self.score_aggregation_mode in ("top_k", "max", "mean", "percentile"),
                f"--score_aggregation_mode {self.score_aggregation_mode!r}: use top_k, max, mean or percentile")
         _check(self.score_aggregation_top_k >= 1, "--score_aggregation_top_k must be >= 1")
+        _check(self.resize_mode in ("crop", "squash"),
+               f"--resize_mode {self.resize_mode!r}: use crop (shorter side, centre crop) or squash (whole image)")
+        _check(self.anomaly_score in ANOMALY_SCORES,
+               f"--anomaly_score {self.anomaly_score!r}: use one of {', '.join(ANOMALY_SCORES)}")
+        _check(self.memory_size >= 0, f"--memory_size {self.memory_size} must be >= 0 (0 keeps every patch)")
+        _check(0.0 < self.memory_weight < 1.0,
+               f"--memory_weight {self.memory_weight} must be in (0, 1); use --anomaly_score flow or memory "
+               "for one score alone")
         _check(self.scale_context_kernel % 2 == 1 and self.spatial_context_kernel % 2 == 1,
                "--scale_context_kernel and --spatial_context_kernel must be odd")
         _check(1 <= self.slow_blocks_k <= self.num_coupling_layers,
@@ -169,6 +186,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "use_lora": False, "use_router": False, "use_task_adapter": False, "use_pos_embed": False,
         "use_dia": False, "use_spatial_context": False, "use_scale_context": False, "freeze_base": False,
     },
+    # The paper's main configuration: the flow's NLL alone, shorter side resized and centre-cropped.
+    "paper_main": {"anomaly_score": "flow", "resize_mode": "crop"},
+    # Isolate one change each (issue: accuracy on real images).
+    "wo_memory": {"anomaly_score": "flow"},
+    "whole_image": {"resize_mode": "squash"},
+    # Per-class nearest-neighbour upper bound (PatchCore-style: every training patch kept, k = 1,
+    # image score = max patch distance, the task known); the flow is not trained.
+    "patchcore_oracle": {"anomaly_score": "memory", "memory_size": 0, "use_router": False,
+                         "score_aggregation_mode": "max"},
 }
 
 # The embedded demo: generated data, the offline ImageNet backbone, sizes for 2 CPU cores.

@@ -1,8 +1,10 @@
 """AnomalyDataset: decoded, resized, centre-cropped and normalised images with their masks.
 
-Transform (SPEC §3 Data): resize the shorter side to ``img_size`` (bilinear, antialiased),
-centre-crop ``img_size x img_size``, ImageNet mean/std. Masks get the same resize with
-nearest-neighbour sampling and the same crop; any non-zero mask pixel is anomalous.
+Transform (SPEC §3 Data), by ``resize_mode``: ``'crop'`` resizes the shorter side to ``img_size``
+(bilinear) and centre-crops ``img_size x img_size``; ``'squash'`` resizes the whole image to
+``img_size x img_size`` (the aspect ratio changes, nothing is dropped). Then ImageNet mean/std.
+Masks get the same resize with nearest-neighbour sampling and the same crop; any non-zero mask
+pixel is anomalous. For square images both modes give the same pixels.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from moleflow.data.base import DataError, Sample, one_line
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 JITTER = 0.1  # largest relative brightness / contrast change of the augmentation
+RESIZE_MODES: tuple[str, ...] = ("crop", "squash")
 
 
 @contextlib.contextmanager
@@ -48,9 +51,9 @@ def read_rgb(path: Path) -> Image.Image:
         return rgb.copy()
 
 
-def read_rgb_resized(path: Path, size: int) -> tuple[Image.Image, tuple[int, int]]:
-    """``read_rgb`` followed by ``resize_crop(..., size, BILINEAR)``, the same pixels, resized from
-    the decoded data before the file closes (no full-size copy).
+def read_rgb_resized(path: Path, size: int, mode: str = "crop") -> tuple[Image.Image, tuple[int, int]]:
+    """``read_rgb`` followed by ``resize_crop(..., size, BILINEAR, mode=mode)``, the same pixels,
+    resized from the decoded data before the file closes (no full-size copy).
 
     Returns:
         (the ``size x size`` RGB image, the decoded image's (width, height)).
@@ -59,7 +62,7 @@ def read_rgb_resized(path: Path, size: int) -> tuple[Image.Image, tuple[int, int
         DataError: The file cannot be read or decoded.
     """
     with _opened_rgb(path) as rgb:
-        return resize_crop(rgb, size, Image.Resampling.BILINEAR), rgb.size
+        return resize_crop(rgb, size, Image.Resampling.BILINEAR, mode=mode), rgb.size
 
 
 def read_mask(path: Path) -> np.ndarray:
@@ -89,8 +92,13 @@ def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
 
 
 def resize_crop(image: Image.Image, size: int, resample: Image.Resampling,
-                target: Optional[tuple[int, int]] = None) -> Image.Image:
-    """Resize so the shorter side is ``size`` (or to ``target`` = (W, H)), then centre-crop ``size``."""
+                target: Optional[tuple[int, int]] = None, mode: str = "crop") -> Image.Image:
+    """``mode='crop'``: resize so the shorter side is ``size`` (or to ``target`` = (W, H)), then
+    centre-crop ``size``; ``mode='squash'``: resize the whole image to ``size x size``."""
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize mode {mode!r} is unknown; valid: {', '.join(RESIZE_MODES)}")
+    if mode == "squash":
+        return image.resize((size, size), resample)
     width, height = target or resized_size(*image.size, size)
     image = image.resize((width, height), resample)
     left = int(round((width - size) / 2.0))
@@ -111,16 +119,21 @@ class AnomalyDataset(Dataset):
             global generator (deterministic given ``torch.manual_seed``). Meant for good
             training images; off by default.
         cache: Decode and resize each file once and keep the uint8 result in memory.
+        resize_mode: ``'crop'`` or ``'squash'`` (module docstring).
     """
 
     def __init__(self, samples: Sequence[Sample], img_size: int, augment: bool = False,
-                 cache: bool = True) -> None:
+                 cache: bool = True, resize_mode: str = "crop") -> None:
+        if resize_mode not in RESIZE_MODES:
+            raise DataError(f"resize mode {resize_mode!r} is unknown; pass --resize_mode as one of "
+                            f"{', '.join(RESIZE_MODES)}")
         if img_size < 1:
             raise DataError(f"img_size {img_size} is not positive; pass --img_size >= 32")
         self.samples = list(samples)
         self.img_size = img_size
         self.augment = augment
         self.cache = cache
+        self.resize_mode = resize_mode
         self._cached: list[Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]] = [None] * len(self.samples)
         self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -148,13 +161,14 @@ class AnomalyDataset(Dataset):
         if self.cache and self._cached[index] is not None:
             return self._cached[index]
         sample = self.samples[index]
-        image, full_size = read_rgb_resized(sample.image_path, self.img_size)
+        image, full_size = read_rgb_resized(sample.image_path, self.img_size, self.resize_mode)
         image_t = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
         mask_t = None
         if sample.mask_path is not None:
             mask = Image.fromarray(read_mask(sample.mask_path).astype(np.uint8) * 255)
             target = resized_size(*full_size, self.img_size)
-            mask = resize_crop(mask, self.img_size, Image.Resampling.NEAREST, target=target)
+            mask = resize_crop(mask, self.img_size, Image.Resampling.NEAREST, target=target,
+                               mode=self.resize_mode)
             mask_t = torch.from_numpy(np.array(mask) > 0).to(torch.uint8).unsqueeze(0)
         if self.cache:
             self._cached[index] = (image_t, mask_t)

@@ -19,6 +19,7 @@ from moleflow.evaluation import metrics_torch
 from moleflow.evaluation.anomaly_map import anomaly_maps, image_scores
 from moleflow.evaluation.metrics import class_metrics
 from moleflow.models.loss import patch_nll
+from moleflow.models.memory import PatchMemory
 from moleflow.models.mole_nf import MoLESpatialAwareNF
 from moleflow.models.routing import PrototypeRouter
 from moleflow.trainer.features import FeatureSet
@@ -83,6 +84,21 @@ def score_patches(model: MoLESpatialAwareNF, patches: Tensor, task_ids: Tensor, 
     return out
 
 
+def patch_scores(model: MoLESpatialAwareNF, memory: Optional[PatchMemory], patches: Tensor, task_ids: Tensor,
+                 config: AblationConfig, batch_size: int, device: torch.device, tf32: bool = False) -> Tensor:
+    """(N, H, W) patch anomaly scores as ``config.anomaly_score`` asks: the flow's NLL, the
+    memory distance, or both standardised and fused (``moleflow.models.memory``)."""
+    mode = config.anomaly_score
+    flow = None if mode == "memory" else score_patches(model, patches, task_ids, batch_size, device, tf32=tf32)
+    if mode == "flow":
+        return flow
+    if memory is None:
+        raise ValueError(f"--anomaly_score {mode} needs the per-task patch memory")
+    target = flow.device if flow is not None else (device if device.type == "cuda" else torch.device("cpu"))
+    with matmul_tf32(device, False):
+        return memory.fuse(flow, patches.to(target), task_ids, 1.0 if mode == "memory" else config.memory_weight)
+
+
 def route(router: PrototypeRouter, features: Tensor, device: torch.device) -> Tensor:
     """(N, D) router features -> (N,) task ids on the CPU; distances in full float32 (never TF32)."""
     with matmul_tf32(device, False):
@@ -91,7 +107,8 @@ def route(router: PrototypeRouter, features: Tensor, device: torch.device) -> Te
 
 def evaluate_class(model: MoLESpatialAwareNF, router: PrototypeRouter, test: FeatureSet, class_name: str,
                    true_task: int, config: AblationConfig, device: torch.device, oracle: bool,
-                   keep_maps: bool = False, tf32: bool = False) -> ClassEvaluation:
+                   keep_maps: bool = False, tf32: bool = False,
+                   memory: Optional[PatchMemory] = None) -> ClassEvaluation:
     """Route, score and measure one class's test set.
 
     Args:
@@ -105,6 +122,7 @@ def evaluate_class(model: MoLESpatialAwareNF, router: PrototypeRouter, test: Fea
         oracle: use the true task instead of the router.
         keep_maps: return the anomaly maps (on the CPU).
         tf32: on CUDA, let the flow's matrix products use TF32 (routing never does).
+        memory: the per-task patch memories; needed unless ``config.anomaly_score`` is 'flow'.
     """
     n = len(test)
     if oracle or not config.use_router:
@@ -113,7 +131,7 @@ def evaluate_class(model: MoLESpatialAwareNF, router: PrototypeRouter, test: Fea
         routed = route(router, test.router, device)
     on_gpu = device.type == "cuda"
     batch = max(GPU_SCORE_BATCH, 2 * config.batch_size) if on_gpu else max(1, 2 * config.batch_size)
-    scores = score_patches(model, test.patches, routed, batch, device, tf32=tf32)
+    scores = patch_scores(model, memory, test.patches, routed, config, batch, device, tf32)
     img = image_scores(scores, method=config.score_aggregation_mode, k=config.score_aggregation_top_k,
                        percentile=config.score_aggregation_percentile)
     masks = test.masks.to(scores.device)
