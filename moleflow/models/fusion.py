@@ -124,7 +124,6 @@ def fusable(fn: F) -> F:
             (_log or logging.getLogger(__name__)).warning(message)
             return fn(*args, **kwargs)
 
-    run.eager = fn  # type: ignore[attr-defined]
     _compiled_lists.append(compiled)
     return run  # type: ignore[return-value]
 

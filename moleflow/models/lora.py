@@ -88,14 +88,14 @@ class LoRALinear(nn.Module):
     def num_experts(self) -> int:
         return len(self.lora_A)
 
-    def add_expert(self, generator: Optional[torch.Generator] = None) -> None:
+    def add_expert(self) -> None:
         """Append a new task's expert (no-op when rank is 0)."""
         if self.rank == 0:
             return
         weight = self.base.weight
         a = torch.empty(self.rank, self.base.in_features, device=weight.device, dtype=weight.dtype)
         bound = math.sqrt(6.0 / (self.rank + self.base.in_features))
-        a.uniform_(-bound, bound, generator=generator)
+        a.uniform_(-bound, bound)
         self.lora_A.append(nn.Parameter(a))
         self.lora_B.append(nn.Parameter(torch.zeros(self.base.out_features, self.rank,
                                                     device=weight.device, dtype=weight.dtype)))
