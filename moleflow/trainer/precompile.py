@@ -2,7 +2,7 @@
 
 Under ``--compile_flow`` task 0 trains unfused, and every later task trains through one graph
 (frozen base) compiled for the exact shape of a full batch. Compiled in the run's own process, at
-the start of task 1, that graph stops training for about 10 s on a fresh machine. With
+the start of task 1, that graph stops training while it compiles. With
 ``compile_ahead`` (default) the trainer starts a child process when task 0 starts: it builds a
 replica of the flow with two tasks (same settings and shapes; the values do not matter), runs the
 trainer's own fused forward and backward of task 1 once, and exits. torch's on-disk compile caches
