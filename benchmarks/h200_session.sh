@@ -61,26 +61,6 @@ run_step() {  # run_step NAME: one named step
       timeout 60 env PYTHONPATH=$PWD:/tmp/site python3 -m moleflow.benchmark.profile --tf32 > "$RES/profile.log" 2>&1
       echo "exit $? after ${SECONDS}s" >> "$RES/profile.log"
       collect ;;
-    probe|probe_before)  # extractor and mixed-expert scoring alone (benchmarks/e2e_probe.py), this tree or .before
-      echo "== $1 (t=${SECONDS}s)"
-      local tree=$PWD; [ "$1" = probe_before ] && tree=$PWD/.before
-      timeout 120 env PYTHONPATH=$tree:/tmp/site python3 benchmarks/e2e_probe.py > "$RES/$1.log" 2>&1
-      echo "exit $? after ${SECONDS}s" >> "$RES/$1.log"
-      tail -n 4 "$RES/$1.log"
-      collect ;;
-    train_probe)  # the trainer's own step times per task and the fused step's kernels (benchmarks/train_probe.py)
-      echo "== $1 (t=${SECONDS}s)"
-      timeout ${PROBE_LIMIT:-150} env PYTHONPATH=$PWD:/tmp/site python3 benchmarks/train_probe.py 2>&1 \
-        | grep -v -E "Warning|^ +[a-zA-Z_.]+ +[0-9.]+(, [0-9.]+)*$" > "$RES/$1.log"
-      echo "exit $? after ${SECONDS}s" >> "$RES/$1.log"
-      grep -E "variant|task|GPU kernel" "$RES/$1.log" | tail -n 12
-      collect ;;
-    compile_probe)  # eager vs torch.compile of the whole flow pass (benchmarks/compile_probe.py)
-      echo "== $1 (t=${SECONDS}s)"
-      timeout ${COMPILE_LIMIT:-300} env PYTHONPATH=$PWD:/tmp/site python3 benchmarks/compile_probe.py > "$RES/$1.log" 2>&1
-      echo "exit $? after ${SECONDS}s" >> "$RES/$1.log"
-      grep -E "ms/|compile|exit" "$RES/$1.log" | tail -n 12
-      collect ;;
     full_e10_after_fast) wait $GEN; step $1 200 $AFTER "${BIG[@]}" --amp --tf32 --skip_limits --set num_epochs=10 \
       --label "after, amp+tf32, 15 tasks, 10 epochs" ;;
     full_after_compile) wait $GEN; step $1 ${FULL_LIMIT:-420} $AFTER "${BIG[@]}" --amp --tf32 --compile_flow \
@@ -99,7 +79,7 @@ run_step() {  # run_step NAME: one named step
     *) echo "unknown step $1" ;;
   esac
 }
-ALL="gpu_tests profile probe full_after_fast demo_before_fp32 demo_after_fp32 demo_after_fast mini_before_fp32 mini_after_fp32
+ALL="gpu_tests profile full_after_fast demo_before_fp32 demo_after_fp32 demo_after_fast mini_before_fp32 mini_after_fp32
      mini_after_fast speed_before_fp32 speed_after_fp32"
 for name in ${STEPS:-$ALL}; do
   want && run_step "$name"

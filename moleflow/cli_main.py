@@ -10,9 +10,6 @@ from moleflow.config.ablation import ConfigError
 from moleflow.config.cli import parse_config
 from moleflow.config.resume import resolve_resume
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
     from moleflow.data import DataError
     from moleflow.extractors import BackboneError

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +92,6 @@ class Run:
         self.memory = PatchMemory() if config.anomaly_score != "flow" else None
         self.trainer = MoLEContinualTrainer(config, self.model, self.router, self.device, self.log, progress,
                                             tf32=config.tf32)
-        self.storage = self.device
         self.test_cache: dict[str, FeatureSet] = {}
         self._train_datasets: dict[tuple[int, bool], AnomalyDataset] = {}
         names = ["+".join(t) for t in self.tasks]
@@ -137,7 +135,7 @@ class Run:
             self._train_datasets[key] = AnomalyDataset(samples, self.config.img_size, augment=augment,
                                                        resize_mode=self.config.resize_mode)
         dataset = self._train_datasets[key]
-        return extract_features(self.extractor, dataset, self.config.batch_size, self.device, self.storage,
+        return extract_features(self.extractor, dataset, self.config.batch_size, self.device, self.device,
                                 keep_masks=False, desc=f"task {task_id} features",
                                 num_workers=self.config.num_workers, progress=self.progress)
 
@@ -145,7 +143,7 @@ class Run:
         if class_name not in self.test_cache:
             self.test_cache[class_name] = extract_features(
                 self.extractor, self._dataset(self.splits[class_name].test), self.config.batch_size, self.device,
-                self.storage, keep_masks=True, desc=f"{class_name} test features",
+                self.device, keep_masks=True, desc=f"{class_name} test features",
                 num_workers=self.config.num_workers, progress=self.progress)
         return self.test_cache[class_name]
 
@@ -274,12 +272,3 @@ def _write_confusion(exp_dir: Path, confusion: torch.Tensor, names: list[str]) -
 def run(config: AblationConfig, resume: Optional[ResumeState] = None, progress: bool = True) -> RunResult:
     """Run (or continue) one experiment end to end."""
     return Run(config, resume=resume, progress=progress).execute()
-
-
-def read_saved_config(exp_dir: Path) -> dict[str, Any]:
-    """The resolved settings stored in <exp_dir>/config.json."""
-    path = exp_dir / "config.json"
-    try:
-        return json.loads(path.read_text())["config"]
-    except (OSError, ValueError, KeyError) as err:
-        raise ConfigError(f"cannot read {path} ({err}); --resume needs a MoLE-Flow experiment folder") from err

@@ -18,7 +18,7 @@ from moleflow.models import fusion
 from moleflow.models.loss import moleflow_loss
 from moleflow.models.mole_nf import MoLESpatialAwareNF, build_flow
 from moleflow.models.routing import PrototypeRouter
-from moleflow.trainer import precompile
+from moleflow.trainer import precompile, precompile_child
 from moleflow.trainer.continual_trainer import MoLEContinualTrainer
 from moleflow.trainer.features import FeatureSet
 
@@ -252,7 +252,7 @@ def test_compile_ahead_traces_the_graphs_that_later_tasks_train_with(traced_code
     assert "a child process compiled the later tasks' training step" in caplog.text
     fusion.reset_compiled()
     del traced_code[:]
-    precompile.compile_training_step(trainer.config, (4, 4, 4, 16), torch.device("cpu"), tf32=False)
+    precompile_child.compile_training_step(trainer.config, (4, 4, 4, 16), torch.device("cpu"), tf32=False)
     assert len(run) == 4 and sorted(traced_code) == run
 
 

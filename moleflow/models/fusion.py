@@ -34,8 +34,8 @@ _log: Optional[logging.Logger] = None
 # Where fusion applies and how (tests trace on the CPU with a counting backend).
 # Inductor's layout optimisation is off: in a graph compiled for exact shapes it re-laid each coupling
 # block's input out channel-major for the context conv, so the patches were read with strides and the
-# conditioning half was copied back to rows twice per block. Off, tensors keep their eager layout:
-# 8.91 -> 7.90 ms of kernels per training step on an H200 (benchmarks/train_probe.py, session 7).
+# conditioning half was copied back to rows twice per block. Off, tensors keep their eager layout
+# (faster; docs/performance.md).
 FUSED_DEVICES: tuple[str, ...] = ("cuda",)
 COMPILE_OPTIONS: dict = {"dynamic": None, "options": {"layout_optimization": False}}
 
@@ -124,7 +124,6 @@ def fusable(fn: F) -> F:
             (_log or logging.getLogger(__name__)).warning(message)
             return fn(*args, **kwargs)
 
-    run.eager = fn  # type: ignore[attr-defined]
     _compiled_lists.append(compiled)
     return run  # type: ignore[return-value]
 

@@ -23,10 +23,9 @@ class _DepthwiseConv(torch.autograd.Function):
     the kernel flipped (exact for stride 1; the two differ only in summation order).
 
     On CUDA, autograd's own input gradient of a depthwise float32 convolution is ATen's generic
-    kernel: 85 us per call on the coupling subnets' 5x5 context conv, against 35 us for the forward
-    convolution's kernel, which the flipped form runs again (H200; the training step went from
-    10.5 to 9.8 ms, benchmarks/train_probe.py). Kernel and bias gradients (task 0 only: the conv is
-    shared) are autograd's own.
+    kernel, slower than the forward convolution's kernel, which the flipped form runs again
+    (docs/performance.md). Kernel and bias gradients (task 0 only: the conv is shared) are
+    autograd's own.
     """
 
     @staticmethod
@@ -88,14 +87,14 @@ class LoRALinear(nn.Module):
     def num_experts(self) -> int:
         return len(self.lora_A)
 
-    def add_expert(self, generator: Optional[torch.Generator] = None) -> None:
+    def add_expert(self) -> None:
         """Append a new task's expert (no-op when rank is 0)."""
         if self.rank == 0:
             return
         weight = self.base.weight
         a = torch.empty(self.rank, self.base.in_features, device=weight.device, dtype=weight.dtype)
         bound = math.sqrt(6.0 / (self.rank + self.base.in_features))
-        a.uniform_(-bound, bound, generator=generator)
+        a.uniform_(-bound, bound)
         self.lora_A.append(nn.Parameter(a))
         self.lora_B.append(nn.Parameter(torch.zeros(self.base.out_features, self.rank,
                                                     device=weight.device, dtype=weight.dtype)))
@@ -136,8 +135,8 @@ class LoRALinear(nn.Module):
             return self._run_per_image(x, lora_a, lora_b, task_bias)
         # One product with the merged weight W + s B_t A_t (out x r x in: small next to the patches'
         # product) and both biases in its epilogue. Unmerged, the low-rank term costs two thin
-        # products forward and four backward, each a full pass over the patches (7 % of a GPU
-        # training step, benchmarks/train_probe.py); merged, backward needs one gradient of the
+        # products forward and four backward, each a full pass over the patches; merged, backward
+        # needs one gradient of the
         # merged weight, from which those of A_t and B_t are small products.
         weight = torch.addmm(self.base.weight, lora_b, lora_a, alpha=self.scaling)
         return F.linear(x, weight, self.base.bias + task_bias)

@@ -13,8 +13,8 @@ and replayed (``graph_step.py``: the same kernels, without a Python launch for e
 the loop is the plain one. ``tf32=True`` lets the flow's float32 matrix products use TF32 on CUDA.
 
 Under ``--compile_flow`` the first task trains unfused: it is the only task whose shared weights
-train, so its compiled graph would serve one task (900 steps at MVTec size, ~12 s on an H200) and
-costs longer to compile (~30 s on a fresh 16-core host) than fusion saves. Later tasks share one
+train, so its compiled graph would serve one task and takes longer to compile than fusion saves
+on it (docs/performance.md). Later tasks share one
 compiled graph (frozen base), compiled for the exact shape of a full batch; a smaller last batch
 runs unfused. With ``compile_ahead`` (default) a child process compiles that graph into torch's
 on-disk caches while task 0 trains (``precompile.py``), and the run loads it at task 1.

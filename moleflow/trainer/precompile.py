@@ -2,7 +2,7 @@
 
 Under ``--compile_flow`` task 0 trains unfused, and every later task trains through one graph
 (frozen base) compiled for the exact shape of a full batch. Compiled in the run's own process, at
-the start of task 1, that graph stops training for about 10 s on a fresh machine. With
+the start of task 1, that graph stops training while it compiles. With
 ``compile_ahead`` (default) the trainer starts a child process when task 0 starts: it builds a
 replica of the flow with two tasks (same settings and shapes; the values do not matter), runs the
 trainer's own fused forward and backward of task 1 once, and exits. torch's on-disk compile caches
@@ -11,7 +11,8 @@ compile at task 1 loads it instead of generating it. The child shares nothing wi
 those caches, so it cannot change the run's numbers; if it fails, the run compiles as it would
 have and says so in one warning line.
 
-``python -m moleflow.trainer.precompile SPEC`` is the child (SPEC: the JSON written by ``start``).
+This module launches the child and reads its report; ``python -m moleflow.trainer.precompile_child SPEC``
+(``precompile_child.py``) is the child (SPEC: the JSON written by ``start``).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def start(config: AblationConfig, batch_shape: tuple[int, ...], device: torch.de
     env = dict(os.environ)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     output, errors = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-    process = subprocess.Popen([sys.executable, "-m", "moleflow.trainer.precompile", json.dumps(spec)],
+    process = subprocess.Popen([sys.executable, "-m", "moleflow.trainer.precompile_child", json.dumps(spec)],
                                env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=errors)
     atexit.register(_stop, process)  # a run that ends (or fails) before task 1 leaves no child behind
     return AheadCompile(process, output, errors)
@@ -94,37 +95,3 @@ def _stop(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.kill()
         process.wait()
-
-
-def compile_training_step(config: AblationConfig, batch_shape: tuple[int, ...], device: torch.device,
-                          tf32: bool) -> None:
-    """On a replica of the flow with two tasks, run task 1's fused training forward and backward
-    once, as the trainer will (``MoLEContinualTrainer.trace_step``)."""
-    from moleflow.models.fusion import fusion
-    from moleflow.models.mole_nf import build_flow
-    from moleflow.models.routing import PrototypeRouter
-    from moleflow.trainer.continual_trainer import MoLEContinualTrainer
-
-    model = build_flow(config, batch_shape[-1]).to(device)
-    model.add_task()
-    model.add_task()
-    trainer = MoLEContinualTrainer(config, model, PrototypeRouter(), device, logging.getLogger(__name__),
-                                   progress=False, tf32=tf32)
-    with fusion(True):
-        trainer.trace_step(1, batch_shape)
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    spec = json.loads((argv if argv is not None else sys.argv[1:])[0])
-    config = AblationConfig.from_dict(spec["config"])
-    device = torch.device(spec["device"])
-    if device.type == "cuda" and device.index is not None:  # "cuda" alone: the current device
-        torch.cuda.set_device(device)
-    compile_training_step(config, tuple(spec["batch_shape"]), device, bool(spec["tf32"]))
-    peak = torch.cuda.max_memory_reserved(device) / 1024**3 if device.type == "cuda" else 0.0
-    seconds = time.time() - spec["launched"]  # from its launch, the interpreter's start included
-    print(json.dumps({"seconds": seconds, "gpu_peak_reserved_gib": peak}), flush=True)
-
-
-if __name__ == "__main__":
-    main()
