@@ -81,7 +81,7 @@ class AblationConfig:
     score_aggregation_top_k: int = 3
     score_aggregation_percentile: float = 99.0
     anomaly_map_sigma: float = 4.0
-    anomaly_score: str = "fused"
+    anomaly_score: str = "flow"
     memory_size: int = 10000
     memory_weight: float = 0.7
     # --- SLOW stage ---
@@ -186,10 +186,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "use_lora": False, "use_router": False, "use_task_adapter": False, "use_pos_embed": False,
         "use_dia": False, "use_spatial_context": False, "use_scale_context": False, "freeze_base": False,
     },
-    # The paper's main configuration: the flow's NLL alone, shorter side resized and centre-cropped.
-    "paper_main": {"anomaly_score": "flow", "resize_mode": "crop"},
     # Isolate one change each (issue: accuracy on real images).
-    "wo_memory": {"anomaly_score": "flow"},
+    "memory_fusion": {"anomaly_score": "fused"},
     "whole_image": {"resize_mode": "squash"},
     # Per-class nearest-neighbour upper bound (PatchCore-style: every training patch kept, k = 1,
     # image score = max patch distance, the task known); the flow is not trained.
