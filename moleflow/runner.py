@@ -13,7 +13,7 @@ from tqdm import tqdm
 from moleflow.config.ablation import AblationConfig, ConfigError
 from moleflow.data import AnomalyDataset, ClassSplit, generate_demo_dataset, load_class_split, split_tasks, validate_samples
 from moleflow.evaluation.continual import ContinualMatrix, write_continual_summary
-from moleflow.evaluation.evaluator import ClassEvaluation, evaluate_class, score_patches
+from moleflow.evaluation.evaluator import ClassEvaluation, evaluate_class, score_batch, score_patches
 from moleflow.extractors import build_extractor
 from moleflow.models.fusion import fusion
 from moleflow.models.memory import PatchMemory, fit_task_memory
@@ -168,8 +168,8 @@ class Run:
         flow = None
         if cfg.anomaly_score == "fused":
             ids = torch.full((len(train),), task_id, dtype=torch.long)
-            batch = 128 if self.device.type == "cuda" else max(1, 2 * cfg.batch_size)
-            flow = score_patches(self.model, train.patches, ids, batch, self.device, tf32=cfg.tf32)
+            flow = score_patches(self.model, train.patches, ids, score_batch(cfg, self.device), self.device,
+                                 tf32=cfg.tf32)
         started = time.time()
         memory = fit_task_memory(train.patches, flow, cfg.memory_size, seed=cfg.seed * 131 + task_id)
         self.memory.add_task(memory)

@@ -84,6 +84,12 @@ def score_patches(model: MoLESpatialAwareNF, patches: Tensor, task_ids: Tensor, 
     return out
 
 
+def score_batch(config: AblationConfig, device: torch.device) -> int:
+    """Images per flow pass when scoring: larger batches on a GPU."""
+    twice = max(1, 2 * config.batch_size)
+    return max(GPU_SCORE_BATCH, twice) if device.type == "cuda" else twice
+
+
 def patch_scores(model: MoLESpatialAwareNF, memory: Optional[PatchMemory], patches: Tensor, task_ids: Tensor,
                  config: AblationConfig, batch_size: int, device: torch.device, tf32: bool = False) -> Tensor:
     """(N, H, W) patch anomaly scores as ``config.anomaly_score`` asks: the flow's NLL, the
@@ -130,7 +136,7 @@ def evaluate_class(model: MoLESpatialAwareNF, router: PrototypeRouter, test: Fea
     else:
         routed = route(router, test.router, device)
     on_gpu = device.type == "cuda"
-    batch = max(GPU_SCORE_BATCH, 2 * config.batch_size) if on_gpu else max(1, 2 * config.batch_size)
+    batch = score_batch(config, device)
     scores = patch_scores(model, memory, test.patches, routed, config, batch, device, tf32)
     img = image_scores(scores, method=config.score_aggregation_mode, k=config.score_aggregation_top_k,
                        percentile=config.score_aggregation_percentile)
