@@ -85,7 +85,8 @@ class Run:
         seed_everything(config.seed)
         self.extractor = build_extractor(config.backbone_name, feature_dim=config.feature_dim, img_size=config.img_size,
                                          weights="pretrained", weights_path=config.backbone_weights,
-                                         amp=config.amp and self.device.type == "cuda").to(self.device)
+                                         amp=config.amp and self.device.type == "cuda",
+                                         strides=config.feature_strides, pooling=config.feature_pooling).to(self.device)
         self._warn_feature_dim()
         self.model = build_flow(config, config.feature_dim).to(self.device)
         self.router = PrototypeRouter(mahalanobis=config.use_mahalanobis)

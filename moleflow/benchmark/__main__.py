@@ -292,7 +292,7 @@ def _echo(line: str) -> None:
 def _grid(config: AblationConfig) -> tuple[int, int]:
     from moleflow.extractors import build_extractor
     extractor = build_extractor(config.backbone_name, feature_dim=config.feature_dim, img_size=config.img_size,
-                                weights="random")
+                                weights="random", strides=config.feature_strides, pooling=config.feature_pooling)
     return tuple(extractor.grid_size())
 
 

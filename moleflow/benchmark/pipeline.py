@@ -260,7 +260,8 @@ def run_pipeline(config: AblationConfig, device: torch.device, weights: str, amp
         seed_everything(config.seed)
         extractor = build_extractor(config.backbone_name, feature_dim=config.feature_dim, img_size=config.img_size,
                                     weights=weights, weights_path=config.backbone_weights,
-                                    amp=amp and device.type == "cuda").to(device)
+                                    amp=amp and device.type == "cuda", strides=config.feature_strides,
+                                    pooling=config.feature_pooling).to(device)
         model = build_flow(config, config.feature_dim).to(device)
         router = TimedRouter(clock, mahalanobis=config.use_mahalanobis)
         trainer_kwargs = {"tf32": tf32} if accepts(MoLEContinualTrainer.__init__, "tf32") else {}

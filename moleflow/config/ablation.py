@@ -42,6 +42,8 @@ class AblationConfig:
     backbone_name: str = "wide_resnet50_2"
     backbone_weights: Optional[str] = None
     feature_dim: int = 768
+    feature_strides: list[int] = field(default_factory=lambda: [8, 16])
+    feature_pooling: str = "unfold"
     # --- flow ---
     num_coupling_layers: int = 6
     dia_n_blocks: int = 2
@@ -128,6 +130,12 @@ class AblationConfig:
         _check(self.score_aggregation_mode in ("top_k", "max", "mean", "percentile"),
                f"--score_aggregation_mode {self.score_aggregation_mode!r}: use top_k, max, mean or percentile")
         _check(self.score_aggregation_top_k >= 1, "--score_aggregation_top_k must be >= 1")
+        _check(len(self.feature_strides) > 0 and all(s > 0 for s in self.feature_strides)
+               and len(set(self.feature_strides)) == len(self.feature_strides),
+               f"--feature_strides {self.feature_strides}: name one or more distinct positive strides, e.g. 8 16")
+        _check(self.feature_pooling in ("unfold", "avg"),
+               f"--feature_pooling {self.feature_pooling!r}: use unfold (3x3 neighbourhoods, stages averaged) "
+               "or avg (3x3 means, stages concatenated)")
         _check(self.resize_mode in ("crop", "squash"),
                f"--resize_mode {self.resize_mode!r}: use crop (shorter side, centre crop) or squash (whole image)")
         _check(self.anomaly_score in ANOMALY_SCORES,

@@ -27,6 +27,10 @@ HELP: dict[str, str] = {
                      "efficientnet_lite0 loads offline ImageNet weights",
     "backbone_weights": "local state-dict file for the backbone (instead of downloading)",
     "feature_dim": "D, the patch-feature width the flow models",
+    "feature_strides": "strides (px) of the CNN stages whose maps make the patch features; the patch grid is "
+                       "the stride-8 one",
+    "feature_pooling": "unfold: each stage's 3x3 neighbourhood vectors pooled to D, stages averaged (paper); "
+                       "avg: each channel's 3x3 mean, stages concatenated, then pooled to D",
     "num_coupling_layers": "shared MoLE coupling blocks",
     "dia_n_blocks": "per-task DIA coupling blocks",
     "lora_rank": "rank r of each LoRA expert",
@@ -80,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
             group.add_argument(off, dest=name, action="store_const", const=False, help=f"turn {on} off")
         elif kind == list[str]:
             parser.add_argument(f"--{name}", nargs="+", type=str, metavar="NAME", help=help_text)
+        elif kind == list[int]:
+            parser.add_argument(f"--{name}", nargs="+", type=int, metavar="N", help=help_text)
         else:
             base = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
             parser.add_argument(f"--{name}", type=base, help=help_text)

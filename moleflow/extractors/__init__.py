@@ -6,10 +6,10 @@ every "this backbone / these weights can't be had" message.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 from moleflow.extractors.base import FeatureExtractor, ImgSize, channel_pool
-from moleflow.extractors.cnn_extractor import CNNPatchCoreExtractor
+from moleflow.extractors.cnn_extractor import DEFAULT_REDUCTIONS, POOLINGS, CNNPatchCoreExtractor
 from moleflow.extractors.vit_extractor import ViTPatchCoreExtractor, is_vit_name
 from moleflow.extractors.weights import (
     DEFAULT_BACKBONE,
@@ -27,6 +27,8 @@ def build_extractor(
     weights: str = "pretrained",
     weights_path: Optional[str] = None,
     amp: bool = False,
+    strides: Sequence[int] = DEFAULT_REDUCTIONS,
+    pooling: str = "unfold",
 ) -> FeatureExtractor:
     """Build the frozen extractor for a timm backbone name.
 
@@ -42,6 +44,9 @@ def build_extractor(
             fails) or ``"random"`` (explicit random init, for tests).
         weights_path: Local ``.pth``/``.pt``/``.safetensors`` state dict; overrides ``weights``.
         amp: On CUDA, bfloat16 autocast (and channels-last for CNNs); output stays float32.
+        strides: CNNs: the strides of the stages to use (``--feature_strides``).
+        pooling: CNNs: ``'unfold'`` (reference) or ``'avg'`` (``--feature_pooling``; see
+            :mod:`moleflow.extractors.cnn_extractor`).
 
     Returns:
         A frozen extractor mapping ``(B, 3, S_h, S_w)`` to ``(B, H', W', D)``.
@@ -51,20 +56,21 @@ def build_extractor(
         ValueError: Invalid ``weights``, ``feature_dim`` or ``img_size``.
     """
     check_backbone_name(backbone_name)
-    cls = ViTPatchCoreExtractor if is_vit_name(backbone_name) else CNNPatchCoreExtractor
-    return cls(
-        backbone_name,
-        feature_dim=feature_dim,
-        img_size=img_size,
-        weights=weights,
-        weights_path=weights_path,
-        amp=amp,
-    )
+    if is_vit_name(backbone_name):
+        if tuple(strides) != DEFAULT_REDUCTIONS or pooling != "unfold":
+            raise BackboneError(f"{backbone_name} is a ViT: --feature_strides and --feature_pooling apply to CNNs only; "
+                                "drop them")
+        return ViTPatchCoreExtractor(backbone_name, feature_dim=feature_dim, img_size=img_size, weights=weights,
+                                     weights_path=weights_path, amp=amp)
+    return CNNPatchCoreExtractor(backbone_name, feature_dim=feature_dim, img_size=img_size, weights=weights,
+                                 weights_path=weights_path, amp=amp, reductions=tuple(strides), pooling=pooling)
 
 
 __all__ = [
     "BackboneError",
     "CNNPatchCoreExtractor",
+    "DEFAULT_REDUCTIONS",
+    "POOLINGS",
     "DEFAULT_BACKBONE",
     "FeatureExtractor",
     "OFFLINE_BACKBONE",

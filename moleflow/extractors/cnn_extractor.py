@@ -1,11 +1,18 @@
-"""PatchCore-style patch features from a frozen timm CNN (stride-8 and stride-16 stages).
+"""PatchCore-style patch features from a frozen timm CNN (by default its stride-8 and stride-16 stages).
 
-Per used stage: a 3x3 neighbourhood around each position (``F.unfold``, zero padding 1, so C*9
-values per position in channel-major order), reduced to ``D`` by :func:`channel_pool`; the
-stride-16 map is bilinearly upsampled to the stride-8 grid; the stages are averaged. Channel
-pooling and bilinear upsampling are both linear (one over channels, one over space), so pooling
-first and upsampling the ``D``-wide map equals upsampling the C*9-wide patches first (the
-PatchCore order) at a fraction of the memory; a test checks the equality.
+Two ways to turn the stage maps into one ``D``-wide vector per position of the stride-8 grid
+(``pooling``):
+
+- ``'unfold'`` (the reference): per stage, a 3x3 neighbourhood around each position (``F.unfold``,
+  zero padding 1, so C*9 values per position in channel-major order), reduced to ``D`` by
+  :func:`channel_pool`; each stage map is resized bilinearly to the grid; the stages are averaged.
+  Channel pooling and bilinear resizing are both linear (one over channels, one over space), so
+  pooling first and resizing the ``D``-wide map equals resizing the C*9-wide patches first (the
+  PatchCore order) at a fraction of the memory; a test checks the equality.
+- ``'avg'``: per stage, the mean of each channel over the 3x3 neighbourhood (zero padding 1), each
+  stage map resized bilinearly to the grid, the stages *concatenated* (sum of C channels) and the
+  result pooled to ``D`` by :func:`channel_pool`. Stages keep their own channels instead of being
+  summed into the same ones.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from moleflow.extractors.weights import BackboneError, create_backbone
 from moleflow.trainer.precision import conv_tf32
 
 DEFAULT_REDUCTIONS = (8, 16)
+GRID_REDUCTION = 8  # the patch grid is the stride-8 one whenever a stride-8 stage is used
+POOLINGS: tuple[str, ...] = ("unfold", "avg")
 
 
 def _probe(backbone_name: str, img_hw: tuple[int, int]) -> tuple[list[int], list[int], list[tuple[int, int]]]:
@@ -65,7 +74,7 @@ def select_stages(reductions: Sequence[int], wanted: Sequence[int] = DEFAULT_RED
         if not hits:
             raise BackboneError(
                 f"the backbone has no stage with stride {r} (its strides: {list(reductions)}); "
-                "choose a CNN with stride-8 and stride-16 stages"
+                f"pass --feature_strides with strides it has, or choose another CNN"
             )
         picked.append(hits[-1])
     return picked
@@ -80,8 +89,10 @@ class CNNPatchCoreExtractor(FeatureExtractor):
         img_size: Input size, an int or ``(height, width)``.
         weights: ``"pretrained"`` or ``"random"`` (tests only); see :func:`create_backbone`.
         weights_path: Local state dict; overrides ``weights``.
-        layers: Optional ``out_indices`` override; default: the stages with strides 8 and 16.
+        layers: Optional ``out_indices`` override; default: the stages with ``reductions``.
         amp: On CUDA, run the backbone channels-last in bfloat16 autocast.
+        reductions: Strides of the stages to use (each the deepest stage with that stride).
+        pooling: ``'unfold'`` or ``'avg'`` (module docstring).
     """
 
     def __init__(
@@ -93,17 +104,22 @@ class CNNPatchCoreExtractor(FeatureExtractor):
         weights_path: Optional[str] = None,
         layers: Optional[Sequence[int]] = None,
         amp: bool = False,
+        reductions: Sequence[int] = DEFAULT_REDUCTIONS,
+        pooling: str = "unfold",
     ) -> None:
         super().__init__(feature_dim, img_size, amp)
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling {pooling!r} is unknown; valid: {', '.join(POOLINGS)}")
         self.backbone_name = backbone_name
-        reductions, channels, sizes = _probe(backbone_name, self.img_size)
+        self.pooling = pooling
+        all_reductions, channels, sizes = _probe(backbone_name, self.img_size)
         if layers is None:
-            indices = select_stages(reductions)
+            indices = select_stages(all_reductions, reductions)
         else:
             indices = [int(i) for i in layers]
-            bad = [i for i in indices if not 0 <= i < len(reductions)]
+            bad = [i for i in indices if not 0 <= i < len(all_reductions)]
             if bad or not indices:
-                raise ValueError(f"layers {list(layers)} out of range 0..{len(reductions) - 1} for {backbone_name}")
+                raise ValueError(f"layers {list(layers)} out of range 0..{len(all_reductions) - 1} for {backbone_name}")
         self.out_indices = tuple(indices)
         self.backbone = create_backbone(
             backbone_name, weights, weights_path, features_only=True, out_indices=self.out_indices
@@ -114,12 +130,16 @@ class CNNPatchCoreExtractor(FeatureExtractor):
         if self.channels != expected:
             raise BackboneError(f"{backbone_name}: stage channels {self.channels} differ from the probe {expected}")
         stage_sizes = [sizes[i] for i in indices]
-        self._grid = max(stage_sizes, key=lambda hw: hw[0] * hw[1])
+        on_grid = [sizes[i] for i in indices if all_reductions[i] == GRID_REDUCTION]
+        self._grid = on_grid[0] if on_grid else max(stage_sizes, key=lambda hw: hw[0] * hw[1])
         self._channels_last = False
         self._freeze()
 
     def layer_dims(self) -> list[int]:
-        """C*9 per used stage (the width pooled to ``D``)."""
+        """The width pooled to ``D``: C*9 per used stage (``'unfold'``), or the summed channels of
+        the used stages, one entry (``'avg'``)."""
+        if self.pooling == "avg":
+            return [sum(self.channels)]
         return [c * 9 for c in self.channels]
 
     def _extract(self, images: Tensor) -> Tensor:
@@ -131,7 +151,30 @@ class CNNPatchCoreExtractor(FeatureExtractor):
                 self._channels_last = True
             images = images.contiguous(memory_format=torch.channels_last)
         maps = self.backbone(images)
+        if self.pooling == "avg":
+            return self.aggregate_avg(maps, self._grid, self.feature_dim)
         return self.aggregate(maps, self._grid, self.feature_dim)
+
+    @staticmethod
+    def aggregate_avg(maps: Sequence[Tensor], grid: tuple[int, int], feature_dim: int) -> Tensor:
+        """3x3 channel means, resized to ``grid``, concatenated, pooled to ``D`` (``'avg'``).
+
+        Args:
+            maps: Stage outputs, each ``(B, C_l, h_l, w_l)``.
+            grid: ``(H', W')`` output grid.
+            feature_dim: ``D``.
+
+        Returns:
+            ``(B, H', W', D)`` float32.
+        """
+        stages = []
+        for fmap in maps:
+            fmap = F.avg_pool2d(fmap.float(), kernel_size=3, stride=1, padding=1)
+            if tuple(fmap.shape[-2:]) != tuple(grid):
+                fmap = F.interpolate(fmap, size=grid, mode="bilinear", align_corners=False)
+            stages.append(fmap)
+        joined = torch.cat(stages, dim=1).permute(0, 2, 3, 1)        # (B, H', W', sum C)
+        return channel_pool(joined, feature_dim).contiguous()
 
     @staticmethod
     def aggregate(maps: Sequence[Tensor], grid: tuple[int, int], feature_dim: int) -> Tensor:

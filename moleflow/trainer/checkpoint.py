@@ -19,6 +19,7 @@ ARCHITECTURE_FIELDS: tuple[str, ...] = (
     "lora_rank", "lora_alpha", "clamp_alpha", "dia_hidden_ratio", "scale_context_kernel",
     "spatial_context_kernel", "use_lora", "use_dia", "use_task_adapter", "use_whitening_adapter",
     "use_pos_embed", "use_spatial_context", "use_scale_context", "use_mahalanobis", "seed",
+    "feature_strides", "feature_pooling", "resize_mode", "anomaly_score",
 )
 
 
@@ -59,5 +60,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def architecture_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Human-readable list of architecture settings that differ ('lora_rank: saved 64, now 8')."""
+    # A key a checkpoint of an older version lacks had that version's value: the default now.
+    saved = {key: saved.get(key, current_default) for key, current_default in _defaults().items()}
     return [f"{key}: saved {saved.get(key)!r}, now {current.get(key)!r}"
             for key in ARCHITECTURE_FIELDS if saved.get(key) != current.get(key)]
+
+
+def _defaults() -> dict[str, Any]:
+    from moleflow.config.ablation import AblationConfig
+    return {key: value for key, value in AblationConfig().to_dict().items() if key in ARCHITECTURE_FIELDS}
