@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 
 from moleflow.config.ablation import AblationConfig, ConfigError
 from moleflow.config.cli import parse_config, preset_ignored_flags
-from moleflow.data import ClassSplit, DataError, load_checked_splits
+from moleflow.data import ClassSplit, DataError, load_checked_splits, split_tasks
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -25,8 +25,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def check_data(config: AblationConfig) -> dict[str, ClassSplit]:
-    """Every class of the run loaded and checked (files, masks, good and defective test images);
-    with ``--demo`` the demo data is generated first."""
+    """Every class of the run loaded and checked (files, masks, good and defective test images) and
+    the task split formed; with ``--demo`` the demo data is generated first."""
+    if config.resume is None:
+        split_tasks(config.task_classes, config.cl_scenario)
     if config.demo:
         from moleflow.data import generate_demo_dataset
         generate_demo_dataset(Path(config.data_path), seed=0)

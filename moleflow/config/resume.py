@@ -37,14 +37,16 @@ def resolve_resume(config: AblationConfig, explicit: dict[str, Any]):
     saved_tasks: list[list[str]] = [list(t) for t in ckpt["tasks"]]
     done = int(ckpt["tasks_done"])
     old_classes = [c for t in saved_tasks for c in t]
+    # finished = every task trained and the final results written (a run can stop in between)
+    finished = done >= len(saved_tasks) and (exp_dir / "final_results.csv").is_file()
     if "task_classes" not in explicit:
-        if done >= len(saved_tasks):
+        if finished:
             raise ConfigError(f"{exp_dir} already finished its {done} task(s); add classes with "
                               f"--resume {exp_dir} --task_classes NEW_CLASS ...")
         return resolved.validate(), ResumeState(ckpt, exp_dir, extend=False, tasks=saved_tasks)
-    if done < len(saved_tasks):
-        raise ConfigError(f"{exp_dir} stopped after {done} of {len(saved_tasks)} tasks; finish it with "
-                          f"--resume {exp_dir} (no --task_classes) before adding classes")
+    if not finished:
+        raise ConfigError(f"{exp_dir} stopped after {done} of {len(saved_tasks)} tasks (no final_results.csv); "
+                          f"finish it with --resume {exp_dir} (no --task_classes) before adding classes")
     new = list(explicit["task_classes"])
     again = [c for c in new if c in old_classes]
     if again:
