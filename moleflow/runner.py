@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from moleflow.config.ablation import AblationConfig, ConfigError
-from moleflow.data import AnomalyDataset, ClassSplit, generate_demo_dataset, load_class_split, split_tasks, validate_samples
+from moleflow.data import AnomalyDataset, ClassSplit, generate_demo_dataset, load_checked_splits, split_tasks
 from moleflow.evaluation.continual import ContinualMatrix, write_continual_summary
 from moleflow.evaluation.evaluator import ClassEvaluation, evaluate_class, score_batch, score_patches
 from moleflow.extractors import build_extractor
@@ -23,7 +25,8 @@ from moleflow.trainer.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from moleflow.trainer.continual_trainer import MoLEContinualTrainer
 from moleflow.trainer.features import FeatureSet, extract_features
 from moleflow.utils.experiment import (
-    close_logger, create_experiment_dir, format_table, library_versions, setup_logger, write_config, write_results_csv,
+    FILE_ONLY, close_logger, create_experiment_dir, format_table, library_versions, setup_logger, write_config,
+    write_results_csv,
 )
 from moleflow.utils.seed import seed_everything
 
@@ -58,54 +61,92 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class Run:
-    """One experiment: holds the model, router, cached features and the result bookkeeping."""
+def interactive() -> bool:
+    """stdout and stderr are terminals: progress bars; otherwise plain log lines only."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
 
-    def __init__(self, config: AblationConfig, resume: Optional[ResumeState] = None, progress: bool = True) -> None:
+
+class Run:
+    """One experiment: holds the model, router, cached features and the result bookkeeping.
+
+    Every setting and input is checked before the first training step: the data (files, masks,
+    good and defective test images; ``splits`` when the caller checked them already) and, once
+    the backbone is built, the top-k against its patch grid. ``progress=False`` or ``--quiet``
+    keeps the console to warnings; progress bars appear only on a terminal.
+    """
+
+    def __init__(self, config: AblationConfig, resume: Optional[ResumeState] = None, progress: bool = True,
+                 splits: Optional[dict[str, ClassSplit]] = None, notes: Optional[dict[str, Any]] = None) -> None:
         self.config = config
-        self.progress = progress
+        self.progress = progress and not config.quiet and interactive()  # tqdm bars
         self.device = resolve_device(config.device)
         if config.demo:
             generate_demo_dataset(Path(config.data_path), seed=0)
         self.tasks = resume.tasks if resume else split_tasks(config.task_classes, config.cl_scenario)
         self.class_task = {c: t for t, classes in enumerate(self.tasks) for c in classes}
-        self.splits: dict[str, ClassSplit] = {}
-        for name in config.task_classes:  # fail fast on any data problem before training starts
-            split = load_class_split(config.dataset, Path(config.data_path), name)
-            validate_samples([*split.train, *split.test])
-            self.splits[name] = split
+        self.splits: dict[str, ClassSplit] = splits if splits is not None else load_checked_splits(
+            config.dataset, Path(config.data_path), config.task_classes)
         self.resume = resume
-        self.exp_dir = resume.exp_dir if resume and not resume.extend else create_experiment_dir(
-            config.log_dir, config.experiment_name)
-        self.log = setup_logger(self.exp_dir, quiet=not progress)
-        extra: dict[str, Any] = {"tasks": self.tasks}
-        if resume:
-            extra["resumed_from"] = str(resume.exp_dir)
-        write_config(self.exp_dir, config, extra)
         seed_everything(config.seed)
         self.extractor = build_extractor(config.backbone_name, feature_dim=config.feature_dim, img_size=config.img_size,
                                          weights="pretrained", weights_path=config.backbone_weights,
                                          amp=config.amp and self.device.type == "cuda",
                                          strides=config.feature_strides, pooling=config.feature_pooling).to(self.device)
+        self._check_top_k()
+        self.exp_dir = resume.exp_dir if resume and not resume.extend else create_experiment_dir(
+            config.log_dir, config.experiment_name)
+        self.log = setup_logger(self.exp_dir, quiet=config.quiet or not progress)
+        extra: dict[str, Any] = {"tasks": self.tasks, "effective": self._effective(), **(notes or {})}
+        if resume:
+            extra["resumed_from"] = str(resume.exp_dir)
+        write_config(self.exp_dir, config, extra)
+        for item in extra.get("ignored_flags", []):
+            self.log.info(f"warning: {item['reason']}", extra=FILE_ONLY)  # printed by the CLI already
+        self._warn_cuda_only()
         self._warn_feature_dim()
         self.model = build_flow(config, config.feature_dim).to(self.device)
         self.router = PrototypeRouter(mahalanobis=config.use_mahalanobis)
         self.memory = PatchMemory() if config.anomaly_score != "flow" else None
-        self.trainer = MoLEContinualTrainer(config, self.model, self.router, self.device, self.log, progress,
+        self.trainer = MoLEContinualTrainer(config, self.model, self.router, self.device, self.log, self.progress,
                                             tf32=config.tf32)
         self.test_cache: dict[str, FeatureSet] = {}
         self._train_datasets: dict[tuple[int, bool], AnomalyDataset] = {}
         names = ["+".join(t) for t in self.tasks]
-        self.matrices = {m: ContinualMatrix(len(self.tasks), names) for m in MATRIX_METRICS}
+        sizes = [len(t) for t in self.tasks]  # final means weight each task by its classes: a mean over classes
+        self.matrices = {m: ContinualMatrix(len(self.tasks), names, class_counts=sizes) for m in MATRIX_METRICS}
         self.done = 0
         if resume:
             self._restore(resume.checkpoint)
 
     # ------------------------------------------------------------------ setup helpers
+    def _check_top_k(self) -> None:
+        cfg = self.config
+        h, w = self.extractor.grid_size()
+        if cfg.score_aggregation_mode == "top_k" and cfg.score_aggregation_top_k > h * w:
+            raise ConfigError(f"--score_aggregation_top_k {cfg.score_aggregation_top_k} exceeds the {h}x{w} = {h * w} "
+                              f"patches of {cfg.backbone_name} at --img_size {cfg.img_size}; use a k <= {h * w}")
+
+    def _effective(self) -> dict[str, Any]:
+        """Settings as they act on this machine (CUDA-only switches are off elsewhere)."""
+        cuda = self.device.type == "cuda"
+        cfg = self.config
+        return {"device": str(self.device), "amp": cfg.amp and cuda, "tf32": cfg.tf32 and cuda,
+                "compile_flow": cfg.compile_flow and cuda, "cuda_graphs": cfg.cuda_graphs and cuda}
+
+    def _warn_cuda_only(self) -> None:
+        if self.device.type == "cuda":
+            return
+        what = {"amp": "the backbone runs in float32", "tf32": "matrix products stay full float32",
+                "compile_flow": "the flow runs eagerly"}
+        for flag, effect in what.items():
+            if getattr(self.config, flag):
+                self.log.warning(f"warning: --{flag} has no effect on {self.device} (CUDA only); {effect} "
+                                 f"(config.json: effective.{flag} = false)")
+
     def _warn_feature_dim(self) -> None:
         dims = self.extractor.layer_dims()
         if min(dims) < self.config.feature_dim:
-            self.log.info(f"warning: --feature_dim {self.config.feature_dim} exceeds the backbone's per-layer width "
+            self.log.warning(f"warning: --feature_dim {self.config.feature_dim} exceeds the backbone's per-layer width "
                           f"{dims}; adaptive pooling repeats channels (features span < D dimensions)")
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
@@ -120,7 +161,7 @@ class Run:
         for metric, values in ckpt["history"].items():
             for i, row in enumerate(values):
                 for j, value in enumerate(row):
-                    if j <= i:
+                    if j <= i and not math.isnan(value):  # a row saved before its evaluation is all NaN
                         self.matrices[metric].set(i, j, float(value))
         self.log.info(f"resumed from {self.resume.exp_dir / CHECKPOINT_NAME}: {self.done} task(s) already trained")
 
@@ -158,6 +199,7 @@ class Run:
                 for task_id, name in tqdm(pairs, desc=f"evaluate ({label})", leave=False, disable=not self.progress)]
 
     def _record(self, after_task: int, results: list[ClassEvaluation]) -> None:
+        """R[after_task][j] for every seen task j: the mean over task j's classes."""
         for task_id in range(after_task + 1):
             rows = [r.row for r in results if r.row["task_id"] == task_id]
             for metric in MATRIX_METRICS:
@@ -189,8 +231,6 @@ class Run:
     # ------------------------------------------------------------------ the task loop
     def execute(self) -> RunResult:
         fuse = self.config.compile_flow and self.device.type == "cuda"
-        if self.config.compile_flow and not fuse:
-            self.log.info(f"--compile_flow has no effect on {self.device} (CUDA only); the flow runs eagerly")
         try:
             with fusion(fuse, self.log):
                 return self._execute()
@@ -200,10 +240,21 @@ class Run:
             close_logger(self.log)
             raise
 
+    def _evaluate_task(self, task_id: int) -> None:
+        """Evaluate every seen class after ``task_id``, record R[task_id][.], write its CSV and the history."""
+        results = self.evaluate_seen(task_id, oracle=False)
+        self._record(task_id, results)
+        mean = write_results_csv(self.exp_dir / f"results_after_task_{task_id}.csv", [r.row for r in results])
+        self.log.info(f"after task {task_id}: mean img AUROC {mean['img_auroc']:.4f} pixel AUROC "
+                      f"{mean['pixel_auroc']:.4f} routing {_percent_or_oracle(mean['routing_acc'])}")
+        self._checkpoint()
+
     def _execute(self) -> RunResult:
         self.log.info(f"experiment {self.exp_dir} | device {self.device} | tasks {self.tasks} | "
                       f"optimizer {self.config.optimizer}")
         cfg = self.config
+        if self.done and self.matrices["img_auroc"].last_task < self.done - 1:
+            self._evaluate_task(self.done - 1)  # stopped between saving the task and its evaluation
         for task_id in range(self.done, len(self.tasks)):
             started = time.time()
             self.log.info(f"=== task {task_id}: {', '.join(self.tasks[task_id])} ===")
@@ -219,13 +270,9 @@ class Run:
                               f"{stats.skipped_batches} skipped, final loss {stats.final_loss:.4f})")
             if self.memory is not None:
                 self._add_memory(task_id, train)
-            results = self.evaluate_seen(task_id, oracle=False)
-            self._record(task_id, results)
-            mean = write_results_csv(self.exp_dir / f"results_after_task_{task_id}.csv", [r.row for r in results])
-            self.log.info(f"after task {task_id}: mean img AUROC {mean['img_auroc']:.4f} pixel AUROC "
-                          f"{mean['pixel_auroc']:.4f} routing {mean['routing_acc']:.4f}")
             self.done = task_id + 1
-            self._checkpoint()
+            self._checkpoint()  # the trained task is safe before its evaluation runs
+            self._evaluate_task(task_id)
         return self.finish()
 
     def finish(self) -> RunResult:
@@ -239,15 +286,21 @@ class Run:
         if cfg.eval_oracle:
             oracle_results = self.evaluate_seen(last, oracle=True)
             oracle_mean = write_results_csv(self.exp_dir / "final_results_oracle.csv", [r.row for r in oracle_results])
-        for metric, matrix in self.matrices.items():
+        # without the router the true task is used: no routing was measured, so none is reported
+        measured = {m: x for m, x in self.matrices.items() if cfg.use_router or m != "routing_acc"}
+        for metric, matrix in measured.items():
             matrix.to_csv(self.exp_dir / f"matrix_{metric}.csv")
-        write_continual_summary(self.matrices, self.exp_dir / "continual_summary.csv")
-        confusion = self._confusion(routed)
-        _write_confusion(self.exp_dir, confusion, ["+".join(t) for t in self.tasks])
+        write_continual_summary(measured, self.exp_dir / "continual_summary.csv")
+        confusion = self._confusion(routed) if cfg.use_router else None
+        if confusion is not None:
+            _write_confusion(self.exp_dir, confusion, ["+".join(t) for t in self.tasks])
+        else:
+            self.log.info("routing: n/a (oracle: the true task id was used; no routing matrix or confusion written)")
         if cfg.run_diagnostics:
             from moleflow.utils.run_diagnostics import write_diagnostics
             write_diagnostics(self, routed, confusion)
-        self.log.info("final results (routed, %):\n" + format_table([*rows, mean]))
+        label = "routed" if cfg.use_router else "oracle: the true task, no router"
+        self.log.info(f"final results ({label}, %):\n" + format_table([*rows, mean]))
         if oracle_mean is not None:
             self.log.info(f"oracle mean: img AUROC {oracle_mean['img_auroc']:.4f} pixel AUROC "
                           f"{oracle_mean['pixel_auroc']:.4f}")
@@ -270,6 +323,19 @@ def _write_confusion(exp_dir: Path, confusion: torch.Tensor, names: list[str]) -
     plot_confusion_matrix(confusion.numpy(), names, exp_dir / "routing_confusion.png")
 
 
-def run(config: AblationConfig, resume: Optional[ResumeState] = None, progress: bool = True) -> RunResult:
-    """Run (or continue) one experiment end to end."""
-    return Run(config, resume=resume, progress=progress).execute()
+def _percent_or_oracle(value: float) -> str:
+    return "n/a (oracle)" if math.isnan(value) else f"{value:.4f}"
+
+
+def run(config: AblationConfig, resume: Optional[ResumeState] = None, progress: bool = True,
+        splits: Optional[dict[str, ClassSplit]] = None, notes: Optional[dict[str, Any]] = None) -> RunResult:
+    """Run (or continue) one experiment end to end.
+
+    Args:
+        config: the validated settings.
+        resume: a loaded checkpoint to continue or extend.
+        progress: print log lines (and, on a terminal, progress bars) to stdout.
+        splits: the classes' checked splits (``load_checked_splits``), if the caller has them already.
+        notes: extra entries for config.json (e.g. the CLI's ``ignored_flags``).
+    """
+    return Run(config, resume=resume, progress=progress, splits=splits, notes=notes).execute()

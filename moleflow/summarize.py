@@ -92,8 +92,8 @@ def format_summary(summary: pd.DataFrame) -> str:
     lines = [f"mean ± sample std (ddof=1) over {int(summary['n_runs'].iloc[0])} run(s)",
              " ".join(header)]
     for _, row in summary.iterrows():
-        cells = [f"{row[f'{m}_mean']:.4f} ± {row[f'{m}_std']:.4f}".rjust(19)
-                 for m in METRIC_COLUMNS]
+        cells = [("n/a" if np.isnan(row[f"{m}_mean"]) else f"{row[f'{m}_mean']:.4f} ± {row[f'{m}_std']:.4f}").rjust(19)
+                 for m in METRIC_COLUMNS]  # n/a: not measured (routing of oracle runs)
         lines.append(" ".join([str(row["class_name"]).ljust(14), *cells]))
     return "\n".join(lines)
 

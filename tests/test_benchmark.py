@@ -92,7 +92,7 @@ def test_benchmark_end_to_end_writes_every_figure(tmp_path: Path, capsys: pytest
     growth = run["parameters"]["total_after_each_task"]
     assert growth[1] - growth[0] == run["parameters"]["per_task"][1] > 0
     assert all(math.isfinite(v) for v in run["metrics"]["final_routed_mean"].values())
-    assert run["metrics"]["final_oracle_mean"]["routing_acc"] == 1.0
+    assert math.isnan(run["metrics"]["final_oracle_mean"]["routing_acc"])  # the true task: routing n/a
     limits = result["limits"]
     assert limits["backbone_fp32_images_per_s"] > 0 and limits["reference_flow"]["fp32"]["train_images_per_s"] > 0
     assert set(result["ratios"]) >= {"training_over_flow_train_limit_fp32", "e2e_over_serial_limit_backbone_plus_flow_fp32"}

@@ -40,6 +40,22 @@ def test_forgetting_and_bwt_on_hand_matrix() -> None:
     assert matrix.last_task == 2
 
 
+def test_final_mean_is_over_classes_when_tasks_hold_several() -> None:
+    """Scenario 2-1: task 0 = (a, b) with class values 0.6 and 0.8, task 1 = (c) with 0.4.
+
+    R[1][0] is task 0's class mean 0.7; the final mean is the mean over the three classes (0.6),
+    as final_results.csv's mean row, not the mean over tasks ((0.7 + 0.4) / 2 = 0.55). FM and BWT
+    stay means over tasks."""
+    matrix = ContinualMatrix(2, ["a+b", "c"], class_counts=[2, 1])
+    matrix.set(0, 0, 0.7)
+    matrix.set(1, 0, 0.7)
+    matrix.set(1, 1, 0.4)
+    assert matrix.final_mean() == pytest.approx((0.6 + 0.8 + 0.4) / 3, abs=1e-12)
+    assert matrix.forgetting() == 0.0 and matrix.backward_transfer() == 0.0
+    with pytest.raises(ValueError, match="class_counts"):
+        ContinualMatrix(2, ["a", "b"], class_counts=[1])
+
+
 def test_partial_matrices() -> None:
     only_first = _matrix(HAND[:1])
     assert np.isnan(only_first.forgetting()) and np.isnan(only_first.backward_transfer())

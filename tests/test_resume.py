@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,6 +78,7 @@ def test_add_a_task_to_a_finished_run(tiny_data, tmp_path):
     proc = run_cli(["--resume", str(old), "--task_classes", "nut", "--log_dir", str(more)])
     assert proc.returncode == 0, proc.stderr[-2000:]
     new = only_experiment(more)
+    assert old.name.startswith("moleflow_2") and new.name.startswith("moleflow_ext_")  # logs/moleflow_2* != it
     before = _rows(old / "final_results_oracle.csv")
     after = _rows(new / "final_results_oracle.csv")
     for name in ("fabric", "tile"):
@@ -118,3 +120,31 @@ def test_checkpoint_loads_with_weights_only(reference_run):
     import torch
     data = torch.load(reference_run / "checkpoint.pt", weights_only=True)
     assert data["tasks_done"] == 3 and data["tasks"] == [["fabric"], ["tile"], ["nut"]]
+
+
+def test_extending_from_another_data_root_names_the_rule(reference_run, tiny_data, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_data / "nut", other / "bolt")  # a new class, alone under another root
+    code = main(["--resume", str(reference_run), "--data_path", str(other), "--task_classes", "bolt",
+                 "--log_dir", str(tmp_path / "logs")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "one data root" in err and "fabric" in err and str(other) in err and str(tiny_data) in err
+
+
+def test_extended_run_gets_its_own_name_unless_one_is_given(reference_run, tiny_data, tmp_path, monkeypatch):
+    """<old>_ext by default, --experiment_name wins (the run itself is replaced: nothing trains)."""
+    import moleflow.runner as runner_mod
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    shutil.copytree(tiny_data / "nut", data / "bolt")
+    names = []
+
+    def record(config, **kwargs):
+        names.append(config.experiment_name)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner_mod, "run", record)
+    for extra in ([], ["--experiment_name", "more"]):
+        assert main(["--resume", str(reference_run), "--data_path", str(data), "--task_classes", "bolt", *extra]) == 130
+    assert names == ["moleflow_ext", "more"]

@@ -94,6 +94,7 @@ class AblationConfig:
     # --- evaluation / output ---
     eval_oracle: bool = True
     run_diagnostics: bool = False
+    quiet: bool = False
     log_dir: str = "logs"
     experiment_name: str = "moleflow"
     seed: int = 0
@@ -136,6 +137,15 @@ class AblationConfig:
         _check(self.feature_pooling in ("unfold", "avg"),
                f"--feature_pooling {self.feature_pooling!r}: use unfold (3x3 neighbourhoods, stages averaged) "
                "or avg (3x3 means, stages concatenated)")
+        _check(0.0 <= self.score_aggregation_percentile <= 100.0,
+               f"--score_aggregation_percentile {self.score_aggregation_percentile} must be in [0, 100]")
+        _check(self.anomaly_map_sigma >= 0, f"--anomaly_map_sigma {self.anomaly_map_sigma} must be >= 0 (0 = no blur)")
+        for flag, value in (("weight_decay", self.weight_decay), ("lambda_logdet", self.lambda_logdet),
+                            ("warmup_epochs", self.warmup_epochs), ("num_workers", self.num_workers)):
+            _check(value >= 0, f"--{flag} {value} must be >= 0")
+        for flag, value in (("grad_clip", self.grad_clip), ("clamp_alpha", self.clamp_alpha),
+                            ("dia_hidden_ratio", self.dia_hidden_ratio), ("slow_lr_ratio", self.slow_lr_ratio)):
+            _check(value > 0, f"--{flag} {value} must be > 0")
         _check(self.resize_mode in ("crop", "squash"),
                f"--resize_mode {self.resize_mode!r}: use crop (shorter side, centre crop) or squash (whole image)")
         _check(self.anomaly_score in ANOMALY_SCORES,

@@ -4,6 +4,9 @@ Every dataclass field ``name`` becomes ``--name``. Boolean switches get a pair:
 ``use_X`` -> ``--use_X`` / ``--no_X``; any other boolean ``X`` -> ``--X`` / ``--no_X``.
 The two flags of a pair are mutually exclusive. Nothing is stored for a flag that was not
 given, which is how presets and the demo know what the user set explicitly.
+
+This module and ``config/ablation.py`` import neither torch nor the data stack, so ``--help`` and
+setting errors answer at once.
 """
 
 from __future__ import annotations
@@ -17,41 +20,7 @@ from typing import Any, Optional, Sequence
 from moleflow.config.ablation import (
     DEMO_SETTINGS, PRESETS, AblationConfig, ConfigError, apply_overrides, config_fields,
 )
-
-HELP: dict[str, str] = {
-    "dataset": "dataset layout: mvtec, visa (split_csv/1cls.csv), mpdd, folder (any MVTec-layout folder)",
-    "data_path": "dataset root folder",
-    "task_classes": "classes in task order (default: all 15 MVTec AD classes)",
-    "cl_scenario": "B-I: first task takes B classes, each later task I classes (1-1, 14-1, 10-5, 3-3)",
-    "backbone_name": "timm backbone (CNN via feature_info, ViT via forward_intermediates); "
-                     "efficientnet_lite0 loads offline ImageNet weights",
-    "backbone_weights": "local state-dict file for the backbone (instead of downloading)",
-    "feature_dim": "D, the patch-feature width the flow models",
-    "feature_strides": "strides (px) of the CNN stages whose maps make the patch features; the patch grid is "
-                       "the stride-8 one",
-    "feature_pooling": "unfold: each stage's 3x3 neighbourhood vectors pooled to D, stages averaged (paper); "
-                       "avg: each channel's 3x3 mean, stages concatenated, then pooled to D",
-    "num_coupling_layers": "shared MoLE coupling blocks",
-    "dia_n_blocks": "per-task DIA coupling blocks",
-    "lora_rank": "rank r of each LoRA expert",
-    "ablation_preset": f"group of switches: {', '.join(PRESETS)}",
-    "demo": "generate the embedded demo dataset (once) and run the main pipeline on it offline",
-    "resume": "experiment folder to continue (interrupted run) or extend (new --task_classes)",
-    "run_diagnostics": "write flow-analysis plots to <experiment>/diagnostics/",
-    "eval_oracle": "after the last task, also evaluate with the true task id (final_results_oracle.csv)",
-    "device": "auto, cpu, cuda or cuda:N",
-    "amp": "bf16 autocast for the frozen backbone on CUDA",
-    "tf32": "TF32 float32 matrix products in the flow on CUDA (faster; routing stays full float32)",
-    "cuda_graphs": "on CUDA, record the training step once per task as a CUDA graph and replay it "
-                   "(same kernels, no per-kernel Python launch); no effect on the CPU",
-    "compile_flow": "on CUDA, fuse the flow's element-wise work with torch.compile (all scoring, and "
-                    "training from the second task on; compiles once per block shape and mode, tens of seconds per run; "
-                    "scores equal to float tolerance); no effect on the CPU",
-    "compile_ahead": "with --compile_flow: while task 0 trains, a child process compiles the later tasks' training "
-                     "step into torch's on-disk cache, so that task 1 does not wait ~10 s for it (results unchanged)",
-    "freeze_base": "freeze shared flow weights after task 0 (off only in baseline_nf: naive fine-tuning)",
-}
-
+from moleflow.config.help_text import HELP, METAVARS
 
 class OneLineParser(argparse.ArgumentParser):
     """ArgumentParser whose errors are one line (no usage dump) and exit with status 2."""
@@ -76,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fld in config_fields().items():
         kind = hints[name]
         default = fld.default if fld.default is not dataclasses.MISSING else fld.default_factory()
-        help_text = f"{HELP.get(name, name.replace('_', ' '))} (default: {default})"
+        help_text = HELP[name] if kind == list[str] else f"{HELP[name]} (default: {default})"
         if kind is bool:
             on, off = _flag_names(name)
             group = parser.add_mutually_exclusive_group()
@@ -88,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(f"--{name}", nargs="+", type=int, metavar="N", help=help_text)
         else:
             base = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
-            parser.add_argument(f"--{name}", type=base, help=help_text)
+            parser.add_argument(f"--{name}", type=base, help=help_text, metavar=METAVARS.get(name, name.upper()))
     return parser
 
 
@@ -104,7 +73,12 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> tuple[AblationConfig, 
 
 
 def resolve_config(explicit: dict[str, Any]) -> AblationConfig:
-    """defaults < demo settings < preset < explicit flags, then validation and conflict checks."""
+    """defaults < demo settings < preset < explicit flags, then validation and conflict checks.
+
+    Flags that mean nothing because of the preset (``--lora_rank`` under ``wo_lora``) are not
+    applied (see :func:`preset_ignored_flags`). Without ``--task_classes``, ``--dataset visa``,
+    ``mpdd`` and ``folder`` get their own class list (``moleflow.data.default_task_classes``).
+    """
     config = AblationConfig()
     if explicit.get("demo"):
         from moleflow.data import DEMO_CLASSES
@@ -116,41 +90,77 @@ def resolve_config(explicit: dict[str, Any]) -> AblationConfig:
     if preset not in PRESETS:
         raise ConfigError(f"--ablation_preset {preset!r} is unknown; valid: {', '.join(PRESETS)}")
     config = apply_overrides(config, PRESETS[preset])
-    config = apply_overrides(config, explicit)
-    _check_conflicts(config, explicit)
-    return config.validate()
+    ignored = preset_ignored_flags(explicit)
+    config = apply_overrides(config, {k: v for k, v in explicit.items() if k not in ignored})
+    _check_conflicts(config, explicit, ignored)
+    config = config.validate()
+    if not ({"task_classes", "demo", "resume"} & set(explicit)) and config.dataset != "mvtec":
+        from pathlib import Path
+        from moleflow.data import default_task_classes
+        config = apply_overrides(config, {"task_classes": default_task_classes(config.dataset, Path(config.data_path))})
+    return config
 
 
-# flag -> (switch that must be on for the flag to matter)
-_DEPENDS_ON: dict[str, str] = {
-    "lora_rank": "use_lora",
-    "lora_alpha": "use_lora",
-    "dia_n_blocks": "use_dia",
-    "dia_hidden_ratio": "use_dia",
-    "scale_context_kernel": "use_scale_context",
-    "spatial_context_kernel": "use_spatial_context",
-    "tail_weight": "use_tail_aware_loss",
-    "tail_top_k_ratio": "use_tail_aware_loss",
-    "slow_blocks_k": "enable_slow_stage",
-    "slow_lr_ratio": "enable_slow_stage",
-    "slow_stage_start": "enable_slow_stage",
-    "use_mahalanobis": "use_router",
-    "use_whitening_adapter": "use_task_adapter",
+# flag -> (setting, the value it must have for the flag to matter)
+_DEPENDS_ON: dict[str, tuple[str, Any]] = {
+    "lora_rank": ("use_lora", True),
+    "lora_alpha": ("use_lora", True),
+    "dia_n_blocks": ("use_dia", True),
+    "dia_hidden_ratio": ("use_dia", True),
+    "scale_context_kernel": ("use_scale_context", True),
+    "spatial_context_kernel": ("use_spatial_context", True),
+    "tail_weight": ("use_tail_aware_loss", True),
+    "tail_top_k_ratio": ("use_tail_aware_loss", True),
+    "slow_blocks_k": ("enable_slow_stage", True),
+    "slow_lr_ratio": ("enable_slow_stage", True),
+    "slow_stage_start": ("enable_slow_stage", True),
+    "use_mahalanobis": ("use_router", True),
+    "use_whitening_adapter": ("use_task_adapter", True),
+    "score_aggregation_top_k": ("score_aggregation_mode", "top_k"),
+    "score_aggregation_percentile": ("score_aggregation_mode", "percentile"),
+    "enable_slow_stage": ("freeze_base", True),
 }
 
 
-def _check_conflicts(config: AblationConfig, explicit: dict[str, Any]) -> None:
-    """Refuse a flag that would be parsed and then ignored."""
-    for flag, switch in _DEPENDS_ON.items():
-        if flag in explicit and not getattr(config, switch):
-            on, off = _flag_names(switch)
-            raise ConfigError(f"--{flag} has no effect with {off}; drop --{flag} or use {on}")
-    if "score_aggregation_top_k" in explicit and config.score_aggregation_mode != "top_k":
-        raise ConfigError("--score_aggregation_top_k needs --score_aggregation_mode top_k")
-    if "score_aggregation_percentile" in explicit and config.score_aggregation_mode != "percentile":
-        raise ConfigError("--score_aggregation_percentile needs --score_aggregation_mode percentile")
-    if config.enable_slow_stage and not config.freeze_base:
-        raise ConfigError("--enable_slow_stage needs a frozen base; drop --no_freeze_base")
+def _as_flag(name: str, value: Any) -> str:
+    """The command-line spelling of setting ``name`` at ``value`` ('--no_lora', '--score_aggregation_mode max')."""
+    if isinstance(value, bool):
+        on, off = _flag_names(name)
+        return on if value else off
+    return f"--{name} {value}"
+
+
+def _given(flag: str, explicit: dict[str, Any]) -> bool:
+    """The user gave ``flag`` in a way that needs its setting (a SLOW stage turned off needs nothing)."""
+    return flag in explicit and (flag != "enable_slow_stage" or bool(explicit[flag]))
+
+
+def preset_ignored_flags(explicit: dict[str, Any]) -> dict[str, str]:
+    """Explicit flags that mean nothing because of ``--ablation_preset`` (not because of a switch the
+    user typed): ``{flag: one-line warning}``. They are ignored, so that shared flags (``run.sh``'s
+    ``EXTRA``) work with every preset; the run records them in config.json."""
+    preset = explicit.get("ablation_preset", "full")
+    settings = PRESETS.get(preset, {})
+    ignored: dict[str, str] = {}
+    for flag, (setting, needed) in _DEPENDS_ON.items():
+        if _given(flag, explicit) and setting not in explicit and settings.get(setting, needed) != needed:
+            ignored[flag] = (f"--{flag} has no effect under --ablation_preset {preset} (it sets "
+                             f"{_as_flag(setting, settings[setting])}); ignored")
+    return ignored
+
+
+def _check_conflicts(config: AblationConfig, explicit: dict[str, Any], ignored: dict[str, str]) -> None:
+    """Refuse a flag that would be parsed and then ignored (other than those the preset makes moot)."""
+    for flag, (setting, needed) in _DEPENDS_ON.items():
+        if flag in ignored or not _given(flag, explicit) or getattr(config, setting) == needed:
+            continue
+        now = _as_flag(setting, getattr(config, setting))
+        if setting == "freeze_base":
+            raise ConfigError(f"--{flag} needs a frozen base; drop {now} or drop --{flag}")
+        if isinstance(needed, bool):
+            raise ConfigError(f"--{flag} has no effect with {now}; drop --{flag} or use {_as_flag(setting, needed)}")
+        raise ConfigError(f"--{flag} needs {_as_flag(setting, needed)} (now {now}); drop --{flag} or use "
+                          f"{_as_flag(setting, needed)}")
 
 
 def main_error(message: str) -> typing.NoReturn:

@@ -65,6 +65,8 @@ DATASET_CLASSES: dict[str, list[str]] = {
 
 DATASETS: tuple[str, ...] = ("mvtec", "visa", "mpdd", "folder")
 
+DEMO_CLASSES: list[str] = ["fabric", "tile", "nut"]  # the embedded demo (moleflow/data/demo.py)
+
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 

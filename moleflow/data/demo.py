@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from moleflow.data.base import DataError
+from moleflow.data.base import DEMO_CLASSES, DataError
 from moleflow.data.demo_defects import DEFECTS
 from moleflow.data.demo_render import RENDERERS
 
-DEMO_CLASSES: list[str] = ["fabric", "tile", "nut"]
 MARKER = ".moleflow_demo_v1"
 STREAM_TRAIN, STREAM_TEST_GOOD, STREAM_TEST_DEFECT = 0, 1, 2  # image seed = [seed, class, stream, ...]
 

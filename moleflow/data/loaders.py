@@ -7,7 +7,7 @@ from typing import Sequence
 
 from PIL import Image
 
-from moleflow.data.base import ClassSplit, DataError, Sample, check_dataset_name, one_line
+from moleflow.data.base import DATASET_CLASSES, ClassSplit, DataError, Sample, check_dataset_name, one_line
 from moleflow.data.mvtec import list_mvtec_classes, load_mvtec_split
 from moleflow.data.visa import list_visa_classes, load_visa_split
 
@@ -33,6 +33,30 @@ def list_classes(dataset: str, root: Path) -> list[str]:
     return list_mvtec_classes(dataset, Path(root))
 
 
+def default_task_classes(dataset: str, root: Path) -> list[str]:
+    """The classes a run learns when ``--task_classes`` is not given.
+
+    Args:
+        dataset: One of ``mvtec``, ``visa``, ``mpdd``, ``folder``.
+        root: The dataset root (read only for ``folder``).
+
+    Returns:
+        The dataset's standard classes in their canonical order (MVTec AD 15, VisA 12, MPDD 6);
+        for ``folder`` the class folders under ``root`` that hold ``train/good``, sorted.
+
+    Raises:
+        DataError: Unknown dataset; for ``folder`` a missing root or one without class folders.
+    """
+    check_dataset_name(dataset)
+    if dataset != "folder":
+        return list(DATASET_CLASSES[dataset])
+    found = list_classes("folder", Path(root))
+    if not found:
+        raise DataError(f"no class folders with train/good under {root}; point --data_path at the dataset "
+                        "root or pass --task_classes NAME ...")
+    return found
+
+
 def load_class_split(dataset: str, root: Path, class_name: str) -> ClassSplit:
     """Read the training and test samples of one class.
 
@@ -53,26 +77,90 @@ def load_class_split(dataset: str, root: Path, class_name: str) -> ClassSplit:
     return load_mvtec_split(dataset, Path(root), class_name)
 
 
+def load_checked_splits(dataset: str, root: Path, classes: Sequence[str]) -> dict[str, ClassSplit]:
+    """Load every class of a run and check everything training and evaluation will read.
+
+    Per class: the split (:func:`load_class_split`), a test set with both defect-free and
+    defective images (image AUROC and AP need both) and every file's header
+    (:func:`validate_samples`). Runs before the first training step, without torch.
+
+    Returns:
+        ``{class name: split}`` in the order of ``classes``.
+
+    Raises:
+        DataError: The first problem found, naming the class or file and the fix.
+    """
+    splits: dict[str, ClassSplit] = {}
+    for name in classes:
+        split = load_class_split(dataset, root, name)
+        check_test_labels(split, dataset, Path(root))
+        validate_samples([*split.train, *split.test])
+        splits[name] = split
+    return splits
+
+
+def check_test_labels(split: ClassSplit, dataset: str, root: Path) -> None:
+    """Raise :class:`DataError` unless the test set holds defect-free and defective images."""
+    labels = {s.label for s in split.test}
+    if labels >= {0, 1}:
+        return
+    name = split.class_name
+    good_missing = 0 not in labels
+    kind = "defect-free" if good_missing else "defective"
+    if dataset == "visa":
+        where = root / "split_csv" / "1cls.csv"
+        fix = f"add rows with object={name}, split=test, label={'normal' if good_missing else 'anomaly'} to {where}"
+    else:
+        test_dir = root / name / "test"
+        where = test_dir / "good" if good_missing else test_dir / "<defect>"
+        fix = (f"add defect-free images to {test_dir / 'good'}" if good_missing else
+               f"add defective images in {test_dir}/<defect>/ with masks in {root / name / 'ground_truth'}/<defect>/")
+    raise DataError(f"class {name!r} has no {kind} test images ({where}); image AUROC needs both good and "
+                    f"defective test images: {fix}")
+
+
+ASPECT_TOLERANCE = 0.01  # relative difference of width/height between a mask and its image
+
+
 def validate_samples(samples: Sequence[Sample]) -> None:
     """Open every image and mask header and check its structure (cheap; no full decode).
+
+    A mask may be a scaled copy of its image's size, but its aspect ratio must match the image's
+    within :data:`ASPECT_TOLERANCE` (else it would be stretched onto the image).
 
     Args:
         samples: The samples to check.
 
     Raises:
-        DataError: Naming the first file that is missing, corrupt or not an image.
+        DataError: Naming the first file that is missing, corrupt or not an image, or a mask and
+            image whose aspect ratios differ.
     """
     for sample in samples:
-        check_image_file(sample.image_path, "image")
+        image_size = check_image_file(sample.image_path, "image")
         if sample.mask_path is not None:
-            check_image_file(sample.mask_path, "mask")
+            mask_size = check_image_file(sample.mask_path, "mask")
+            check_mask_shape(sample.image_path, image_size, sample.mask_path, mask_size)
 
 
-def check_image_file(path: Path, kind: str) -> None:
-    """Raise :class:`DataError` when PIL cannot identify and verify ``path``."""
+def check_mask_shape(image: Path, image_size: tuple[int, int], mask: Path, mask_size: tuple[int, int]) -> None:
+    """Raise :class:`DataError` when a mask's width/height ratio differs from its image's by more
+    than :data:`ASPECT_TOLERANCE` (sizes are (width, height))."""
+    (iw, ih), (mw, mh) = image_size, mask_size
+    if abs((mw / mh) / (iw / ih) - 1.0) > ASPECT_TOLERANCE:
+        raise DataError(f"mask {mask} is {mw}x{mh} px but its image {image} is {iw}x{ih} px (aspect ratios "
+                        "differ, the mask would be stretched); replace the mask with one of the image's shape")
+
+
+def check_image_file(path: Path, kind: str) -> tuple[int, int]:
+    """Return ``path``'s (width, height) from its header; raise :class:`DataError` when PIL cannot
+    identify and verify it."""
     try:
         with Image.open(path) as image:
+            size = image.size
             image.verify()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         message = f"cannot read {kind} {path}: {one_line(error)}; replace or remove the file"
         raise DataError(message) from error
+    if min(size) < 1:
+        raise DataError(f"{kind} {path} is {size[0]}x{size[1]} px (empty); replace or remove the file")
+    return size

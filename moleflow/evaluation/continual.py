@@ -8,6 +8,11 @@
 
 Entries that were not measured (NaN) are left out of the max and the means; a value that
 cannot be formed from any measured entry is NaN.
+
+Each entry is the mean over the classes of task ``j``. The final mean is the mean over the
+classes of all tasks (each task weighted by its class count), so it equals the ``mean`` row of
+``final_results.csv`` also when tasks hold several classes (``--cl_scenario 2-1``); FM and BWT
+are means over tasks, as defined above.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from typing import Mapping
+from typing import Mapping, Optional
 
 import numpy as np
 
@@ -31,15 +36,20 @@ class ContinualMatrix:
     Args:
         num_tasks: Number of tasks in the sequence.
         task_names: One name per task (e.g. the class, or ``'bottle+cable'`` for a group).
+        class_counts: Classes per task (default one each): the weights of :meth:`final_mean`.
     """
 
-    def __init__(self, num_tasks: int, task_names: list[str]) -> None:
+    def __init__(self, num_tasks: int, task_names: list[str], class_counts: Optional[list[int]] = None) -> None:
         if num_tasks < 1:
             raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
         if len(task_names) != num_tasks:
             raise ValueError(f"{len(task_names)} task names for {num_tasks} tasks")
+        counts = [1] * num_tasks if class_counts is None else list(class_counts)
+        if len(counts) != num_tasks or min(counts) < 1:
+            raise ValueError(f"class_counts {counts} must hold one positive count per task")
         self.num_tasks = num_tasks
         self.task_names = list(task_names)
+        self.class_counts = counts
         self._values = np.full((num_tasks, num_tasks), np.nan)
         self._trained = np.zeros(num_tasks, dtype=bool)
 
@@ -69,11 +79,17 @@ class ContinualMatrix:
         self._trained[after_task] = True
 
     def final_mean(self) -> float:
-        """Mean of the last measured row over tasks 0..T (NaN if nothing was set)."""
+        """Mean over the classes of tasks 0..T in the last measured row: each task's entry weighted
+        by its class count (NaN if nothing was set; unmeasured entries are left out)."""
         last = self.last_task
         if last < 0:
             return float("nan")
-        return _nanmean(self._values[last, : last + 1].tolist())
+        row = self._values[last, : last + 1]
+        weights = np.asarray(self.class_counts[: last + 1], dtype=np.float64)
+        measured = ~np.isnan(row)
+        if not measured.any():
+            return float("nan")
+        return float(np.sum(row[measured] * weights[measured]) / np.sum(weights[measured]))
 
     def forgetting(self) -> float:
         """Forgetting measure FM; NaN if ``T == 0`` (nothing to forget yet)."""

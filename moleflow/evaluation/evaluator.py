@@ -33,7 +33,8 @@ class ClassEvaluation:
     """Result of evaluating one class.
 
     Attributes:
-        row: task_id, class_name, routing_acc and the metrics (class_metrics keys).
+        row: task_id, class_name, routing_acc (NaN when the true task was given) and the metrics
+            (class_metrics keys).
         routed: (N,) task ids used for each test image.
         image_scores: (N,) image anomaly scores.
         maps: (N, S, S) anomaly maps (kept only when asked, for diagnostics).
@@ -148,7 +149,8 @@ def evaluate_class(model: MoLESpatialAwareNF, router: PrototypeRouter, test: Fea
         metrics = metrics_torch.class_metrics(test.labels, img, masks, maps, regions=test.regions)
     else:
         metrics = class_metrics(test.labels.numpy(), img.numpy(), masks.numpy().astype(bool), maps.numpy())
-    row = {"task_id": true_task, "class_name": class_name,
-           "routing_acc": float((routed == true_task).float().mean()), **metrics}
+    # with the true task given (oracle, or no router) nothing was routed: routing accuracy is NaN (n/a)
+    routing = float("nan") if oracle or not config.use_router else float((routed == true_task).float().mean())
+    row = {"task_id": true_task, "class_name": class_name, "routing_acc": routing, **metrics}
     return ClassEvaluation(row=row, routed=routed, image_scores=img.cpu(),
                            maps=maps.cpu() if keep_maps else None)

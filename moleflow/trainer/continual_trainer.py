@@ -133,8 +133,9 @@ class MoLEContinualTrainer:
         return unique
 
     def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        # adamw: decoupled decay (p -= lr * wd * p); adam: wd * p added to the gradient (L2)
         cls = torch.optim.AdamW if self.config.optimizer == "adamw" else torch.optim.Adam
-        kwargs = {"weight_decay": self.config.weight_decay} if self.config.optimizer == "adamw" else {}
+        kwargs: dict = {"weight_decay": self.config.weight_decay}
         lr: float | Tensor = self.config.lr
         if self.fused:
             kwargs["fused"] = True

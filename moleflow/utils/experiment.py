@@ -6,6 +6,7 @@ import csv
 import datetime as _dt
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -60,7 +61,8 @@ def create_experiment_dir(log_dir: str, experiment_name: str, now: Optional[_dt.
 
 
 def setup_logger(exp_dir: Path, quiet: bool = False) -> logging.Logger:
-    """Logger writing timestamped lines to <exp_dir>/training.log (append) and to stdout."""
+    """Logger writing timestamped lines to <exp_dir>/training.log (append), info lines to stdout
+    (not when ``quiet``) and warnings and errors to stderr (always)."""
     logger = logging.getLogger(f"moleflow.{exp_dir.resolve()}")
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -74,8 +76,12 @@ def setup_logger(exp_dir: Path, quiet: bool = False) -> logging.Logger:
     if not quiet:
         stream = logging.StreamHandler(sys.stdout)
         stream.setFormatter(logging.Formatter("%(message)s"))
-        stream.addFilter(lambda record: not getattr(record, "file_only", False))
+        stream.addFilter(lambda record: not getattr(record, "file_only", False) and record.levelno < logging.WARNING)
         logger.addHandler(stream)
+    warnings = logging.StreamHandler(sys.stderr)
+    warnings.setLevel(logging.WARNING)
+    warnings.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(warnings)
     return logger
 
 
@@ -141,7 +147,8 @@ RESULT_COLUMNS = ["task_id", "class_name", "routing_acc", "img_auroc", "pixel_au
 
 
 def write_results_csv(path: Path, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Write one row per class plus a last 'mean' row (unweighted mean of the rows above).
+    """Write one row per class plus a last 'mean' row (unweighted mean of the rows above); a value
+    that was not measured (NaN, e.g. routing accuracy when the true task was given) is left empty.
 
     Returns:
         the mean row.
@@ -159,15 +166,16 @@ def write_results_csv(path: Path, rows: Sequence[dict[str, Any]]) -> dict[str, A
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.6f}"
+        return "" if math.isnan(value) else f"{value:.6f}"  # not measured (e.g. routing of an oracle run)
     return str(value)
 
 
 def format_table(rows: Iterable[dict[str, Any]], columns: Sequence[str] = RESULT_COLUMNS) -> str:
-    """A fixed-width text table of result rows (metrics in percent)."""
+    """A fixed-width text table of result rows (metrics in percent, n/a where not measured)."""
     header = f"{'task':>4} {'class':<16}" + "".join(f"{c:>12}" for c in columns[2:])
     out = [header, "-" * len(header)]
     for row in rows:
-        cells = "".join(f"{100 * float(row[c]):>12.2f}" for c in columns[2:])
+        cells = "".join(f"{'n/a':>12}" if math.isnan(float(row[c])) else f"{100 * float(row[c]):>12.2f}"
+                        for c in columns[2:])
         out.append(f"{str(row['task_id']):>4} {str(row['class_name']):<16}" + cells)
     return "\n".join(out)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ def _latents(run: "Run", patches: torch.Tensor, routed: torch.Tensor) -> tuple[t
     return torch.cat(coords), torch.stack(log_dets), torch.stack(norms)
 
 
-def write_diagnostics(run: "Run", results: list["ClassEvaluation"], confusion: torch.Tensor) -> Path:
+def write_diagnostics(run: "Run", results: list["ClassEvaluation"], confusion: Optional[torch.Tensor]) -> Path:
     """Write the flow-analysis PNGs into <exp_dir>/diagnostics/ and return that folder."""
     out = run.exp_dir / "diagnostics"
     out.mkdir(exist_ok=True)
@@ -68,8 +68,11 @@ def write_diagnostics(run: "Run", results: list["ClassEvaluation"], confusion: t
     plot_znorm_vs_logdet(np.concatenate(all_norm), np.concatenate(all_logdet), np.concatenate(all_labels),
                          out / "znorm_vs_logdet.png")
     names = ["+".join(t) for t in run.tasks]
-    plot_confusion_matrix(confusion.numpy(), names, out / "routing_confusion.png")
+    if confusion is not None:  # None: oracle run (no router), nothing was routed
+        plot_confusion_matrix(confusion.numpy(), names, out / "routing_confusion.png")
     for metric, matrix in run.matrices.items():
+        if metric == "routing_acc" and confusion is None:
+            continue
         plot_accuracy_matrix(matrix.values, names, metric, out / f"accuracy_matrix_{metric}.png")
     run.log.info(f"diagnostics written to {out}")
     return out
