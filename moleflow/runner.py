@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -15,10 +16,10 @@ from tqdm import tqdm
 from moleflow.config.ablation import AblationConfig, ConfigError
 from moleflow.data import AnomalyDataset, ClassSplit, generate_demo_dataset, load_checked_splits, split_tasks
 from moleflow.evaluation.continual import ContinualMatrix, write_continual_summary
-from moleflow.evaluation.evaluator import ClassEvaluation, evaluate_class, score_batch, score_patches
+from moleflow.evaluation.evaluator import ClassEvaluation, evaluate_class, task_memory
 from moleflow.extractors import build_extractor
 from moleflow.models.fusion import fusion
-from moleflow.models.memory import PatchMemory, fit_task_memory
+from moleflow.models.memory import PatchMemory
 from moleflow.models.mole_nf import build_flow
 from moleflow.models.routing import PrototypeRouter
 from moleflow.trainer.checkpoint import CHECKPOINT_NAME, save_checkpoint
@@ -92,6 +93,8 @@ class Run:
                                          weights="pretrained", weights_path=config.backbone_weights,
                                          amp=config.amp and self.device.type == "cuda",
                                          strides=config.feature_strides, pooling=config.feature_pooling).to(self.device)
+        if config.feature_dim == 0:  # auto: the backbone's width, at most 768; config.json records the value
+            self.config = config = dataclasses.replace(config, feature_dim=self.extractor.feature_dim)
         self._check_top_k()
         self.exp_dir = resume.exp_dir if resume and not resume.extend else create_experiment_dir(
             config.log_dir, config.experiment_name)
@@ -104,7 +107,7 @@ class Run:
             self.log.info(f"warning: {item['reason']}", extra=FILE_ONLY)  # printed by the CLI already
         self._warn_cuda_only()
         self._warn_feature_dim()
-        self.model = build_flow(config, config.feature_dim).to(self.device)
+        self.model = build_flow(config, self.extractor.feature_dim).to(self.device)
         self.router = PrototypeRouter(mahalanobis=config.use_mahalanobis)
         self.memory = PatchMemory() if config.anomaly_score != "flow" else None
         self.trainer = MoLEContinualTrainer(config, self.model, self.router, self.device, self.log, self.progress,
@@ -207,14 +210,8 @@ class Run:
 
     def _add_memory(self, task_id: int, train: FeatureSet) -> None:
         """Store task ``task_id``'s patch memory and its training-score statistics (never changed later)."""
-        cfg = self.config
-        flow = None
-        if cfg.anomaly_score == "fused":
-            ids = torch.full((len(train),), task_id, dtype=torch.long)
-            flow = score_patches(self.model, train.patches, ids, score_batch(cfg, self.device), self.device,
-                                 tf32=cfg.tf32)
         started = time.time()
-        memory = fit_task_memory(train.patches, flow, cfg.memory_size, seed=cfg.seed * 131 + task_id)
+        memory = task_memory(self.model, train, task_id, self.config, self.device)
         self.memory.add_task(memory)
         self.log.info(f"task {task_id}: patch memory of {memory.bank.shape[0]:,} patches in "
                       f"{time.time() - started:.1f}s (held-out distance {memory.memory_mean:.3f} +- "

@@ -11,7 +11,11 @@ from moleflow.config.cli import build_parser, parse_config
 def test_defaults_are_the_main_configuration():
     cfg = AblationConfig()
     assert cfg.dataset == "mvtec" and cfg.task_classes == MVTEC_CLASSES and cfg.cl_scenario == "1-1"
-    assert (cfg.backbone_name, cfg.img_size, cfg.feature_dim) == ("wide_resnet50_2", 224, 768)
+    assert (cfg.backbone_name, cfg.img_size, cfg.resize_mode) == ("wide_resnet50_2", 224, "crop")
+    # ours over the paper (docs/accuracy.md): 3x3-mean features of the stride-4/8/16 stages concatenated,
+    # D = the backbone's width up to 768 (768 for wide_resnet50_2), the flow fused with a per-task memory
+    assert (cfg.feature_pooling, cfg.feature_strides, cfg.feature_dim) == ("avg", [4, 8, 16], 0)
+    assert (cfg.anomaly_score, cfg.memory_weight, cfg.memory_size) == ("fused", 0.7, 10000)
     assert (cfg.num_coupling_layers, cfg.dia_n_blocks, cfg.lora_rank) == (6, 2, 64)
     assert (cfg.num_epochs, cfg.lr, cfg.batch_size) == (60, 3e-4, 16)
     assert (cfg.use_tail_aware_loss, cfg.tail_weight, cfg.tail_top_k_ratio, cfg.lambda_logdet) == (True, 0.7, 0.02, 1e-4)
@@ -22,6 +26,26 @@ def test_defaults_are_the_main_configuration():
     assert (cfg.weight_decay, cfg.grad_clip, cfg.warmup_epochs, cfg.optimizer) == (0.01, 0.5, 2, "adamw")
     assert not cfg.enable_slow_stage and (cfg.slow_blocks_k, cfg.slow_lr_ratio) == (2, 0.2)
     assert parse_config([])[0] == cfg.validate()
+
+
+def test_paper_main_preset_is_the_papers_main_configuration():
+    cfg, _ = parse_config(["--ablation_preset", "paper_main"])
+    assert (cfg.feature_pooling, cfg.feature_strides, cfg.feature_dim) == ("unfold", [8, 16], 768)
+    assert cfg.anomaly_score == "flow" and cfg.resize_mode == "crop"
+    rest = {k: v for k, v in cfg.to_dict().items()
+            if k not in ("feature_pooling", "feature_strides", "feature_dim", "anomaly_score", "ablation_preset")}
+    assert rest == {k: v for k, v in AblationConfig().to_dict().items() if k in rest}
+
+
+def test_memory_flags_need_the_memory():
+    with pytest.raises(ConfigError, match="--memory_weight needs --anomaly_score fused"):
+        parse_config(["--anomaly_score", "flow", "--memory_weight", "0.5"])
+    with pytest.raises(ConfigError, match="--memory_size needs --anomaly_score memory or --anomaly_score fused"):
+        parse_config(["--anomaly_score", "flow", "--memory_size", "100"])
+    cfg, _ = parse_config(["--anomaly_score", "memory", "--memory_size", "100"])
+    assert cfg.memory_size == 100
+    cfg, _ = parse_config(["--ablation_preset", "wo_memory", "--memory_weight", "0.5"])  # moot under the preset
+    assert cfg.anomaly_score == "flow"
 
 
 def test_every_preset_key_and_flag_is_a_field():

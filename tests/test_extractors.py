@@ -97,6 +97,39 @@ def test_cnn_matches_patchcore_reference(resnet18: CNNPatchCoreExtractor) -> Non
     torch.testing.assert_close(channel_pool(vec[None], d)[0], channel_pool(p2[0, :, i, j][None], d)[0])
 
 
+def test_avg_pooling_concatenates_stage_means_on_the_stride8_grid() -> None:
+    """'avg': 3x3 channel means per stage, resized to the stride-8 grid (a stride-4 map by 2x2 means),
+    concatenated; with D = 0 the width is kept (64 + 128 + 256 channels of resnet18)."""
+    torch.manual_seed(0)
+    ext = build_extractor("resnet18", feature_dim=0, img_size=64, weights="random", strides=(4, 8, 16), pooling="avg")
+    assert ext.feature_dim == 448 and ext.grid_size() == (8, 8) and ext.layer_dims() == [448]
+    x = _images(2, 64, 64, seed=5)
+    out = ext(x)
+    with torch.no_grad():
+        l1, l2, l3 = ext.backbone(x)
+    m1, m2, m3 = (F.avg_pool2d(m, 3, stride=1, padding=1) for m in (l1, l2, l3))
+    ref = torch.cat([F.avg_pool2d(m1, 2), m2, F.interpolate(m3, size=(8, 8), mode="bilinear", align_corners=False)], 1)
+    torch.testing.assert_close(out, ref.permute(0, 2, 3, 1), rtol=1e-4, atol=1e-5)
+    # a channel's 3x3 mean by hand, at a border position (zero padding counts in the mean)
+    i, j = 0, 3
+    torch.testing.assert_close(out[0, i, j, 64 + 7], F.pad(l2, (1, 1, 1, 1))[0, 7, i:i + 3, j:j + 3].mean())
+    # an explicit D pools the concatenated width
+    small = build_extractor("resnet18", feature_dim=32, img_size=64, weights="random", strides=(4, 8, 16), pooling="avg")
+    small.load_state_dict(ext.state_dict())
+    torch.testing.assert_close(small(x), channel_pool(out, 32), rtol=1e-4, atol=1e-5)
+
+
+def test_auto_feature_dim_keeps_the_width_up_to_768(deit_tiny: ViTPatchCoreExtractor) -> None:
+    assert build_extractor("resnet18", feature_dim=0, img_size=64, weights="random").feature_dim == 768  # unfold
+    assert build_extractor("resnet18", feature_dim=0, img_size=64, weights="random", pooling="avg").feature_dim == 384
+    vit = build_extractor("deit_tiny_distilled_patch16_224", feature_dim=0, img_size=(32, 48), weights="random")
+    assert vit.feature_dim == 192 and vit(_images(1, 32, 48)).shape == (1, 2, 3, 192)
+    with pytest.raises(BackboneError, match="CNNs only"):
+        build_extractor("deit_tiny_distilled_patch16_224", img_size=(32, 48), weights="random", pooling="avg")
+    with pytest.raises(BackboneError, match="no stage with stride 64"):
+        build_extractor("resnet18", img_size=64, weights="random", strides=(8, 64))
+
+
 def test_frozen_and_eval_even_after_train(resnet18: CNNPatchCoreExtractor, deit_tiny: ViTPatchCoreExtractor) -> None:
     for ext in (resnet18, deit_tiny):
         parent = torch.nn.Sequential(ext)

@@ -38,6 +38,7 @@ from moleflow.data import AnomalyDataset, load_class_split, split_tasks, validat
 from moleflow.evaluation import anomaly_map
 from moleflow.evaluation import evaluator
 from moleflow.extractors import build_extractor
+from moleflow.models.memory import PatchMemory
 from moleflow.models.mole_nf import build_flow
 from moleflow.models.routing import PrototypeRouter
 from moleflow.trainer import features as features_mod
@@ -262,7 +263,7 @@ def run_pipeline(config: AblationConfig, device: torch.device, weights: str, amp
                                     weights=weights, weights_path=config.backbone_weights,
                                     amp=amp and device.type == "cuda", strides=config.feature_strides,
                                     pooling=config.feature_pooling).to(device)
-        model = build_flow(config, config.feature_dim).to(device)
+        model = build_flow(config, extractor.feature_dim).to(device)
         router = TimedRouter(clock, mahalanobis=config.use_mahalanobis)
         trainer_kwargs = {"tf32": tf32} if accepts(MoLEContinualTrainer.__init__, "tf32") else {}
         trainer = MoLEContinualTrainer(config, model, router, device, log, progress, **trainer_kwargs)
@@ -287,10 +288,12 @@ def run_pipeline(config: AblationConfig, device: torch.device, weights: str, amp
                     desc=f"{name} test", num_workers=config.num_workers, progress=progress)
         return test_cache[name]
 
+    memory = PatchMemory() if config.anomaly_score != "flow" else None
+
     def evaluate(after: int, oracle: bool) -> list[dict]:
         with clock("evaluation"):
             return [evaluator.evaluate_class(model, router, test_features(c), c, t, config, device, oracle=oracle,
-                                             **eval_kwargs).row
+                                             memory=memory, **eval_kwargs).row
                     for t in range(after + 1) for c in tasks[t]]
 
     image_steps, after_task, inference, growth, train_stats = 0, [], [], [], []
@@ -307,6 +310,9 @@ def run_pipeline(config: AblationConfig, device: torch.device, weights: str, amp
                             "skipped": stats.skipped_batches, "final_loss": stats.final_loss,
                             "seconds": clock.totals["flow_training"] - before,
                             "image_steps": len(train) * config.num_epochs})
+        if memory is not None:
+            with clock("memory"):
+                memory.add_task(evaluator.task_memory(model, train, task_id, config, device))
         del train
         rows = evaluate(task_id, oracle=False)
         after_task.append({"task": task_id, **_mean_rows(rows)})

@@ -41,9 +41,9 @@ class AblationConfig:
     # --- backbone ---
     backbone_name: str = "wide_resnet50_2"
     backbone_weights: Optional[str] = None
-    feature_dim: int = 768
-    feature_strides: list[int] = field(default_factory=lambda: [8, 16])
-    feature_pooling: str = "unfold"
+    feature_dim: int = 0
+    feature_strides: list[int] = field(default_factory=lambda: [4, 8, 16])
+    feature_pooling: str = "avg"
     # --- flow ---
     num_coupling_layers: int = 6
     dia_n_blocks: int = 2
@@ -83,7 +83,7 @@ class AblationConfig:
     score_aggregation_top_k: int = 3
     score_aggregation_percentile: float = 99.0
     anomaly_map_sigma: float = 4.0
-    anomaly_score: str = "flow"
+    anomaly_score: str = "fused"
     memory_size: int = 10000
     memory_weight: float = 0.7
     # --- SLOW stage ---
@@ -117,8 +117,8 @@ class AblationConfig:
         dupes = sorted({c for c in self.task_classes if self.task_classes.count(c) > 1})
         _check(not dupes, f"--task_classes repeats {dupes}; name each class once")
         _check(self.img_size >= 32, f"--img_size {self.img_size} is too small; use >= 32")
-        _check(self.feature_dim % 4 == 0 and self.feature_dim >= 8,
-               f"--feature_dim {self.feature_dim} must be a multiple of 4 (2-D positional encoding)")
+        _check(self.feature_dim == 0 or (self.feature_dim % 4 == 0 and self.feature_dim >= 8),
+               f"--feature_dim {self.feature_dim} must be 0 (auto) or a multiple of 4 >= 8 (2-D positional encoding)")
         _check(self.num_coupling_layers >= 1, "--num_coupling_layers must be >= 1")
         _check(self.dia_n_blocks >= 1, "--dia_n_blocks must be >= 1 (use --no_dia to remove DIA)")
         _check(self.lora_rank >= 1, "--lora_rank must be >= 1 (use --no_lora to remove LoRA)")
@@ -186,6 +186,10 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# The paper's patch features: 3x3 neighbourhoods of the stride-8 and stride-16 stages pooled to
+# D = 768 and averaged.
+PAPER_FEATURES: dict[str, Any] = {"feature_pooling": "unfold", "feature_strides": [8, 16], "feature_dim": 768}
+
 # Presets are plain data: field -> value. Explicit flags given with a preset still win.
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {},
@@ -204,13 +208,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "use_lora": False, "use_router": False, "use_task_adapter": False, "use_pos_embed": False,
         "use_dia": False, "use_spatial_context": False, "use_scale_context": False, "freeze_base": False,
     },
-    # Isolate one change each (issue: accuracy on real images).
-    "memory_fusion": {"anomaly_score": "fused"},
+    # The paper's main configuration exactly (SPEC §2): its patch features and the flow's score alone.
+    "paper_main": {**PAPER_FEATURES, "anomaly_score": "flow"},
+    # Each change of ours over the paper, taken away alone (docs/accuracy.md).
+    "wo_memory": {"anomaly_score": "flow"},
+    "paper_features": dict(PAPER_FEATURES),
+    "wo_stride4": {"feature_strides": [8, 16]},
     "whole_image": {"resize_mode": "squash"},
-    # Per-class nearest-neighbour upper bound (PatchCore-style: every training patch kept, k = 1,
-    # image score = max patch distance, the task known); the flow is not trained.
+    # Per-class PatchCore upper bound, as PatchCore builds it: 3x3 means of the stride-8 and stride-16
+    # stages concatenated, every training patch kept, k = 1, image score = max patch distance, the task
+    # known; the flow is not trained.
     "patchcore_oracle": {"anomaly_score": "memory", "memory_size": 0, "use_router": False,
-                         "score_aggregation_mode": "max"},
+                         "score_aggregation_mode": "max", "feature_pooling": "avg", "feature_strides": [8, 16],
+                         "feature_dim": 0},
 }
 
 # The embedded demo: generated data, the offline ImageNet backbone, sizes for 2 CPU cores.
@@ -219,7 +229,6 @@ DEMO_SETTINGS: dict[str, Any] = {
     "data_path": "./data/moleflow_demo",
     "backbone_name": "efficientnet_lite0",
     "img_size": 160,
-    "feature_dim": 256,
     "lora_rank": 16,
     "num_epochs": 12,
     "batch_size": 8,

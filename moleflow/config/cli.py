@@ -119,7 +119,14 @@ _DEPENDS_ON: dict[str, tuple[str, Any]] = {
     "score_aggregation_top_k": ("score_aggregation_mode", "top_k"),
     "score_aggregation_percentile": ("score_aggregation_mode", "percentile"),
     "enable_slow_stage": ("freeze_base", True),
+    "memory_size": ("anomaly_score", ("memory", "fused")),
+    "memory_weight": ("anomaly_score", "fused"),
 }
+
+
+def _meets(value: Any, needed: Any) -> bool:
+    """``value`` is the one ``needed`` (or one of them, when ``needed`` is a tuple)."""
+    return value in needed if isinstance(needed, tuple) else value == needed
 
 
 def _as_flag(name: str, value: Any) -> str:
@@ -143,7 +150,8 @@ def preset_ignored_flags(explicit: dict[str, Any]) -> dict[str, str]:
     settings = PRESETS.get(preset, {})
     ignored: dict[str, str] = {}
     for flag, (setting, needed) in _DEPENDS_ON.items():
-        if _given(flag, explicit) and setting not in explicit and settings.get(setting, needed) != needed:
+        if _given(flag, explicit) and setting not in explicit and setting in settings \
+                and not _meets(settings[setting], needed):
             ignored[flag] = (f"--{flag} has no effect under --ablation_preset {preset} (it sets "
                              f"{_as_flag(setting, settings[setting])}); ignored")
     return ignored
@@ -152,15 +160,15 @@ def preset_ignored_flags(explicit: dict[str, Any]) -> dict[str, str]:
 def _check_conflicts(config: AblationConfig, explicit: dict[str, Any], ignored: dict[str, str]) -> None:
     """Refuse a flag that would be parsed and then ignored (other than those the preset makes moot)."""
     for flag, (setting, needed) in _DEPENDS_ON.items():
-        if flag in ignored or not _given(flag, explicit) or getattr(config, setting) == needed:
+        if flag in ignored or not _given(flag, explicit) or _meets(getattr(config, setting), needed):
             continue
         now = _as_flag(setting, getattr(config, setting))
         if setting == "freeze_base":
             raise ConfigError(f"--{flag} needs a frozen base; drop {now} or drop --{flag}")
         if isinstance(needed, bool):
             raise ConfigError(f"--{flag} has no effect with {now}; drop --{flag} or use {_as_flag(setting, needed)}")
-        raise ConfigError(f"--{flag} needs {_as_flag(setting, needed)} (now {now}); drop --{flag} or use "
-                          f"{_as_flag(setting, needed)}")
+        wanted = " or ".join(_as_flag(setting, v) for v in (needed if isinstance(needed, tuple) else (needed,)))
+        raise ConfigError(f"--{flag} needs {wanted} (now {now}); drop --{flag} or use {wanted}")
 
 
 def main_error(message: str) -> typing.NoReturn:

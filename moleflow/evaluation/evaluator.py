@@ -19,7 +19,7 @@ from moleflow.evaluation import metrics_torch
 from moleflow.evaluation.anomaly_map import anomaly_maps, image_scores
 from moleflow.evaluation.metrics import class_metrics
 from moleflow.models.loss import patch_nll
-from moleflow.models.memory import PatchMemory
+from moleflow.models.memory import PatchMemory, TaskMemory, fit_task_memory
 from moleflow.models.mole_nf import MoLESpatialAwareNF
 from moleflow.models.routing import PrototypeRouter
 from moleflow.trainer.features import FeatureSet
@@ -104,6 +104,18 @@ def patch_scores(model: MoLESpatialAwareNF, memory: Optional[PatchMemory], patch
     target = flow.device if flow is not None else (device if device.type == "cuda" else torch.device("cpu"))
     with matmul_tf32(device, False):
         return memory.fuse(flow, patches.to(target), task_ids, 1.0 if mode == "memory" else config.memory_weight)
+
+
+def task_memory(model: MoLESpatialAwareNF, train: FeatureSet, task_id: int, config: AblationConfig,
+                device: torch.device) -> TaskMemory:
+    """Task ``task_id``'s patch memory from its training features, with the statistics that
+    standardise its scores: the trained flow's NLL on the same patches when the score is fused."""
+    flow = None
+    if config.anomaly_score == "fused":
+        ids = torch.full((len(train),), task_id, dtype=torch.long)
+        flow = score_patches(model, train.patches, ids, score_batch(config, device), device, tf32=config.tf32)
+    with matmul_tf32(device, False):
+        return fit_task_memory(train.patches, flow, config.memory_size, seed=config.seed * 131 + task_id)
 
 
 def route(router: PrototypeRouter, features: Tensor, device: torch.device) -> Tensor:

@@ -16,6 +16,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 ImgSize = Union[int, tuple[int, int]]
+AUTO_FEATURE_DIM_MAX = 768  # D of the main configuration; ``feature_dim = 0`` never goes above it
+
+
+def auto_feature_dim(width: int) -> int:
+    """``D`` for ``feature_dim = 0``: the backbone's feature width rounded down to a multiple of 4
+    (the 2-D positional encoding needs it), at most :data:`AUTO_FEATURE_DIM_MAX`, so that pooling
+    never repeats channels.
+
+    Args:
+        width: the width the extractor would pool to ``D`` (summed channels, C*9, or token width).
+    """
+    return max(4, min(AUTO_FEATURE_DIM_MAX, width - width % 4))
 
 
 def as_hw(img_size: ImgSize) -> tuple[int, int]:
@@ -61,7 +73,8 @@ class FeatureExtractor(nn.Module):
     Subclasses set ``self.backbone`` and ``self._grid`` and implement :meth:`_extract`.
 
     Attributes:
-        feature_dim: ``D``, the width of every patch feature.
+        feature_dim: ``D``, the width of every patch feature (``0`` at construction: chosen by the
+            subclass with :func:`auto_feature_dim` once it knows its width).
         img_size: ``(height, width)`` of the images :meth:`forward` accepts.
         amp: On CUDA, run the backbone in bfloat16 autocast (and channels-last for CNNs).
     """
@@ -70,8 +83,8 @@ class FeatureExtractor(nn.Module):
 
     def __init__(self, feature_dim: int, img_size: ImgSize, amp: bool = False) -> None:
         super().__init__()
-        if not isinstance(feature_dim, int) or feature_dim <= 0:
-            raise ValueError(f"feature_dim must be a positive int, got {feature_dim!r}")
+        if not isinstance(feature_dim, int) or feature_dim < 0:
+            raise ValueError(f"feature_dim must be a positive int or 0 (auto), got {feature_dim!r}")
         self.feature_dim = feature_dim
         self.img_size = as_hw(img_size)
         self.amp = bool(amp)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moleflow.extractors.base import FeatureExtractor, ImgSize, channel_pool
+from moleflow.extractors.base import FeatureExtractor, ImgSize, auto_feature_dim, channel_pool
 from moleflow.extractors.weights import BackboneError, create_backbone
 from moleflow.trainer.precision import conv_tf32
 
@@ -85,7 +85,8 @@ class CNNPatchCoreExtractor(FeatureExtractor):
 
     Args:
         backbone_name: timm CNN name, e.g. ``wide_resnet50_2``, ``resnet18``, ``efficientnet_lite0``.
-        feature_dim: ``D``.
+        feature_dim: ``D``; 0 = :func:`auto_feature_dim` of the pooled width (``'avg'``: the summed
+            channels; ``'unfold'``: the widest stage's C*9).
         img_size: Input size, an int or ``(height, width)``.
         weights: ``"pretrained"`` or ``"random"`` (tests only); see :func:`create_backbone`.
         weights_path: Local state dict; overrides ``weights``.
@@ -129,6 +130,8 @@ class CNNPatchCoreExtractor(FeatureExtractor):
         expected = [channels[i] for i in indices]
         if self.channels != expected:
             raise BackboneError(f"{backbone_name}: stage channels {self.channels} differ from the probe {expected}")
+        if self.feature_dim == 0:
+            self.feature_dim = auto_feature_dim(max(self.layer_dims()))
         stage_sizes = [sizes[i] for i in indices]
         on_grid = [sizes[i] for i in indices if all_reductions[i] == GRID_REDUCTION]
         self._grid = on_grid[0] if on_grid else max(stage_sizes, key=lambda hw: hw[0] * hw[1])

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 from torch import Tensor
 
-from moleflow.extractors.base import FeatureExtractor, ImgSize, channel_pool
+from moleflow.extractors.base import FeatureExtractor, ImgSize, auto_feature_dim, channel_pool
 from moleflow.extractors.weights import BackboneError, arch_name, create_backbone
 
 DEFAULT_BLOCKS = (1, 3, 5, 11)
@@ -46,7 +46,7 @@ class ViTPatchCoreExtractor(FeatureExtractor):
     Args:
         backbone_name: timm ViT name, e.g. ``vit_base_patch16_224``, ``deit_small_patch16_224``,
             ``vit_small_patch14_dinov2``.
-        feature_dim: ``D``.
+        feature_dim: ``D``; 0 = :func:`auto_feature_dim` of the token width.
         img_size: Input size, an int or ``(height, width)``; positional embeddings are created
             (and pretrained ones resampled by timm) for it.
         weights: ``"pretrained"`` or ``"random"`` (tests only).
@@ -78,6 +78,8 @@ class ViTPatchCoreExtractor(FeatureExtractor):
         depth = len(self.backbone.blocks)
         self.blocks = clip_blocks(blocks, depth)
         self.embed_dim = int(self.backbone.embed_dim)
+        if self.feature_dim == 0:
+            self.feature_dim = auto_feature_dim(self.embed_dim)
         self.num_prefix_tokens = int(getattr(self.backbone, "num_prefix_tokens", 1))
         grid = self.backbone.patch_embed.grid_size
         self._grid = (int(grid[0]), int(grid[1]))
