@@ -5,12 +5,14 @@
 
 Every run is the real CLI (``run_moleflow.py``) in its own process, one continual run per variant
 and seed over the classes in the order given (``--dataset folder``; classes from several roots
-are linked into one data root under ``--out``). The baseline is ``--ablation_preset
-patchcore_oracle`` (a memory bank of every training patch per class, the task known, scored by the
-same data pipeline and metric code), run once: it is deterministic. The table gives, per class and
-for the mean over classes, image AUROC / pixel AUROC / pixel AP (and AUPRO) in percent as mean ±
-std over seeds, and per variant the forgetting and routing accuracy. It is printed and written to
-``DIR/compare.md`` and ``DIR/compare.csv``.
+are linked into one data root under ``--out``). Variants (default): ``ours`` (the defaults) and
+``paper_main`` (``--ablation_preset paper_main``, the paper's method exactly). Baselines, each run
+once (they are deterministic), the task known, scored by the same data pipeline and metric code:
+``patchcore_oracle`` (PatchCore as PatchCore builds it: its own features, every training patch
+of the class, k = 1, image score = max) and ``knn_our_features`` (the same nearest-neighbour
+scoring on our patch features). The table gives, per class and for the mean over classes, image
+AUROC / pixel AUROC / pixel AP (and AUPRO) in percent as mean ± std over seeds, and per variant the
+forgetting and routing accuracy. It is printed and written to ``DIR/compare.md`` and ``DIR/compare.csv``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,11 @@ from typing import Optional, Sequence
 
 METRICS = ("img_auroc", "pixel_auroc", "pixel_ap", "aupro")
 SHORT = {"img_auroc": "img AUROC", "pixel_auroc": "pixel AUROC", "pixel_ap": "pixel AP", "aupro": "AUPRO"}
-BASELINE = "patchcore_oracle"
+BASELINES: dict[str, str] = {
+    "patchcore_oracle": "--ablation_preset patchcore_oracle",
+    "knn_our_features": "--anomaly_score memory --memory_size 0 --no_router --score_aggregation_mode max",
+}
+DEFAULT_VARIANTS: list[tuple[str, str]] = [("ours", ""), ("paper_main", "--ablation_preset paper_main")]
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -92,8 +98,10 @@ def run_one(name: str, flags: list[str], seed: int, data_root: Path, classes: Se
 
 
 def is_baseline(flags: Sequence[str]) -> bool:
-    """A variant on the baseline preset: deterministic, so run once, and it has no oracle row."""
-    return BASELINE in flags
+    """A nearest-neighbour baseline (memory alone, no flow): deterministic, so run once, and it has no
+    oracle row."""
+    joined = " ".join(flags)
+    return "patchcore_oracle" in joined or "--anomaly_score memory" in joined
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -112,7 +120,7 @@ def cell(values: list[float]) -> str:
 
 def build_table(classes: Sequence[str], results: dict[str, list[dict]]) -> tuple[str, list[list[str]]]:
     """Markdown table and CSV rows: one line per (class or mean, result), metric columns."""
-    baselines = {n for n, runs in results.items() if n == BASELINE or runs[0].get("baseline")}
+    baselines = {n for n, runs in results.items() if n in BASELINES or runs[0].get("baseline")}
     header = ["class", "result", *[SHORT[m] for m in METRICS], "forgetting (img/pixel AUROC)", "routing"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     rows: list[list[str]] = [header]
@@ -144,9 +152,9 @@ def parse(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, list[str]]
     parser.add_argument("--classes", nargs="+", required=True, help="classes, in task order")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of each variant (default 0 1 2)")
     parser.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "FLAGS"),
-                        help='a variant of ours: a name and its flags in one string, e.g. paper "--ablation_preset '
-                             'paper_main"; repeatable (default: one variant "ours" with no extra flags)')
-    parser.add_argument("--no_baseline", action="store_true", help=f"skip the {BASELINE} baseline")
+                        help='a variant of ours: a name and its flags in one string, e.g. w05 "--memory_weight 0.5"; '
+                             'repeatable (default: ours = the defaults, and paper_main)')
+    parser.add_argument("--no_baseline", action="store_true", help=f"skip the baselines ({', '.join(BASELINES)})")
     parser.add_argument("--jobs", type=int, default=1, help="runs at the same time (default 1)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default logs/compare_<timestamp>)")
     args = parser.parse_args(argv)
@@ -160,10 +168,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not root.is_dir():
             raise SystemExit(f"error: data root {root} does not exist; pass --data with dataset folders")
     data_root = link_root(args.data, args.classes, out / "data")
-    variants = [(n, shlex.split(f)) for n, f in (args.variant or [("ours", "")])]
+    variants = [(n, shlex.split(f)) for n, f in (args.variant or DEFAULT_VARIANTS)]
     jobs = [(n, f, s) for n, f in variants for s in ([args.seeds[0]] if is_baseline(f) else args.seeds)]
     if not args.no_baseline:
-        jobs.append((BASELINE, ["--ablation_preset", BASELINE], args.seeds[0]))
+        jobs += [(name, shlex.split(flags), args.seeds[0]) for name, flags in BASELINES.items()]
     print(f"{len(jobs)} runs over {', '.join(args.classes)} -> {out}", flush=True)
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         futures = [(n, pool.submit(run_one, n, f, s, data_root, args.classes, out, common)) for n, f, s in jobs]
@@ -174,7 +182,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     note = (f"Classes in task order: {' -> '.join(args.classes)}; seeds {args.seeds}; flags for every run: "
             f"{shlex.join(common) or '(none)'}; variants: "
             + "; ".join(f"{n} = {shlex.join(f) or '(defaults)'}" for n, f in variants)
-            + f". Metrics in %, mean ± std over seeds; {BASELINE} is one deterministic run.")
+            + f". Metrics in %, mean ± std over seeds; the baselines ({', '.join(BASELINES)}) are one deterministic "
+              "run each, the task known.")
     (out / "compare.md").write_text(table + "\n\n" + note + "\n")
     with open(out / "compare.csv", "w", newline="") as handle:
         csv.writer(handle).writerows(rows)
