@@ -33,6 +33,7 @@ from moleflow.config.ablation import PRESETS
 
 MODES = ("main", "seeds", "ablations", "all")
 REPO = Path(__file__).resolve().parents[1]
+SWEEP_FLAGS = ("--ablation_preset", "--seed", "--experiment_name", "--log_dir")  # set per run, not in EXTRA
 
 
 @dataclasses.dataclass
@@ -176,6 +177,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if unknown or not seeds or not all(s.isdigit() for s in seeds):
         print(f"error: unknown preset(s) {unknown}; valid: {', '.join(PRESETS)}" if unknown else
               f"error: SEEDS={args.seeds!r}: give non-negative integers such as \"0 1 2\"", file=sys.stderr)
+        return 2
+    owned = [t for t in shlex.split(args.extra) if t.split("=")[0] in SWEEP_FLAGS]
+    if owned:
+        print(f"error: {' '.join(owned)} in EXTRA: the sweep sets {', '.join(SWEEP_FLAGS)} of every run; "
+              "use PRESETS, SEEDS and LOG_DIR instead", file=sys.stderr)
         return 2
     log_dir = Path(args.log_dir or f"logs/sweep_{_dt.datetime.now():%Y%m%d_%H%M%S}")
     jobs = [Job(p, s, [*shlex.split(args.run), "--ablation_preset", p, "--seed", s, "--experiment_name",

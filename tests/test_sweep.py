@@ -118,7 +118,8 @@ def test_ablations_take_every_preset_of_the_config(tmp_path: Path) -> None:
 
 
 def test_bad_variables_are_refused(tmp_path: Path) -> None:
-    for variables in ({"GPUS": "zero"}, {"PRESETS": "full wo_nothing"}, {"FEATURE_CACHE": "/tmp/cache"}):
+    for variables in ({"GPUS": "zero"}, {"PRESETS": "full wo_nothing"}, {"FEATURE_CACHE": "/tmp/cache"},
+                      {"EXTRA": "--num_epochs 2 --seed=3"}):
         done, log_dir, _ = sweep(tmp_path, "all", **variables)
         assert done.returncode == 2 and done.stderr.startswith("error:"), (variables, done.stderr)
         assert not log_dir.exists()
