@@ -192,6 +192,10 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
             parts = [] if preset == UNKNOWN else [preset]
             parts += [f"{k}={display(v)}" for k, v in group.distinct.items()]
             group.name = " ".join(parts) or "preset unknown"
+    names = [g.name for g in groups]
+    for group in groups:  # values cut short by display() could give two groups one name
+        if names.count(group.name) > 1:
+            group.name += f" #{names[:groups.index(group) + 1].count(group.name)}"
     return groups
 
 
@@ -326,8 +330,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool)
         return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
                 *("| " + " | ".join(r) + " |" for r in rows)]
     widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
+
+    def line(cells: Sequence[str]) -> str:  # first column left-aligned, numbers right-aligned
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return [line(header), *(line(r) for r in rows)]
 
 
@@ -407,6 +412,10 @@ def output_paths(folders: Sequence[str], out: Optional[str], now: Optional[_dt.d
             "markdown": base.with_name(base.name + "_groups.md")}
 
 
+def _columns_first(table: pd.DataFrame, first: Sequence[str]) -> pd.DataFrame:
+    return table[[*first, *(c for c in table.columns if c not in first)]]
+
+
 def write_outputs(paths: dict[str, Path], summaries: Sequence[GroupSummary], overview: pd.DataFrame,
                   differing: dict[str, dict[str, list[str]]]) -> None:
     """Write the CSVs and the Markdown table."""
@@ -416,10 +425,9 @@ def write_outputs(paths: dict[str, Path], summaries: Sequence[GroupSummary], ove
             if table is not None:
                 classes.append(table.assign(group=s.group.name, evaluation=evaluation))
         continual.append(s.continual.assign(group=s.group.name))
-    front = lambda df, cols: df[[*cols, *(c for c in df.columns if c not in cols)]]  # noqa: E731
     paths["classes"].parent.mkdir(parents=True, exist_ok=True)
-    front(pd.concat(classes), ["group", "evaluation"]).to_csv(paths["classes"], index=False)
-    front(pd.concat(continual), ["group"]).to_csv(paths["continual"], index=False)
+    _columns_first(pd.concat(classes), ["group", "evaluation"]).to_csv(paths["classes"], index=False)
+    _columns_first(pd.concat(continual), ["group"]).to_csv(paths["continual"], index=False)
     overview.to_csv(paths["groups"], index=False)
     md = ["# Summary", "", *(f"- **{r['group']}**: {int(r['n_runs'])} run(s), seeds {r['seeds']}: {r['runs']}"
                              for _, r in overview.iterrows())]

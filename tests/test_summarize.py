@@ -231,3 +231,12 @@ def test_runs_of_one_group_with_different_classes_are_refused(tmp_path: Path, ca
     table.to_csv(b / "final_results.csv", index=False)
     assert run_main(str(a), str(b)) == 2
     assert "same task sequence" in capsys.readouterr().err
+
+
+def test_groups_keep_distinct_names_when_long_values_are_cut(tmp_path: Path) -> None:
+    long = [f"class_with_a_long_name_{i}" for i in range(5)]
+    a = write_run(tmp_path / "a", settings={"task_classes": [*long, "leather"]})
+    b = write_run(tmp_path / "b", settings={"task_classes": [*long, "grid"]})
+    assert run_main(str(a), str(b), "--out", str(tmp_path / "s.csv")) == 0
+    names = list(pd.read_csv(tmp_path / "s_groups.csv")["group"])
+    assert len(names) == 2 and len(set(names)) == 2 and names[0].endswith("... #1"), names
