@@ -109,7 +109,9 @@ class Sweep:
             before = {p.name for p in self.log_dir.glob(f"{job.name}_*")}
             self.say(f"start {job.name} on {where}: {shlex.join(job.command)}")
             start = time.monotonic()
-            with open(console, "w", encoding="utf-8") as out:
+            with open(console, "a", encoding="utf-8") as out:  # a LOG_DIR used again keeps earlier logs
+                out.write(f"=== {_dt.datetime.now():%Y-%m-%d %H:%M:%S} {where}: {shlex.join(job.command)}\n")
+                out.flush()
                 try:
                     job.status = subprocess.run(job.command, env=env, stdout=out, stderr=subprocess.STDOUT,
                                                 stdin=subprocess.DEVNULL).returncode
@@ -192,7 +194,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("\n".join(lines))
         return 0
     (log_dir / "console").mkdir(parents=True, exist_ok=True)
-    (log_dir / "commands.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with open(log_dir / "commands.txt", "a", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
     where = "the CPU, one at a time" if slots == [""] else f"GPU(s) {' '.join(slots)}, one run per slot"
     print(f"sweep {args.mode}: {len(jobs)} run(s) on {where}; folders, console logs and summary in {log_dir}")
     Sweep(jobs, slots, log_dir).run()
