@@ -1,40 +1,44 @@
 #!/usr/bin/env bash
-# Batch runs of MoLE-Flow as plain command lines. Edit the variables, then: bash run.sh [main|ablations|seeds|all]
+# Batch runs of MoLE-Flow, one run per GPU at a time, then the summary table of all of them.
+#
+#   bash run.sh [main|seeds|ablations|all]        (default main)
+#   GPUS="0 1 2 3" SEEDS="0 1 2" bash run.sh all  (every preset x every seed: the paper's tables)
+#
+# main: the main configuration, first seed | seeds: the main configuration, every seed
+# ablations: every --ablation_preset (read from the config at run time), first seed | all: presets x seeds
+# Each run: $PY --ablation_preset P --seed S --experiment_name P_sS --log_dir $LOG_DIR --data_path $DATA $EXTRA
+# with CUDA_VISIBLE_DEVICES=<its GPU>. Folders, commands.txt, console/<run>.log and summary_* go to LOG_DIR.
+# A failed run does not stop the others; failures are listed at the end and the exit status is 1.
+# DRY_RUN=1 prints the command lines only. The queue is moleflow/sweep.py.
 set -euo pipefail
 
-GPU=${GPU:-0}                          # CUDA device id
-DATA=${DATA:-./data/MVTecAD}           # MVTec AD root (root/<class>/train/good ...)
-LOG_DIR=${LOG_DIR:-logs}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+GPUS=${GPUS:-0}                        # GPU ids, one run per id at a time ("0 1 2 3"); cpu = one by one, no GPU
+DATA=${DATA:-./data/MVTecAD}           # data root (MVTec layout: root/<class>/train/good ...)
+LOG_DIR=${LOG_DIR:-logs/sweep_$(date +%Y%m%d_%H%M%S)}   # shared --log_dir of the sweep's runs
 SEEDS=${SEEDS:-"0 1 2"}
-EXTRA=${EXTRA:-}                       # extra flags for every run, e.g. "--num_epochs 10"
+PRESETS=${PRESETS:-}                   # presets for ablations/all; empty = every preset in moleflow/config/ablation.py
+EXTRA=${EXTRA:-}                       # extra flags for every run, e.g. "--num_epochs 10 --amp --tf32"
+PYTHON=${PYTHON:-python}               # interpreter of the queue and the summary
+PY=${PY:-"$PYTHON $HERE/run_moleflow.py"}  # command that starts one run (tests put a fake run here)
+DRY_RUN=${DRY_RUN:-}
 
-export CUDA_VISIBLE_DEVICES=$GPU
-PY="python run_moleflow.py --data_path $DATA --log_dir $LOG_DIR $EXTRA"
+# FEATURE_CACHE: reserved for issue 19 item 1, a `--feature_cache DIR` shared by every run of a sweep.
+# run_moleflow.py has no such flag yet and refuses unknown flags, so nothing is passed; once the flag
+# exists, pass it to every run here:  SHARED="--feature_cache $FEATURE_CACHE"
+FEATURE_CACHE=${FEATURE_CACHE:-}
+if [ -n "$FEATURE_CACHE" ]; then
+  echo "error: FEATURE_CACHE is set but run_moleflow.py has no --feature_cache flag yet (issue 19); unset it" >&2
+  exit 2
+fi
+SHARED="--data_path $(printf %q "$DATA")"
 
-main() {
-  $PY --experiment_name main
-}
-
-ablations() {
-  for preset in wo_lora wo_router wo_adapter wo_pos_embed wo_dia wo_spatial_context wo_scale_context \
-                wo_tail_loss wo_router_adapter lora_only baseline_nf; do
-    $PY --ablation_preset "$preset" --experiment_name "ablation_$preset"
-  done
-}
-
-seeds() {
-  dirs=()
-  for seed in $SEEDS; do
-    $PY --seed "$seed" --experiment_name "main_seed$seed"
-    dirs+=("$(ls -d "$LOG_DIR"/main_seed"$seed"_* | tail -n 1)")
-  done
-  python -m moleflow.summarize "${dirs[@]}" --out "$LOG_DIR/summary_main_seeds.csv"
-}
-
-case "${1:-main}" in
-  main) main ;;
-  ablations) ablations ;;
-  seeds) seeds ;;
-  all) main; ablations; seeds ;;
-  *) echo "usage: bash run.sh [main|ablations|seeds|all]" >&2; exit 2 ;;
+mode=${1:-main}
+case "$mode" in
+  main|seeds|ablations|all) ;;
+  *) echo "usage: bash run.sh [main|seeds|ablations|all]" >&2; exit 2 ;;
 esac
+
+export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
+exec $PYTHON -m moleflow.sweep "$mode" --gpus "$GPUS" --seeds "$SEEDS" --presets "$PRESETS" \
+  --log_dir "$LOG_DIR" --run "$PY" --extra="$SHARED $EXTRA" ${DRY_RUN:+--dry_run}

@@ -1,10 +1,7 @@
-"""Continual accuracy matrices (FM, BWT) and the multi-run summary CLI."""
+"""Continual accuracy matrices (FM, BWT) and continual_summary.csv."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +10,6 @@ import pytest
 
 from moleflow.evaluation import ContinualMatrix, write_continual_summary
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 #            task0  task1  task2
 HAND = [[0.90, None, None],    # after task 0
@@ -100,50 +96,3 @@ def test_write_continual_summary(tmp_path: Path) -> None:
     assert table.loc[0, "bwt"] == pytest.approx(-0.15, abs=1e-12)
     assert np.isnan(table.loc[1, "forgetting"])
 
-
-# ---------------------------------------------------------------- summarize CLI
-
-COLUMNS = ["task_id", "class_name", "routing_acc", "img_auroc", "pixel_auroc", "img_ap",
-           "pixel_ap", "aupro"]
-
-
-def _write_run(folder: Path, offset: float) -> None:
-    folder.mkdir()
-    rows = [[0, "leather", 1.0, 0.90 + offset, 0.95, 0.80, 0.50, 0.85],
-            [1, "grid", 1.0, 0.80 + offset, 0.91, 0.70, 0.30, 0.75]]
-    mean = ["", "mean"] + [float(np.mean([r[k] for r in rows])) for k in range(2, 8)]
-    pd.DataFrame(rows + [mean], columns=COLUMNS).to_csv(folder / "final_results.csv", index=False)
-
-
-def _summarize(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.run([sys.executable, "-m", "moleflow.summarize", *args], capture_output=True,
-                          text=True, env=env, timeout=60)
-
-
-def test_summarize_two_runs(tmp_path: Path) -> None:
-    _write_run(tmp_path / "run_a", 0.0)
-    _write_run(tmp_path / "run_b", 0.04)
-    out = tmp_path / "summary.csv"
-    done = _summarize(str(tmp_path / "run_a"), str(tmp_path / "run_b"), "--out", str(out))
-    assert done.returncode == 0, done.stderr
-    assert "leather" in done.stdout and "±" in done.stdout
-    table = pd.read_csv(out).set_index("class_name")
-    assert list(table.index) == ["leather", "grid", "mean"]
-    assert table.loc["leather", "img_auroc_mean"] == pytest.approx(0.92, abs=1e-12)
-    # sample std of (0.90, 0.94) = 0.04 / sqrt(2)
-    assert table.loc["leather", "img_auroc_std"] == pytest.approx(0.04 / np.sqrt(2), abs=1e-12)
-    assert table.loc["mean", "img_auroc_mean"] == pytest.approx(0.87, abs=1e-12)
-    assert table.loc["grid", "pixel_ap_std"] == pytest.approx(0.0, abs=1e-12)
-    assert (table["n_runs"] == 2).all()
-
-
-def test_summarize_missing_file_is_one_line_error(tmp_path: Path) -> None:
-    _write_run(tmp_path / "run_a", 0.0)
-    (tmp_path / "empty").mkdir()
-    done = _summarize(str(tmp_path / "run_a"), str(tmp_path / "empty"),
-                      "--out", str(tmp_path / "s.csv"))
-    assert done.returncode != 0
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "final_results.csv" in lines[0] and "empty" in lines[0]
-    assert not (tmp_path / "s.csv").exists()
