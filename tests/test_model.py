@@ -11,10 +11,11 @@ from moleflow.config.ablation import PRESETS, AblationConfig, apply_overrides
 from moleflow.models.coupling import DIABlock, MoLECouplingBlock
 from moleflow.models.lora import LoRALinear
 from moleflow.models.loss import moleflow_loss, patch_nll, tail_k
-from moleflow.models.mole_nf import MoLESpatialAwareNF, build_flow
+from moleflow.build import build_flow, build_trainer
+from moleflow.models.mole_nf import MoLESpatialAwareNF
 from moleflow.models.routing import PrototypeRouter
 from moleflow.trainer.continual_trainer import MoLEContinualTrainer, lr_factor
-from moleflow.trainer.features import FeatureSet
+from moleflow.extractors.features import FeatureSet
 
 D = 16
 
@@ -127,9 +128,7 @@ def _features(n: int, shift: float, seed: int) -> FeatureSet:
 def _trainer(**overrides) -> MoLEContinualTrainer:
     cfg = apply_overrides(AblationConfig(), {"feature_dim": D, "num_coupling_layers": 2, "lora_rank": 4,
                                              "num_epochs": 2, "batch_size": 4, "warmup_epochs": 1, **overrides})
-    model = build_flow(cfg, D)
-    logger = logging.getLogger("test-trainer")
-    return MoLEContinualTrainer(cfg, model, PrototypeRouter(), torch.device("cpu"), logger, progress=False)
+    return build_trainer(cfg, build_flow(cfg, D), torch.device("cpu"), logging.getLogger("test-trainer"))
 
 
 def test_shared_frozen_and_old_expert_bit_identical_after_later_tasks():

@@ -22,10 +22,11 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from moleflow.build import build_flow
 from moleflow.config.ablation import AblationConfig
 from moleflow.extractors.cnn_extractor import select_stages
 from moleflow.models.loss import moleflow_loss, patch_nll
-from moleflow.models.mole_nf import build_flow
+from moleflow.utils.precision import matmul_tf32
 
 
 def sync(device: torch.device) -> None:
@@ -44,24 +45,6 @@ def images_per_second(step: Callable[[], object], images_per_step: int, device: 
         step()
     sync(device)
     return images_per_step * iters / (time.perf_counter() - start)
-
-
-class _TF32:
-    """Set CUDA matmul TF32 for a block (cuDNN keeps its own default).
-
-    The benchmark keeps its own copy of this switch (rather than ``moleflow.trainer.precision``)
-    so that it also runs against older trees of the package, for before/after figures.
-    """
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-
-    def __enter__(self) -> None:
-        self.before = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = self.enabled
-
-    def __exit__(self, *exc: object) -> None:
-        torch.backends.cuda.matmul.allow_tf32 = self.before
 
 
 @torch.no_grad()
@@ -127,7 +110,7 @@ def reference_flow_limits(device: torch.device, dim: int = 768, grid: int = 28, 
         z, log_det = flow(x)
         return 0.5 * z.pow(2).sum(dim=1) - log_det
 
-    with _TF32(tf32):
+    with matmul_tf32(device, tf32):
         train = images_per_second(train_step, batch, device, warmup, iters)
         infer = images_per_second(infer_step, batch, device, warmup, iters)
     return {"train_images_per_s": train, "infer_images_per_s": infer}
@@ -171,7 +154,7 @@ def our_flow_throughput(device: torch.device, config: AblationConfig, dim: int, 
     model.add_task()
     out: dict[str, float] = {}
     x = torch.randn(train_batch, *grid, dim, device=device)
-    with _TF32(tf32):
+    with matmul_tf32(device, tf32):
         for task in (0, 1):
             step = training_step(model, config, task, x, device)
             out[f"train_task{task}_images_per_s"] = images_per_second(step, train_batch, device, warmup, iters)
@@ -213,7 +196,7 @@ def flow_step_diagnostics(device: torch.device, config: AblationConfig, dim: int
         return moleflow_loss(z, log_det, tail_weight=config.tail_weight, tail_ratio=config.tail_top_k_ratio,
                              lambda_logdet=config.lambda_logdet, tail_aware=config.use_tail_aware_loss)
 
-    with _TF32(tf32):
+    with matmul_tf32(device, tf32):
         opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=config.weight_decay, fused=device.type == "cuda")
 
         def eager_step() -> object:

@@ -24,7 +24,6 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from moleflow.config.ablation import AblationConfig
 from moleflow.models.adapters import FiLMAdapter, SpatialContextMixer, WhiteningAdapter, positional_encoding_2d
 from moleflow.models.coupling import DIABlock, MoLECouplingBlock, dia_forward, dia_forward_per_image
 from moleflow.models.fusion import fusable
@@ -237,23 +236,3 @@ class MoLESpatialAwareNF(nn.Module):
         if not 0 <= task_id < self.num_tasks:
             raise IndexError(f"task {task_id} does not exist (the model has {self.num_tasks} tasks)")
 
-
-def build_flow(config: AblationConfig, dim: int) -> MoLESpatialAwareNF:
-    """Build the flow from the config's switches."""
-    adapter = None
-    if config.use_task_adapter:
-        adapter = "whitening" if config.use_whitening_adapter else "film"
-    return MoLESpatialAwareNF(
-        dim=dim,
-        num_coupling_layers=config.num_coupling_layers,
-        lora_rank=config.lora_rank if config.use_lora else 0,
-        lora_alpha=config.lora_alpha,
-        clamp=config.clamp_alpha,
-        scale_context_kernel=config.scale_context_kernel if config.use_scale_context else 0,
-        spatial_context_kernel=config.spatial_context_kernel if config.use_spatial_context else 0,
-        use_pos_embed=config.use_pos_embed,
-        adapter=adapter,
-        dia_n_blocks=config.dia_n_blocks if config.use_dia else 0,
-        dia_hidden_ratio=config.dia_hidden_ratio,
-        seed=config.seed,
-    )

@@ -3,7 +3,7 @@
 Under ``--compile_flow`` task 0 trains unfused, and every later task trains through one graph
 (frozen base) compiled for the exact shape of a full batch. Compiled in the run's own process, at
 the start of task 1, that graph stops training while it compiles. With
-``compile_ahead`` (default) the trainer starts a child process when task 0 starts: it builds a
+``compile_ahead`` (default) the runner starts a child process when task 0 starts: it builds a
 replica of the flow with two tasks (same settings and shapes; the values do not matter), runs the
 trainer's own fused forward and backward of task 1 once, and exits. torch's on-disk compile caches
 (Inductor's FX graph and AOTAutograd caches, Triton's kernels) then hold that graph, and the run's
@@ -11,8 +11,8 @@ compile at task 1 loads it instead of generating it. The child shares nothing wi
 those caches, so it cannot change the run's numbers; if it fails, the run compiles as it would
 have and says so in one warning line.
 
-This module launches the child and reads its report; ``python -m moleflow.trainer.precompile_child SPEC``
-(``precompile_child.py``) is the child (SPEC: the JSON written by ``start``).
+``start`` launches the child and ``AheadCompile.wait`` reads its report; the child is
+``python -m moleflow.precompile SPEC`` (``main``; SPEC: the JSON written by ``start``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,10 @@ from typing import IO, Optional
 
 import torch
 
+from moleflow.build import build_flow, build_trainer
 from moleflow.config.ablation import AblationConfig
+from moleflow.models.fusion import active as fusion_active
+from moleflow.models.fusion import fusion
 
 
 class AheadCompile:
@@ -67,6 +70,29 @@ class AheadCompile:
         return report
 
 
+class CompileAhead:
+    """A run's compile-ahead child: started when task 0 starts training (under ``--compile_flow``
+    with ``compile_ahead``, on CUDA), waited for before the next task trains.
+
+    Attributes:
+        report: what the child reported (``AheadCompile.wait``) once the run waited for it; None
+            before, if no child ran, or if it failed.
+    """
+
+    def __init__(self, config: AblationConfig, device: torch.device, log: logging.Logger) -> None:
+        self.config, self.device, self.log = config, device, log
+        self.report: Optional[dict] = None
+        self._child: Optional[AheadCompile] = None
+
+    def before_task(self, task_id: int, batch_shape: tuple[int, ...]) -> None:
+        """Call before task ``task_id`` trains on full batches of ``batch_shape`` (B, H, W, D)."""
+        if self._child is not None:
+            self.report = self._child.wait(self.log)
+            self._child = None
+        elif task_id == 0 and self.config.compile_ahead and fusion_active(self.device):
+            self._child = start(self.config, batch_shape, self.device)
+
+
 def _last_report(output: str) -> Optional[dict]:
     """The child's report: the JSON object on the last line of its output (None if there is none)."""
     lines = output.strip().splitlines()
@@ -77,15 +103,14 @@ def _last_report(output: str) -> Optional[dict]:
     return report if isinstance(report, dict) and {"seconds", "gpu_peak_reserved_gib"} <= set(report) else None
 
 
-def start(config: AblationConfig, batch_shape: tuple[int, ...], device: torch.device, tf32: bool) -> AheadCompile:
+def start(config: AblationConfig, batch_shape: tuple[int, ...], device: torch.device) -> AheadCompile:
     """Start the child for full training batches of ``batch_shape`` (B, H, W, D) on ``device``."""
-    spec = {"config": config.to_dict(), "batch_shape": list(batch_shape), "device": str(device), "tf32": tf32,
-            "launched": time.time()}
-    root = str(Path(__file__).resolve().parents[2])  # the folder holding the moleflow package
+    spec = {"config": config.to_dict(), "batch_shape": list(batch_shape), "device": str(device), "launched": time.time()}
+    root = str(Path(__file__).resolve().parents[1])  # the folder holding the moleflow package
     env = dict(os.environ)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     output, errors = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-    process = subprocess.Popen([sys.executable, "-m", "moleflow.trainer.precompile_child", json.dumps(spec)],
+    process = subprocess.Popen([sys.executable, "-m", "moleflow.precompile", json.dumps(spec)],
                                env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=errors)
     atexit.register(_stop, process)  # a run that ends (or fails) before task 1 leaves no child behind
     return AheadCompile(process, output, errors)
@@ -95,3 +120,30 @@ def _stop(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.kill()
         process.wait()
+
+
+def compile_training_step(config: AblationConfig, batch_shape: tuple[int, ...], device: torch.device) -> None:
+    """The child's work: on a replica of the flow with two tasks, run task 1's fused training forward
+    and backward once, as the run's trainer will (``MoLEContinualTrainer.trace_step``)."""
+    model = build_flow(config, batch_shape[-1]).to(device)
+    model.add_task()
+    model.add_task()
+    with fusion(True):
+        build_trainer(config, model, device, logging.getLogger(__name__)).trace_step(1, batch_shape)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """The child: compile, then print its report (one JSON line) and exit."""
+    spec = json.loads((argv if argv is not None else sys.argv[1:])[0])
+    config = AblationConfig.from_dict(spec["config"])
+    device = torch.device(spec["device"])
+    if device.type == "cuda" and device.index is not None:  # "cuda" alone: the current device
+        torch.cuda.set_device(device)
+    compile_training_step(config, tuple(spec["batch_shape"]), device)
+    peak = torch.cuda.max_memory_reserved(device) / 1024**3 if device.type == "cuda" else 0.0
+    seconds = time.time() - spec["launched"]  # from its launch, the interpreter's start included
+    print(json.dumps({"seconds": seconds, "gpu_peak_reserved_gib": peak}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

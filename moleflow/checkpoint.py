@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from moleflow.config.ablation import AblationConfig
+
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "moleflow-checkpoint-v1"
 
@@ -67,5 +69,4 @@ def architecture_differences(saved: dict[str, Any], current: dict[str, Any]) -> 
 
 
 def _defaults() -> dict[str, Any]:
-    from moleflow.config.ablation import AblationConfig
     return {key: value for key, value in AblationConfig().to_dict().items() if key in ARCHITECTURE_FIELDS}
