@@ -11,8 +11,8 @@ compile at task 1 loads it instead of generating it. The child shares nothing wi
 those caches, so it cannot change the run's numbers; if it fails, the run compiles as it would
 have and says so in one warning line.
 
-``start`` launches the child and ``AheadCompile.wait`` reads its report; the child is
-``python -m moleflow.precompile SPEC`` (``main``; SPEC: the JSON written by ``start``).
+``CompileAhead`` launches the child and reads its report; the child is
+``python -m moleflow.precompile SPEC`` (``main``; SPEC: the JSON written by ``CompileAhead.start``).
 """
 
 from __future__ import annotations
@@ -36,61 +36,63 @@ from moleflow.models.fusion import active as fusion_active
 from moleflow.models.fusion import fusion
 
 
-class AheadCompile:
-    """The running child; ``wait`` for it before the run's first fused training step."""
-
-    def __init__(self, process: subprocess.Popen, output: IO[bytes], errors: IO[bytes]) -> None:
-        self.process = process
-        self.output = output
-        self.errors = errors
-
-    def wait(self, log: logging.Logger) -> Optional[dict]:
-        """Wait for the child; log what it did (one line) and return its report (None if it failed).
-
-        The report: ``seconds`` from the child's launch to its end, ``gpu_peak_reserved_gib`` it
-        held, ``waited_s`` the run waited for it here."""
-        started = time.perf_counter()
-        code = self.process.wait()
-        waited = time.perf_counter() - started
-        self.output.seek(0)
-        report = _last_report(self.output.read().decode(errors="replace")) if code == 0 else None
-        if report is not None:
-            report["waited_s"] = waited
-            log.info(f"--compile_flow: a child process compiled the later tasks' training step while task 0 "
-                     f"trained ({report['seconds']:.1f} s, GPU peak {report['gpu_peak_reserved_gib']:.2f} "
-                     f"GiB); the run waited {waited:.1f} s for it")
-        else:
-            self.errors.seek(0)
-            lines = [ln for ln in self.errors.read().decode(errors="replace").splitlines() if ln.strip()]
-            last = "no report in its output" if code == 0 else lines[-1][:200] if lines else "no output"
-            log.warning(f"--compile_flow: compiling ahead in a child process failed (exit {code}: {last}); "
-                        f"the run compiles the training step itself (--no_compile_ahead skips the attempt)")
-        self.output.close()
-        self.errors.close()
-        return report
-
-
 class CompileAhead:
     """A run's compile-ahead child: started when task 0 starts training (under ``--compile_flow``
     with ``compile_ahead``, on CUDA), waited for before the next task trains.
 
     Attributes:
-        report: what the child reported (``AheadCompile.wait``) once the run waited for it; None
+        report: what the child reported once the run waited for it: ``seconds`` from its launch to
+            its end, ``gpu_peak_reserved_gib`` it held, ``waited_s`` the run waited for it; None
             before, if no child ran, or if it failed.
     """
 
     def __init__(self, config: AblationConfig, device: torch.device, log: logging.Logger) -> None:
         self.config, self.device, self.log = config, device, log
         self.report: Optional[dict] = None
-        self._child: Optional[AheadCompile] = None
+        self._child: Optional[tuple[subprocess.Popen, IO[bytes], IO[bytes]]] = None
 
     def before_task(self, task_id: int, batch_shape: tuple[int, ...]) -> None:
         """Call before task ``task_id`` trains on full batches of ``batch_shape`` (B, H, W, D)."""
         if self._child is not None:
-            self.report = self._child.wait(self.log)
-            self._child = None
+            self.wait()
         elif task_id == 0 and self.config.compile_ahead and fusion_active(self.device):
-            self._child = start(self.config, batch_shape, self.device)
+            self.start(batch_shape)
+
+    def start(self, batch_shape: tuple[int, ...]) -> None:
+        """Start the child for full training batches of ``batch_shape``."""
+        spec = {"config": self.config.to_dict(), "batch_shape": list(batch_shape), "device": str(self.device),
+                "launched": time.time()}
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[1])  # the folder holding the moleflow package
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        output, errors = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+        process = subprocess.Popen([sys.executable, "-m", "moleflow.precompile", json.dumps(spec)],
+                                   env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=errors)
+        atexit.register(_stop, process)  # a run that ends (or fails) before task 1 leaves no child behind
+        self._child = (process, output, errors)
+
+    def wait(self) -> None:
+        """Wait for the child; log what it did (one line) and keep its report (None if it failed)."""
+        process, output, errors = self._child
+        self._child = None
+        started = time.perf_counter()
+        code = process.wait()
+        waited = time.perf_counter() - started
+        output.seek(0)
+        self.report = _last_report(output.read().decode(errors="replace")) if code == 0 else None
+        if self.report is not None:
+            self.report["waited_s"] = waited
+            self.log.info(f"--compile_flow: a child process compiled the later tasks' training step while task 0 "
+                          f"trained ({self.report['seconds']:.1f} s, GPU peak "
+                          f"{self.report['gpu_peak_reserved_gib']:.2f} GiB); the run waited {waited:.1f} s for it")
+        else:
+            errors.seek(0)
+            lines = [ln for ln in errors.read().decode(errors="replace").splitlines() if ln.strip()]
+            last = "no report in its output" if code == 0 else lines[-1][:200] if lines else "no output"
+            self.log.warning(f"--compile_flow: compiling ahead in a child process failed (exit {code}: {last}); "
+                             f"the run compiles the training step itself (--no_compile_ahead skips the attempt)")
+        output.close()
+        errors.close()
 
 
 def _last_report(output: str) -> Optional[dict]:
@@ -101,19 +103,6 @@ def _last_report(output: str) -> Optional[dict]:
     except ValueError:
         return None
     return report if isinstance(report, dict) and {"seconds", "gpu_peak_reserved_gib"} <= set(report) else None
-
-
-def start(config: AblationConfig, batch_shape: tuple[int, ...], device: torch.device) -> AheadCompile:
-    """Start the child for full training batches of ``batch_shape`` (B, H, W, D) on ``device``."""
-    spec = {"config": config.to_dict(), "batch_shape": list(batch_shape), "device": str(device), "launched": time.time()}
-    root = str(Path(__file__).resolve().parents[1])  # the folder holding the moleflow package
-    env = dict(os.environ)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    output, errors = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-    process = subprocess.Popen([sys.executable, "-m", "moleflow.precompile", json.dumps(spec)],
-                               env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=errors)
-    atexit.register(_stop, process)  # a run that ends (or fails) before task 1 leaves no child behind
-    return AheadCompile(process, output, errors)
 
 
 def _stop(process: subprocess.Popen) -> None:

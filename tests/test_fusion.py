@@ -140,7 +140,7 @@ def test_traced_training_gradients_equal_plain(traced: list) -> None:
 def test_the_first_task_trains_unfused_and_later_tasks_fused(traced: list, monkeypatch: pytest.MonkeyPatch) -> None:
     """Under --compile_flow task 0 (the only task whose shared weights train) traces nothing; with
     --no_compile_ahead the run starts no child process."""
-    monkeypatch.setattr(precompile, "start", lambda *args: pytest.fail("compile-ahead child started"))
+    monkeypatch.setattr(precompile.CompileAhead, "start", lambda *args: pytest.fail("compile-ahead child started"))
     trainer = _trainer()
     ahead = precompile.CompileAhead(_config(), torch.device("cpu"), logging.getLogger("test_fusion"))
     counts = []
@@ -267,10 +267,11 @@ def test_compile_ahead_traces_the_graphs_that_later_tasks_train_with(traced_code
 
 
 def test_a_failing_compile_ahead_child_is_one_warning_and_no_report(caplog: pytest.LogCaptureFixture) -> None:
-    log = logging.getLogger("test_precompile")
+    ahead = precompile.CompileAhead(_config(), torch.device("cpu"), logging.getLogger("test_precompile"))
     with caplog.at_level(logging.INFO, logger="test_precompile"):
-        report = precompile.start(_config(), (4, 4, 4, 15), torch.device("cpu")).wait(log)  # D 15: no flow
-    assert report is None
+        ahead.start((4, 4, 4, 15))  # D 15: no flow
+        ahead.wait()
+    assert ahead.report is None
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
     assert "failed (exit 1: " in caplog.text and "--no_compile_ahead" in caplog.text
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import typing
 from typing import Any, Optional, Sequence
 
@@ -170,8 +169,3 @@ def _check_conflicts(config: AblationConfig, explicit: dict[str, Any], ignored: 
         wanted = " or ".join(_as_flag(setting, v) for v in (needed if isinstance(needed, tuple) else (needed,)))
         raise ConfigError(f"--{flag} needs {wanted} (now {now}); drop --{flag} or use {wanted}")
 
-
-def main_error(message: str) -> typing.NoReturn:
-    """Print a one-line error and exit non-zero."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)

@@ -32,16 +32,16 @@ class ScoreSettings:
     """How test images are scored; the fields are the ``AblationConfig`` settings of the same names
     (``moleflow.build.score_settings``)."""
 
-    batch_size: int = 16
-    anomaly_score: str = "fused"
-    memory_size: int = 10000
-    memory_weight: float = 0.7
-    score_aggregation_mode: str = "top_k"
-    score_aggregation_top_k: int = 3
-    score_aggregation_percentile: float = 99.0
-    anomaly_map_sigma: float = 4.0
-    tf32: bool = False
-    seed: int = 0
+    batch_size: int
+    anomaly_score: str
+    memory_size: int
+    memory_weight: float
+    score_aggregation_mode: str
+    score_aggregation_top_k: int
+    score_aggregation_percentile: float
+    anomaly_map_sigma: float
+    tf32: bool
+    seed: int
 
 
 @dataclass

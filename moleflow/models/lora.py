@@ -41,10 +41,6 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.ParameterList()
         self.task_bias = nn.ParameterList()
 
-    @property
-    def num_experts(self) -> int:
-        return len(self.lora_A)
-
     def add_expert(self) -> None:
         """Append a new task's expert (no-op when rank is 0)."""
         if self.rank == 0:

@@ -35,26 +35,26 @@ class TrainSettings:
     """What the trainer needs to know; the fields are the ``AblationConfig`` settings of the same
     names (``moleflow.build.train_settings``)."""
 
-    num_epochs: int = 60
-    lr: float = 3e-4
-    batch_size: int = 16
-    optimizer: str = "adamw"
-    weight_decay: float = 0.01
-    grad_clip: float = 0.5
-    warmup_epochs: int = 2
-    max_skip_fraction: float = 0.05
-    use_tail_aware_loss: bool = True
-    tail_weight: float = 0.7
-    tail_top_k_ratio: float = 0.02
-    lambda_logdet: float = 1e-4
-    freeze_base: bool = True
-    enable_slow_stage: bool = False
-    slow_blocks_k: int = 2
-    slow_lr_ratio: float = 0.2
-    slow_stage_start: float = 0.85
-    seed: int = 0
-    tf32: bool = False
-    cuda_graphs: bool = True
+    num_epochs: int
+    lr: float
+    batch_size: int
+    optimizer: str
+    weight_decay: float
+    grad_clip: float
+    warmup_epochs: int
+    max_skip_fraction: float
+    use_tail_aware_loss: bool
+    tail_weight: float
+    tail_top_k_ratio: float
+    lambda_logdet: float
+    freeze_base: bool
+    enable_slow_stage: bool
+    slow_blocks_k: int
+    slow_lr_ratio: float
+    slow_stage_start: float
+    seed: int
+    tf32: bool
+    cuda_graphs: bool
 
 
 @dataclass
@@ -162,7 +162,9 @@ class MoLEContinualTrainer:
             if use_slow and epoch == slow_epoch:
                 slow = self.model.slow_parameters(s.slow_blocks_k)
                 self.trainable(task_id, slow=True)
-                steps.add_param_group(optimizer, slow, s.lr * s.slow_lr_ratio, self.strategy, self.device)
+                slow_lr = s.lr * s.slow_lr_ratio
+                optimizer.add_param_group({"params": slow, "base_lr": slow_lr,
+                                           "lr": steps.lr_value(slow_lr, self.strategy, self.device)})
                 params = params + slow
                 step = self._step(task_id, optimizer, params)  # a recorded step holds the old parameter set
                 self.log.info(f"task {task_id}: SLOW stage from epoch {epoch + 1}: last {s.slow_blocks_k} "

@@ -6,8 +6,9 @@
   non-finite batch is neutralised on the device through the fused step's ``found_inf`` (parameters,
   moments and step counts stay exactly as without the step), and losses and skips are summed on the
   device and read once per epoch: a step never waits for the GPU.
-* ``GraphedStep``: the sync-free step of a full batch recorded once as a CUDA graph and replayed
-  (the same kernels on the same inputs, without a Python launch for each of its ~1,000 kernels).
+* recorded (``cuda_graphs``): the sync-free step of a full batch recorded once as a CUDA graph and
+  replayed (the same kernels on the same inputs, without a Python launch for each of its ~1,000
+  kernels).
 * compiled (``--compile_flow``): a full batch runs the graph compiled for its exact shape
   (``fusion.static_shapes``), a smaller last batch runs unfused; task 0, the only task whose
   shared weights train, trains unfused (``task_compute``).
@@ -39,8 +40,7 @@ class Strategy:
     Attributes:
         fused: the fused optimizer.
         sync_free: non-finite batches skipped on the device (needs ``fused``).
-        graphs: full-batch steps through ``GraphedStep`` (needs ``sync_free``); recorded as a CUDA
-            graph on CUDA, run on the same fixed input buffer elsewhere (how the CPU tests check it).
+        graphs: full-batch steps recorded as a CUDA graph (needs ``sync_free``; see ``SyncFreeStep``).
     """
 
     fused: bool = False
@@ -59,26 +59,19 @@ def make_optimizer(kind: str, params: list[nn.Parameter], lr: float, weight_deca
     """AdamW (decoupled decay, p -= lr * wd * p) or Adam (wd * p added to the gradient, L2); each
     group keeps its ``base_lr`` for :func:`set_lr`."""
     cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
-    kwargs: dict = {"weight_decay": weight_decay}
-    if strategy.fused:
-        kwargs["fused"] = True
-    if strategy.sync_free:  # the rate lives on the device and is filled before each step
+    kwargs: dict = {"weight_decay": weight_decay, "fused": True} if strategy.fused else {"weight_decay": weight_decay}
+    if strategy.sync_free:
         kwargs["capturable"] = strategy.graphs  # the fused step ignores it; recording checks it
-    opt = cls([{"params": params, "base_lr": lr}], lr=_lr_value(lr, strategy, device), **kwargs)
+    opt = cls([{"params": params, "base_lr": lr}], lr=lr_value(lr, strategy, device), **kwargs)
     # A small last batch steps without the graph; with capturable=True torch would warn once.
     opt._warned_capturable_if_run_uncaptured = True
     return opt
 
 
-def add_param_group(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], lr: float,
-                    strategy: Strategy, device: torch.device) -> None:
-    """Add ``params`` at their own base rate ``lr`` (the SLOW stage)."""
-    optimizer.add_param_group({"params": params, "base_lr": lr, "lr": _lr_value(lr, strategy, device)})
-
-
-def _lr_value(lr: float, strategy: Strategy, device: torch.device) -> float | Tensor:
-    """A Python float, or (sync-free) a tensor the fused step reads from memory: float32 on CUDA
-    (the only dtype its kernel reads), float64 elsewhere (read as the double a float would give)."""
+def lr_value(lr: float, strategy: Strategy, device: torch.device) -> float | Tensor:
+    """A group's rate: a Python float, or (sync-free) a tensor the fused step reads from memory,
+    filled before each step: float32 on CUDA (the only dtype its kernel reads), float64 elsewhere
+    (read as the double a float would give)."""
     if not strategy.sync_free:
         return lr
     return torch.tensor(lr, dtype=torch.float32 if device.type == "cuda" else torch.float64, device=device)
@@ -111,13 +104,6 @@ def step_fusion(full_batch: bool) -> Iterator[None]:
         yield
 
 
-def _update(loss: Tensor, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], grad_clip: float) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    optimizer.step()
-
-
 class PlainStep:
     """Loss, backward, clip, step; a non-finite loss is detected on the host and not stepped.
 
@@ -143,9 +129,15 @@ class PlainStep:
             self.skipped += 1
             self.optimizer.zero_grad(set_to_none=True)
             return
-        _update(loss, self.optimizer, self.params, self.grad_clip)
+        self._update(loss)
         self.loss_sum += loss.item()
         self.good += 1
+
+    def _update(self, loss: Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.optimizer.step()
 
     def end_epoch(self) -> tuple[float, int, int]:
         """(sum of finite losses, stepped batches, skipped batches) since the last call."""
@@ -160,7 +152,13 @@ class PlainStep:
 class SyncFreeStep(PlainStep):
     """Every batch steps; a non-finite one is neutralised through the fused step's ``found_inf``,
     and the losses and skips are summed on the device (read once per epoch, by ``end_epoch``).
-    With ``graphs`` a full batch goes through a ``GraphedStep`` of this step's ``body``."""
+
+    With ``graphs`` a full batch is copied into a fixed input buffer and the step on it is recorded
+    once as a CUDA graph, then replayed (off CUDA it runs on the buffer without being recorded: how
+    the CPU tests check this path). Recording needs a few passes first; they run *dry* (``found_inf``
+    forced to 1: no parameter, moment, step count or sum changes), so training is the same sequence of
+    updates as without the graph. If recording fails the step says so once and runs without it.
+    """
 
     def __init__(self, loss_fn: LossFn, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
                  grad_clip: float, batch_size: int, device: torch.device, graphs: bool = False,
@@ -169,19 +167,16 @@ class SyncFreeStep(PlainStep):
         self._sums = (torch.zeros((), dtype=torch.float64, device=device),
                       torch.zeros((), dtype=torch.long, device=device))
         self.batches = 0
-        self.graph: Optional[GraphedStep] = None
-        if graphs:
-            self.graph = GraphedStep(self.body, batch_size, device, capture=device.type == "cuda",
-                                     on_failure=on_failure)
+        self.graphs, self.on_failure = graphs, on_failure
+        self.input: Optional[Tensor] = None  # the recorded step's fixed input buffer
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
 
-    def body(self, feats: Tensor, dry: bool) -> None:
-        """One step that never reads a value back to the host. ``dry=True`` computes everything but,
-        through ``found_inf = 1``, changes no parameter, optimizer moment or step count, and leaves
-        the loss and skip sums alone."""
+    def body(self, feats: Tensor, dry: bool = False) -> None:
+        """One step that never reads a value back to the host (``dry``: changes nothing)."""
         loss = self.loss_fn(feats)
         bad = ~torch.isfinite(loss)
         self.optimizer.found_inf = torch.ones_like(loss) if dry else bad.float()
-        _update(loss, self.optimizer, self.params, self.grad_clip)
+        self._update(loss)
         if not dry:
             self._sums[0].add_(torch.where(bad, 0.0, loss.detach().double()))
             self._sums[1].add_(bad)
@@ -190,10 +185,42 @@ class SyncFreeStep(PlainStep):
         self.batches += 1
         full = feats.shape[0] == self.batch_size
         with step_fusion(full):
-            if self.graph is not None and full:
-                self.graph(feats)
+            if not (self.graphs and full):
+                self.body(feats.to(self.device, non_blocking=True))
+                return
+            if self.input is None:
+                self.input = torch.zeros(feats.shape, device=self.device)
+                self.input.copy_(feats, non_blocking=True)
+                self._record()
             else:
-                self.body(feats.to(self.device, non_blocking=True), False)
+                self.input.copy_(feats, non_blocking=True)
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.body(self.input)
+
+    def _record(self) -> None:
+        """Dry passes (on a side stream when recording), then record the step (runs nothing)."""
+        capture = self.device.type == "cuda"
+        side = torch.cuda.Stream(device=self.device) if capture else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            for _ in range(WARMUP_PASSES):
+                self.body(self.input, dry=True)
+        if side is None:
+            return
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.body(self.input)
+        except RuntimeError as error:
+            if self.on_failure is not None:
+                self.on_failure(f"CUDA graph recording failed ({str(error).splitlines()[0][:200]}); "
+                                f"training goes on without it (--no_cuda_graphs skips the attempt)")
+            return
+        self.graph = graph
 
     def end_epoch(self) -> tuple[float, int, int]:
         if hasattr(self.optimizer, "found_inf"):  # an empty epoch never set it
@@ -207,7 +234,7 @@ class SyncFreeStep(PlainStep):
 
     def close(self) -> None:
         super().close()
-        if self.graph is not None and self.graph.graph is not None:
+        if self.graph is not None:
             # A recorded step keeps a private memory pool that the allocator hands back only on
             # request; without this every task would leave its pool reserved.
             self.graph = None
@@ -222,76 +249,3 @@ def make_step(strategy: Strategy, loss_fn: LossFn, optimizer: torch.optim.Optimi
         return PlainStep(loss_fn, optimizer, params, grad_clip, batch_size, device)
     return SyncFreeStep(loss_fn, optimizer, params, grad_clip, batch_size, device, graphs=strategy.graphs,
                         on_failure=on_failure)
-
-
-class GraphedStep:
-    """Run ``body`` on full batches, as a replayed CUDA graph when ``capture`` is set.
-
-    What makes the step safe to record: the batch is copied into a fixed input buffer; the learning
-    rate is a device tensor filled before each replay; a non-finite batch is neutralised on the
-    device; losses and skip counts are summed into device tensors. Recording needs a few passes
-    first; they run *dry* (``found_inf`` forced to 1), so training is the same sequence of updates
-    as without the graph.
-
-    Args:
-        body: ``(batch, dry) -> None``, one training step; ``dry=True`` must leave every parameter,
-            optimizer state and running sum unchanged.
-        batch_size: the first dimension of a full batch (the rest is taken from the first batch).
-        device: where the batch lives.
-        capture: record a CUDA graph (needs CUDA); otherwise ``body`` runs on the input buffer
-            directly, which is the same computation without the graph.
-        on_failure: told (one line) when recording fails and the step runs without the graph.
-    """
-
-    def __init__(self, body: Callable[[Tensor, bool], None], batch_size: int, device: torch.device, capture: bool,
-                 on_failure: Optional[Callable[[str], None]] = None) -> None:
-        if capture and device.type != "cuda":
-            raise ValueError(f"CUDA graph capture needs a CUDA device, got {device}")
-        self.body, self.batch_size, self.device = body, batch_size, device
-        self.capture, self.on_failure = capture, on_failure
-        self.input: Optional[Tensor] = None
-        self.graph: Optional[torch.cuda.CUDAGraph] = None
-
-    def __call__(self, batch: Tensor) -> None:
-        """Train on ``batch`` (a full batch, any device)."""
-        if self.input is None:
-            self.input = torch.zeros(batch.shape, device=self.device)
-            self.input.copy_(batch, non_blocking=True)
-            self._warm_up()
-            if self.capture:
-                self.graph = self._record()
-        else:
-            self.input.copy_(batch, non_blocking=True)
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self.body(self.input, False)
-
-    def _record(self) -> Optional[torch.cuda.CUDAGraph]:
-        """Record one step (runs nothing). If recording fails, say so once and step without it:
-        the same body, so the same updates, only slower."""
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
-                self.body(self.input, False)
-        except RuntimeError as error:
-            self.capture = False
-            if self.on_failure is not None:
-                self.on_failure(f"CUDA graph recording failed ({str(error).splitlines()[0][:200]}); "
-                                f"training goes on without it (--no_cuda_graphs skips the attempt)")
-            return None
-        return graph
-
-    def _warm_up(self) -> None:
-        """Dry passes (recording needs them on a side stream; without it they run all the same, so
-        that a CPU test covers them too)."""
-        if not self.capture:
-            for _ in range(WARMUP_PASSES):
-                self.body(self.input, True)
-            return
-        side = torch.cuda.Stream(device=self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_PASSES):
-                self.body(self.input, True)
-        torch.cuda.current_stream(self.device).wait_stream(side)
