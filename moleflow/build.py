@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, TypeVar
+from typing import Any, Sequence, TypeVar
 
 import torch
 
 from moleflow.config.ablation import AblationConfig
+from moleflow.data import AnomalyDataset, Sample
 from moleflow.evaluation.evaluator import ScoreSettings
 from moleflow.extractors import FeatureExtractor, build_extractor
 from moleflow.models.mole_nf import MoLESpatialAwareNF
@@ -61,6 +62,11 @@ def build_backbone(config: AblationConfig, device: torch.device, weights: str = 
                            weights=weights, weights_path=config.backbone_weights,
                            amp=config.amp and device.type == "cuda", strides=config.feature_strides,
                            pooling=config.feature_pooling).to(device)
+
+
+def build_dataset(config: AblationConfig, samples: Sequence[Sample], augment: bool = False) -> AnomalyDataset:
+    """The images (and masks) of ``samples`` at the config's size and resize mode."""
+    return AnomalyDataset(samples, config.img_size, augment=augment, resize_mode=config.resize_mode)
 
 
 def build_router(config: AblationConfig) -> PrototypeRouter:

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from moleflow import precompile
-from moleflow.build import build_backbone, build_flow, build_router, build_trainer, score_settings
+from moleflow.build import build_backbone, build_dataset, build_flow, build_router, build_trainer, score_settings
 from moleflow.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from moleflow.config.ablation import AblationConfig, ConfigError
 from moleflow.data import AnomalyDataset, ClassSplit, generate_demo_dataset, load_checked_splits, split_tasks
@@ -197,15 +197,13 @@ class Run:
         if key not in self._train_datasets:  # decoded images stay cached across epochs of this task
             self._train_datasets = {k: v for k, v in self._train_datasets.items() if k[0] == task_id}
             samples = [s for c in self.tasks[task_id] for s in self.splits[c].train]
-            self._train_datasets[key] = AnomalyDataset(samples, self.config.img_size, augment=augment,
-                                                       resize_mode=self.config.resize_mode)
+            self._train_datasets[key] = build_dataset(self.config, samples, augment=augment)
         return self._features(self._train_datasets[key], keep_masks=False, desc=f"task {task_id} features")
 
     def _test_features(self, class_name: str) -> FeatureSet:
         if class_name not in self.test_cache:
-            dataset = AnomalyDataset(self.splits[class_name].test, self.config.img_size,
-                                     resize_mode=self.config.resize_mode)
-            self.test_cache[class_name] = self._features(dataset, keep_masks=True, desc=f"{class_name} test features")
+            self.test_cache[class_name] = self._features(build_dataset(self.config, self.splits[class_name].test),
+                                                         keep_masks=True, desc=f"{class_name} test features")
         return self.test_cache[class_name]
 
     # ------------------------------------------------------------------ evaluation
@@ -335,7 +333,7 @@ class Run:
         if cfg.run_diagnostics:
             from moleflow.evaluation.diagnostics import class_diagnostics, write_diagnostics
             classes = [class_diagnostics(self.model, self.device, self.test_cache[r.row["class_name"]], r,
-                                         self.splits[r.row["class_name"]].test, cfg.img_size) for r in routed]
+                                         build_dataset(cfg, self.splits[r.row["class_name"]].test)) for r in routed]
             out = write_diagnostics(self.exp_dir / "diagnostics", classes,
                                     {m: x.values for m, x in measured.items()}, names, confusion)
             self.log.info(f"diagnostics written to {out}")

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from moleflow.config.ablation import AblationConfig
-from moleflow.data import AnomalyDataset
+from moleflow.build import build_dataset
 from moleflow.evaluation import anomaly_map
 from moleflow.evaluation.evaluator import score_patches
 from moleflow.models.routing import PrototypeRouter
@@ -211,7 +211,7 @@ def _e2e_set(run: Run, count: int) -> Tensor:
     """Up to ``count`` test images, taken round-robin over the run's classes, decoded and stacked on
     the host (pinned on CUDA)."""
     cfg = run.config
-    sets = {c: AnomalyDataset(run.splits[c].test, cfg.img_size, resize_mode=cfg.resize_mode) for c in cfg.task_classes}
+    sets = {c: build_dataset(cfg, run.splits[c].test) for c in cfg.task_classes}
     picks: list[Tensor] = []
     index = 0
     while len(picks) < count and any(index < len(d) for d in sets.values()):

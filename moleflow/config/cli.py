@@ -118,6 +118,7 @@ _DEPENDS_ON: dict[str, tuple[str, Any]] = {
     "score_aggregation_top_k": ("score_aggregation_mode", "top_k"),
     "score_aggregation_percentile": ("score_aggregation_mode", "percentile"),
     "enable_slow_stage": ("freeze_base", True),
+    "compile_ahead": ("compile_flow", True),
     "memory_size": ("anomaly_score", ("memory", "fused")),
     "memory_weight": ("anomaly_score", "fused"),
 }

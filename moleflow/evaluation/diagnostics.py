@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from moleflow.data import AnomalyDataset, Sample
+from moleflow.data import AnomalyDataset
 from moleflow.evaluation.evaluator import ClassEvaluation
 from moleflow.evaluation.plots import (
     plot_accuracy_matrix, plot_anomaly_overlays, plot_confusion_matrix, plot_latent_vs_gaussian,
@@ -55,7 +55,7 @@ class ClassDiagnostics:
 
 @torch.no_grad()
 def class_diagnostics(model: MoLESpatialAwareNF, device: torch.device, test: FeatureSet, result: ClassEvaluation,
-                      samples: Sequence[Sample], img_size: int) -> ClassDiagnostics:
+                      images: AnomalyDataset) -> ClassDiagnostics:
     """One class's latents (each image through its routed expert), scores and overlay images.
 
     Args:
@@ -63,8 +63,7 @@ def class_diagnostics(model: MoLESpatialAwareNF, device: torch.device, test: Fea
         device: where it runs.
         test: the class's test features (labels, masks).
         result: its routed evaluation, with maps (``keep_maps``).
-        samples: its test images, in the order of ``test``.
-        img_size: the run's image size.
+        images: its test images, in the order of ``test`` (decoded here for the overlays only).
     """
     coords, log_dets, norms = [], [], []
     for i in range(test.patches.shape[0]):
@@ -75,11 +74,10 @@ def class_diagnostics(model: MoLESpatialAwareNF, device: torch.device, test: Fea
         norms.append(z.norm(dim=1).mean())
     labels = test.labels.numpy()
     picks = [*np.flatnonzero(labels == 0)[:OVERLAYS_PER_KIND], *np.flatnonzero(labels == 1)[:OVERLAYS_PER_KIND]]
-    dataset = AnomalyDataset([samples[i] for i in picks], img_size)
-    images = torch.stack([dataset[k]["image"] for k in range(len(picks))]).numpy()
     return ClassDiagnostics(result.row["class_name"], labels, result.image_scores.numpy(),
-                            torch.stack(coords), torch.stack(log_dets).numpy(), torch.stack(norms).numpy(),
-                            picks, images, result.maps[picks].numpy(), test.masks[picks].numpy())
+                            torch.stack(coords), torch.stack(log_dets).numpy(), torch.stack(norms).numpy(), picks,
+                            torch.stack([images[i]["image"] for i in picks]).numpy(), result.maps[picks].numpy(),
+                            test.masks[picks].numpy())
 
 
 def write_diagnostics(out: Path, classes: Sequence[ClassDiagnostics], matrices: dict[str, np.ndarray],
