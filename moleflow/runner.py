@@ -2,33 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ContextManager, Optional
 
 import torch
 from tqdm import tqdm
 
+from moleflow import precompile
+from moleflow.build import build_backbone, build_dataset, build_flow, build_router, build_trainer, score_settings
+from moleflow.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from moleflow.config.ablation import AblationConfig, ConfigError
 from moleflow.data import AnomalyDataset, ClassSplit, generate_demo_dataset, load_checked_splits, split_tasks
 from moleflow.evaluation.continual import ContinualMatrix, write_continual_summary
-from moleflow.evaluation.evaluator import ClassEvaluation, evaluate_class, task_memory
-from moleflow.extractors import build_extractor
-from moleflow.models.fusion import fusion
-from moleflow.models.memory import PatchMemory
-from moleflow.models.mole_nf import build_flow
-from moleflow.models.routing import PrototypeRouter
-from moleflow.trainer.checkpoint import CHECKPOINT_NAME, save_checkpoint
-from moleflow.trainer.continual_trainer import MoLEContinualTrainer
-from moleflow.trainer.features import FeatureSet, extract_features
-from moleflow.utils.experiment import (
+from moleflow.evaluation.evaluator import ClassEvaluation, evaluate_class, route, task_memory
+from moleflow.experiment import (
     FILE_ONLY, close_logger, create_experiment_dir, format_table, library_versions, setup_logger, write_config,
     write_results_csv,
 )
+from moleflow.extractors.features import FeatureSet, decode_all, extract_features
+from moleflow.models.fusion import fusion
+from moleflow.models.memory import PatchMemory
+from moleflow.models.routing import PrototypeRouter
+from moleflow.resume import ResumeState
+from moleflow.trainer.continual_trainer import TaskStats
 from moleflow.utils.seed import seed_everything
 
 MATRIX_METRICS = ("img_auroc", "pixel_auroc", "img_ap", "pixel_ap", "aupro", "routing_acc")
@@ -44,14 +46,18 @@ class RunResult:
     oracle_mean_row: Optional[dict]
 
 
-@dataclass
-class ResumeState:
-    """A loaded checkpoint plus the folder to continue in."""
+class RunClock:
+    """What a ``Run`` tells about its progress: it enters ``phase(name)`` around its work (setup,
+    data_check, data_decode, feature_extraction, flow_training, routing, memory, evaluation, output)
+    and calls ``task_done`` after each task's evaluation. This one does nothing; the benchmark's
+    times the phases."""
 
-    checkpoint: dict[str, Any]
-    exp_dir: Path
-    extend: bool
-    tasks: list[list[str]]
+    def phase(self, name: str) -> ContextManager[None]:
+        return contextlib.nullcontext()
+
+    def task_done(self, run: "Run", task_id: int, stats: Optional[TaskStats], mean: dict) -> None:
+        """After task ``task_id`` was trained (``stats``; None when the flow is not trained) and every
+        seen class evaluated (``mean``: the means over those classes)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -67,39 +73,55 @@ def interactive() -> bool:
     return sys.stdout.isatty() and sys.stderr.isatty()
 
 
+def effective(config: AblationConfig, device: torch.device) -> dict[str, Any]:
+    """Settings as they act on ``device`` (the CUDA-only switches are off elsewhere)."""
+    cuda = device.type == "cuda"
+    return {"device": str(device), "amp": config.amp and cuda, "tf32": config.tf32 and cuda,
+            "compile_flow": config.compile_flow and cuda, "cuda_graphs": config.cuda_graphs and cuda,
+            "compile_ahead": config.compile_ahead and config.compile_flow and cuda}
+
+
 class Run:
     """One experiment: holds the model, router, cached features and the result bookkeeping.
 
     Every setting and input is checked before the first training step: the data (files, masks,
     good and defective test images; ``splits`` when the caller checked them already) and, once
     the backbone is built, the top-k against its patch grid. ``progress=False`` or ``--quiet``
-    keeps the console to warnings; progress bars appear only on a terminal.
+    keeps the console to warnings; progress bars appear only on a terminal. ``clock`` is told
+    the phases (``RunClock``); ``weights='random'`` builds the backbone without its weights (the
+    benchmark's speed-only runs).
     """
 
     def __init__(self, config: AblationConfig, resume: Optional[ResumeState] = None, progress: bool = True,
-                 splits: Optional[dict[str, ClassSplit]] = None, notes: Optional[dict[str, Any]] = None) -> None:
+                 splits: Optional[dict[str, ClassSplit]] = None, notes: Optional[dict[str, Any]] = None,
+                 clock: Optional[RunClock] = None, weights: str = "pretrained") -> None:
+        self.clock = clock or RunClock()
         self.config = config
         self.progress = progress and not config.quiet and interactive()  # tqdm bars
-        self.device = resolve_device(config.device)
-        if config.demo:
-            generate_demo_dataset(Path(config.data_path), seed=0)
-        self.tasks = resume.tasks if resume else split_tasks(config.task_classes, config.cl_scenario)
-        self.class_task = {c: t for t, classes in enumerate(self.tasks) for c in classes}
-        self.splits: dict[str, ClassSplit] = splits if splits is not None else load_checked_splits(
-            config.dataset, Path(config.data_path), config.task_classes)
+        with self.clock.phase("setup"):
+            self.device = resolve_device(config.device)
+            if config.demo:
+                generate_demo_dataset(Path(config.data_path), seed=0)
+            self.tasks = resume.tasks if resume else split_tasks(config.task_classes, config.cl_scenario)
+        with self.clock.phase("data_check"):
+            self.splits: dict[str, ClassSplit] = splits if splits is not None else load_checked_splits(
+                config.dataset, Path(config.data_path), config.task_classes)
         self.resume = resume
+        with self.clock.phase("setup"):
+            self._setup(notes, weights, quiet=config.quiet or not progress)
+
+    def _setup(self, notes: Optional[dict[str, Any]], weights: str, quiet: bool) -> None:
+        config = self.config
         seed_everything(config.seed)
-        self.extractor = build_extractor(config.backbone_name, feature_dim=config.feature_dim, img_size=config.img_size,
-                                         weights="pretrained", weights_path=config.backbone_weights,
-                                         amp=config.amp and self.device.type == "cuda",
-                                         strides=config.feature_strides, pooling=config.feature_pooling).to(self.device)
+        self.extractor = build_backbone(config, self.device, weights)
         if config.feature_dim == 0:  # auto: the backbone's width, at most 768; config.json records the value
             self.config = config = dataclasses.replace(config, feature_dim=self.extractor.feature_dim)
         self._check_top_k()
+        resume = self.resume
         self.exp_dir = resume.exp_dir if resume and not resume.extend else create_experiment_dir(
             config.log_dir, config.experiment_name)
-        self.log = setup_logger(self.exp_dir, quiet=config.quiet or not progress)
-        extra: dict[str, Any] = {"tasks": self.tasks, "effective": self._effective(), **(notes or {})}
+        self.log = setup_logger(self.exp_dir, quiet=quiet)
+        extra: dict[str, Any] = {"tasks": self.tasks, "effective": effective(config, self.device), **(notes or {})}
         if resume:
             extra["resumed_from"] = str(resume.exp_dir)
         write_config(self.exp_dir, config, extra)
@@ -108,12 +130,13 @@ class Run:
         self._warn_cuda_only()
         self._warn_feature_dim()
         self.model = build_flow(config, self.extractor.feature_dim).to(self.device)
-        self.router = PrototypeRouter(mahalanobis=config.use_mahalanobis)
+        self.router = build_router(config)
         self.memory = PatchMemory() if config.anomaly_score != "flow" else None
-        self.trainer = MoLEContinualTrainer(config, self.model, self.router, self.device, self.log, self.progress,
-                                            tf32=config.tf32)
+        self.trainer = build_trainer(config, self.model, self.device, self.log, self.progress)
+        self.score = score_settings(config)
         self.test_cache: dict[str, FeatureSet] = {}
         self._train_datasets: dict[tuple[int, bool], AnomalyDataset] = {}
+        self.ahead = precompile.CompileAhead(config, self.device, self.log)
         names = ["+".join(t) for t in self.tasks]
         sizes = [len(t) for t in self.tasks]  # final means weight each task by its classes: a mean over classes
         self.matrices = {m: ContinualMatrix(len(self.tasks), names, class_counts=sizes) for m in MATRIX_METRICS}
@@ -129,13 +152,6 @@ class Run:
             raise ConfigError(f"--score_aggregation_top_k {cfg.score_aggregation_top_k} exceeds the {h}x{w} = {h * w} "
                               f"patches of {cfg.backbone_name} at --img_size {cfg.img_size}; use a k <= {h * w}")
 
-    def _effective(self) -> dict[str, Any]:
-        """Settings as they act on this machine (CUDA-only switches are off elsewhere)."""
-        cuda = self.device.type == "cuda"
-        cfg = self.config
-        return {"device": str(self.device), "amp": cfg.amp and cuda, "tf32": cfg.tf32 and cuda,
-                "compile_flow": cfg.compile_flow and cuda, "cuda_graphs": cfg.cuda_graphs and cuda}
-
     def _warn_cuda_only(self) -> None:
         if self.device.type == "cuda":
             return
@@ -150,14 +166,13 @@ class Run:
         dims = self.extractor.layer_dims()
         if min(dims) < self.config.feature_dim:
             self.log.warning(f"warning: --feature_dim {self.config.feature_dim} exceeds the backbone's per-layer width "
-                          f"{dims}; adaptive pooling repeats channels (features span < D dimensions)")
+                             f"{dims}; adaptive pooling repeats channels (features span < D dimensions)")
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         for _ in range(int(ckpt["tasks_done"])):
             self.model.add_task()
         self.model.load_state_dict(ckpt["model"])
         self.router = PrototypeRouter.from_state(ckpt["router"])
-        self.trainer.router = self.router
         if self.memory is not None:
             self.memory = PatchMemory.from_state(ckpt["memory"])
         self.done = int(ckpt["tasks_done"])
@@ -169,37 +184,44 @@ class Run:
         self.log.info(f"resumed from {self.resume.exp_dir / CHECKPOINT_NAME}: {self.done} task(s) already trained")
 
     # ------------------------------------------------------------------ data
-    def _dataset(self, samples: list) -> AnomalyDataset:
-        return AnomalyDataset(samples, self.config.img_size, augment=False, resize_mode=self.config.resize_mode)
+    def _features(self, dataset: AnomalyDataset, keep_masks: bool, desc: str) -> FeatureSet:
+        """Decode ``dataset`` (once: it keeps the images), then run the backbone over it."""
+        with self.clock.phase("data_decode"):
+            decode_all(dataset)
+        with self.clock.phase("feature_extraction"):
+            return extract_features(self.extractor, dataset, self.config.batch_size, self.device, keep_masks=keep_masks,
+                                    desc=desc, num_workers=self.config.num_workers, progress=self.progress)
 
     def _train_features(self, task_id: int, augment: bool = False) -> FeatureSet:
-        samples = [s for c in self.tasks[task_id] for s in self.splits[c].train]
         key = (task_id, augment)
         if key not in self._train_datasets:  # decoded images stay cached across epochs of this task
             self._train_datasets = {k: v for k, v in self._train_datasets.items() if k[0] == task_id}
-            self._train_datasets[key] = AnomalyDataset(samples, self.config.img_size, augment=augment,
-                                                       resize_mode=self.config.resize_mode)
-        dataset = self._train_datasets[key]
-        return extract_features(self.extractor, dataset, self.config.batch_size, self.device, self.device,
-                                keep_masks=False, desc=f"task {task_id} features",
-                                num_workers=self.config.num_workers, progress=self.progress)
+            samples = [s for c in self.tasks[task_id] for s in self.splits[c].train]
+            self._train_datasets[key] = build_dataset(self.config, samples, augment=augment)
+        return self._features(self._train_datasets[key], keep_masks=False, desc=f"task {task_id} features")
 
     def _test_features(self, class_name: str) -> FeatureSet:
         if class_name not in self.test_cache:
-            self.test_cache[class_name] = extract_features(
-                self.extractor, self._dataset(self.splits[class_name].test), self.config.batch_size, self.device,
-                self.device, keep_masks=True, desc=f"{class_name} test features",
-                num_workers=self.config.num_workers, progress=self.progress)
+            self.test_cache[class_name] = self._features(build_dataset(self.config, self.splits[class_name].test),
+                                                         keep_masks=True, desc=f"{class_name} test features")
         return self.test_cache[class_name]
 
     # ------------------------------------------------------------------ evaluation
     def evaluate_seen(self, after_task: int, oracle: bool, keep_maps: bool = False) -> list[ClassEvaluation]:
+        """Every class of the tasks up to ``after_task``: routed, or with the true task (``oracle``, or
+        without the router)."""
         pairs = [(task_id, name) for task_id in range(after_task + 1) for name in self.tasks[task_id]]
         label = "oracle" if oracle else "routed"
-        return [evaluate_class(self.model, self.router, self._test_features(name), name, task_id, self.config,
-                               self.device, oracle=oracle, keep_maps=keep_maps, tf32=self.config.tf32,
-                               memory=self.memory)
-                for task_id, name in tqdm(pairs, desc=f"evaluate ({label})", leave=False, disable=not self.progress)]
+        results = []
+        with self.clock.phase("evaluation"):
+            for task_id, name in tqdm(pairs, desc=f"evaluate ({label})", leave=False, disable=not self.progress):
+                test = self._test_features(name)
+                with self.clock.phase("routing"):
+                    routed = None if oracle or not self.config.use_router else route(self.router, test.router,
+                                                                                   self.device)
+                results.append(evaluate_class(self.model, test, name, task_id, self.score, self.device, routed=routed,
+                                              keep_maps=keep_maps, memory=self.memory))
+        return results
 
     def _record(self, after_task: int, results: list[ClassEvaluation]) -> None:
         """R[after_task][j] for every seen task j: the mean over task j's classes."""
@@ -211,19 +233,21 @@ class Run:
     def _add_memory(self, task_id: int, train: FeatureSet) -> None:
         """Store task ``task_id``'s patch memory and its training-score statistics (never changed later)."""
         started = time.time()
-        memory = task_memory(self.model, train, task_id, self.config, self.device)
-        self.memory.add_task(memory)
+        with self.clock.phase("memory"):
+            memory = task_memory(self.model, train, task_id, self.score, self.device)
+            self.memory.add_task(memory)
         self.log.info(f"task {task_id}: patch memory of {memory.bank.shape[0]:,} patches in "
                       f"{time.time() - started:.1f}s (held-out distance {memory.memory_mean:.3f} +- "
                       f"{memory.memory_std:.3f})")
 
     def _checkpoint(self) -> None:
         history = {m: self.matrices[m].values.tolist() for m in MATRIX_METRICS}
-        save_checkpoint(self.exp_dir / CHECKPOINT_NAME, {
-            "model": self.model.state_dict(), "router": self.router.state(), "config": self.config.to_dict(),
-            "memory": self.memory.state() if self.memory is not None else None,
-            "tasks": self.tasks, "tasks_done": self.done, "history": history, "versions": library_versions(),
-        })
+        with self.clock.phase("output"):
+            save_checkpoint(self.exp_dir / CHECKPOINT_NAME, {
+                "model": self.model.state_dict(), "router": self.router.state(), "config": self.config.to_dict(),
+                "memory": self.memory.state() if self.memory is not None else None,
+                "tasks": self.tasks, "tasks_done": self.done, "history": history, "versions": library_versions(),
+            })
 
     # ------------------------------------------------------------------ the task loop
     def execute(self) -> RunResult:
@@ -237,14 +261,17 @@ class Run:
             close_logger(self.log)
             raise
 
-    def _evaluate_task(self, task_id: int) -> None:
-        """Evaluate every seen class after ``task_id``, record R[task_id][.], write its CSV and the history."""
+    def _evaluate_task(self, task_id: int) -> dict:
+        """Evaluate every seen class after ``task_id``, record R[task_id][.], write its CSV and the
+        history; returns the means over the seen classes."""
         results = self.evaluate_seen(task_id, oracle=False)
         self._record(task_id, results)
-        mean = write_results_csv(self.exp_dir / f"results_after_task_{task_id}.csv", [r.row for r in results])
+        with self.clock.phase("output"):
+            mean = write_results_csv(self.exp_dir / f"results_after_task_{task_id}.csv", [r.row for r in results])
         self.log.info(f"after task {task_id}: mean img AUROC {mean['img_auroc']:.4f} pixel AUROC "
                       f"{mean['pixel_auroc']:.4f} routing {_percent_or_oracle(mean['routing_acc'])}")
         self._checkpoint()
+        return mean
 
     def _execute(self) -> RunResult:
         self.log.info(f"experiment {self.exp_dir} | device {self.device} | tasks {self.tasks} | "
@@ -257,45 +284,59 @@ class Run:
             self.log.info(f"=== task {task_id}: {', '.join(self.tasks[task_id])} ===")
             refresh = (lambda t=task_id: self._train_features(t, augment=True)) if cfg.use_augmentation else None
             train = self._train_features(task_id)
+            stats = None
             if cfg.anomaly_score == "memory":  # the flow's score is not used: nothing to train
                 self.model.add_task()
-                self.router.add_task(train.router)
                 self.log.info(f"task {task_id}: --anomaly_score memory, the flow is not trained")
             else:
-                stats = self.trainer.train_task(task_id, train, refresh=refresh)
+                self.ahead.before_task(task_id, (cfg.batch_size, *train.patches.shape[1:]))
+                with self.clock.phase("flow_training"):
+                    stats = self.trainer.train_task(task_id, train, refresh=refresh)
                 self.log.info(f"task {task_id} trained in {time.time() - started:.1f}s ({stats.steps} steps, "
                               f"{stats.skipped_batches} skipped, final loss {stats.final_loss:.4f})")
+            with self.clock.phase("routing"):  # the task's prototype: all its training images, no augmentation
+                self.router.add_task(train.router)
             if self.memory is not None:
                 self._add_memory(task_id, train)
             self.done = task_id + 1
             self._checkpoint()  # the trained task is safe before its evaluation runs
-            self._evaluate_task(task_id)
+            mean = self._evaluate_task(task_id)
+            self.clock.task_done(self, task_id, stats, mean)
         return self.finish()
 
     def finish(self) -> RunResult:
         cfg = self.config
         last = len(self.tasks) - 1
         routed = self.evaluate_seen(last, oracle=False, keep_maps=cfg.run_diagnostics)
+        oracle = self.evaluate_seen(last, oracle=True) if cfg.eval_oracle else None
+        with self.clock.phase("output"):
+            return self._write_final(routed, oracle)
+
+    def _write_final(self, routed: list[ClassEvaluation], oracle: Optional[list[ClassEvaluation]]) -> RunResult:
+        cfg = self.config
         rows = [r.row for r in routed]
         mean = write_results_csv(self.exp_dir / "final_results.csv", rows)
         oracle_mean = None
-        oracle_results: list[ClassEvaluation] = []
-        if cfg.eval_oracle:
-            oracle_results = self.evaluate_seen(last, oracle=True)
-            oracle_mean = write_results_csv(self.exp_dir / "final_results_oracle.csv", [r.row for r in oracle_results])
+        if oracle is not None:
+            oracle_mean = write_results_csv(self.exp_dir / "final_results_oracle.csv", [r.row for r in oracle])
         # without the router the true task is used: no routing was measured, so none is reported
         measured = {m: x for m, x in self.matrices.items() if cfg.use_router or m != "routing_acc"}
         for metric, matrix in measured.items():
             matrix.to_csv(self.exp_dir / f"matrix_{metric}.csv")
         write_continual_summary(measured, self.exp_dir / "continual_summary.csv")
+        names = ["+".join(t) for t in self.tasks]
         confusion = self._confusion(routed) if cfg.use_router else None
         if confusion is not None:
-            _write_confusion(self.exp_dir, confusion, ["+".join(t) for t in self.tasks])
+            _write_confusion(self.exp_dir, confusion, names)
         else:
             self.log.info("routing: n/a (oracle: the true task id was used; no routing matrix or confusion written)")
         if cfg.run_diagnostics:
-            from moleflow.utils.run_diagnostics import write_diagnostics
-            write_diagnostics(self, routed, confusion)
+            from moleflow.evaluation.diagnostics import class_diagnostics, write_diagnostics
+            classes = [class_diagnostics(self.model, self.device, self.test_cache[r.row["class_name"]], r,
+                                         build_dataset(cfg, self.splits[r.row["class_name"]].test)) for r in routed]
+            out = write_diagnostics(self.exp_dir / "diagnostics", classes,
+                                    {m: x.values for m, x in measured.items()}, names, confusion)
+            self.log.info(f"diagnostics written to {out}")
         label = "routed" if cfg.use_router else "oracle: the true task, no router"
         self.log.info(f"final results ({label}, %):\n" + format_table([*rows, mean]))
         if oracle_mean is not None:
@@ -315,7 +356,7 @@ class Run:
 
 
 def _write_confusion(exp_dir: Path, confusion: torch.Tensor, names: list[str]) -> None:
-    from moleflow.utils.diagnostics import plot_confusion_matrix, save_confusion_csv
+    from moleflow.evaluation.plots import plot_confusion_matrix, save_confusion_csv
     save_confusion_csv(confusion.numpy(), names, exp_dir / "routing_confusion.csv")
     plot_confusion_matrix(confusion.numpy(), names, exp_dir / "routing_confusion.png")
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moleflow.benchmark.__main__ import main
-from moleflow.benchmark.pipeline import PhaseClock
+from moleflow.benchmark.timing import PhaseClock
 from moleflow.benchmark.synthetic import SyntheticSpec, generate_synthetic_dataset
 from moleflow.data import load_class_split
 from moleflow.trainer.continual_trainer import MoLEContinualTrainer
@@ -41,9 +41,9 @@ def test_synthetic_dataset_layout_and_reuse(tmp_path: Path) -> None:
 def test_phase_clock_charges_a_nested_phase_to_the_inner_one_only() -> None:
     clock = PhaseClock(torch.device("cpu"))
     started = time.perf_counter()
-    with clock("outer"):
+    with clock.phase("outer"):
         time.sleep(0.05)
-        with clock("inner"):
+        with clock.phase("inner"):
             time.sleep(0.1)
     wall = time.perf_counter() - started
     assert 0.05 <= clock.totals["outer"] < 0.09 and 0.1 <= clock.totals["inner"] < 0.14

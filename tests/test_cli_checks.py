@@ -225,17 +225,16 @@ def test_checkpoint_is_written_before_evaluation_and_resume_finishes(tiny_data, 
 
 def test_adam_honours_weight_decay_and_adamw_is_unchanged():
     import torch
-    from moleflow.models.mole_nf import build_flow
-    from moleflow.models.routing import PrototypeRouter
-    from moleflow.trainer.continual_trainer import MoLEContinualTrainer
+    from moleflow.build import build_flow, build_trainer
+    from moleflow.trainer import steps
 
     def step(optimizer: str, decay: float) -> tuple[float, torch.optim.Optimizer]:
         cfg = AblationConfig(feature_dim=16, lora_rank=2, num_coupling_layers=2, optimizer=optimizer,
                              weight_decay=decay, lr=0.1)
-        trainer = MoLEContinualTrainer(cfg, build_flow(cfg, 16), PrototypeRouter(), torch.device("cpu"),
-                                       logging.getLogger("test_adam"), progress=False)
+        trainer = build_trainer(cfg, build_flow(cfg, 16), torch.device("cpu"), logging.getLogger("test_adam"))
+        s = trainer.settings
         weight = torch.nn.Parameter(torch.ones(4))
-        opt = trainer._optimizer([weight])
+        opt = steps.make_optimizer(s.optimizer, [weight], s.lr, s.weight_decay, trainer.strategy, trainer.device)
         (0.0 * weight.sum()).backward()  # a zero gradient: only the decay can move the weight
         opt.step()
         return float(weight.detach().mean()), opt

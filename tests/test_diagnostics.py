@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moleflow.utils import diagnostics as diag
+from moleflow.evaluation import plots as diag
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NAMES = ["leather", "grid", "tile"]

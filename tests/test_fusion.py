@@ -13,14 +13,14 @@ from typing import Callable, Iterator, Optional
 import pytest
 import torch
 
+from moleflow import precompile
+from moleflow.build import build_flow, build_trainer
 from moleflow.config.ablation import AblationConfig
+from moleflow.extractors.features import FeatureSet
 from moleflow.models import fusion
 from moleflow.models.loss import moleflow_loss
-from moleflow.models.mole_nf import MoLESpatialAwareNF, build_flow
-from moleflow.models.routing import PrototypeRouter
-from moleflow.trainer import precompile, precompile_child
+from moleflow.models.mole_nf import MoLESpatialAwareNF
 from moleflow.trainer.continual_trainer import MoLEContinualTrainer
-from moleflow.trainer.features import FeatureSet
 
 
 def _model(tasks: int, **kwargs) -> MoLESpatialAwareNF:
@@ -34,13 +34,17 @@ def _model(tasks: int, **kwargs) -> MoLESpatialAwareNF:
     return model
 
 
+def _config(**settings) -> AblationConfig:
+    """A small flow (D 16, batch 4), without the compile-ahead child unless asked."""
+    return AblationConfig(**{"feature_dim": 16, "lora_rank": 2, "num_coupling_layers": 2, "num_epochs": 1,
+                             "batch_size": 4, "compile_ahead": False, "compile_flow": True, **settings})
+
+
 def _trainer(**settings) -> MoLEContinualTrainer:
-    """A CPU trainer of a small flow (D 16, batch 4), without the compile-ahead child unless asked."""
-    cfg = AblationConfig(**{"feature_dim": 16, "lora_rank": 2, "num_coupling_layers": 2, "num_epochs": 1,
-                            "batch_size": 4, "compile_ahead": False, **settings})
+    """A CPU trainer of the ``_config`` flow."""
+    cfg = _config(**settings)
     torch.manual_seed(0)
-    return MoLEContinualTrainer(cfg, build_flow(cfg, 16), PrototypeRouter(), torch.device("cpu"),
-                                logging.getLogger("test_fusion"), progress=False)
+    return build_trainer(cfg, build_flow(cfg, 16), torch.device("cpu"), logging.getLogger("test_fusion"))
 
 
 def _features(images: int) -> FeatureSet:
@@ -135,15 +139,17 @@ def test_traced_training_gradients_equal_plain(traced: list) -> None:
 
 def test_the_first_task_trains_unfused_and_later_tasks_fused(traced: list, monkeypatch: pytest.MonkeyPatch) -> None:
     """Under --compile_flow task 0 (the only task whose shared weights train) traces nothing; with
-    --no_compile_ahead no child process is started."""
-    monkeypatch.setattr(precompile, "start", lambda *args: pytest.fail("compile-ahead child started"))
+    --no_compile_ahead the run starts no child process."""
+    monkeypatch.setattr(precompile.CompileAhead, "start", lambda *args: pytest.fail("compile-ahead child started"))
     trainer = _trainer()
+    ahead = precompile.CompileAhead(_config(), torch.device("cpu"), logging.getLogger("test_fusion"))
     counts = []
     with fusion.fusion(True):
         for task in range(2):
+            ahead.before_task(task, (4, 4, 4, 16))
             trainer.train_task(task, _features(8))
             counts.append(len(traced))
-    assert counts[0] == 0 and counts[1] > 0 and trainer.compile_ahead is None
+    assert counts[0] == 0 and counts[1] > 0 and ahead.report is None
 
 
 def test_a_function_that_cannot_be_compiled_runs_plainly(monkeypatch: pytest.MonkeyPatch,
@@ -241,27 +247,31 @@ def test_compile_ahead_traces_the_graphs_that_later_tasks_train_with(traced_code
     a run traces after task 0's evaluation; and the run starts the child at task 0 and waits for it
     at task 1 (a real child process; on the CPU it runs its pass plainly)."""
     trainer = _trainer(compile_ahead=True)
+    config = _config(compile_ahead=True)
+    ahead = precompile.CompileAhead(config, torch.device("cpu"), logging.getLogger("test_fusion"))
     with fusion.fusion(True), caplog.at_level(logging.INFO, logger="test_fusion"):
+        ahead.before_task(0, (4, 4, 4, 16))
         trainer.train_task(0, _features(8))
-        assert trainer.compile_ahead is None
+        assert ahead.report is None
         _score_at_two_batch_sizes(trainer.model)
         scoring = len(traced_code)
+        ahead.before_task(1, (4, 4, 4, 16))
         trainer.train_task(1, _features(8))
     run = sorted(traced_code[scoring:])
-    assert trainer.compile_ahead is not None and trainer.compile_ahead["seconds"] > 0
+    assert ahead.report is not None and ahead.report["seconds"] > 0
     assert "a child process compiled the later tasks' training step" in caplog.text
     fusion.reset_compiled()
     del traced_code[:]
-    precompile_child.compile_training_step(trainer.config, (4, 4, 4, 16), torch.device("cpu"), tf32=False)
+    precompile.compile_training_step(config, (4, 4, 4, 16), torch.device("cpu"))
     assert len(run) == 4 and sorted(traced_code) == run
 
 
 def test_a_failing_compile_ahead_child_is_one_warning_and_no_report(caplog: pytest.LogCaptureFixture) -> None:
-    config = _trainer().config
-    log = logging.getLogger("test_precompile")
+    ahead = precompile.CompileAhead(_config(), torch.device("cpu"), logging.getLogger("test_precompile"))
     with caplog.at_level(logging.INFO, logger="test_precompile"):
-        report = precompile.start(config, (4, 4, 4, 15), torch.device("cpu"), False).wait(log)  # D 15: no flow
-    assert report is None
+        ahead.start((4, 4, 4, 15))  # D 15: no flow
+        ahead.wait()
+    assert ahead.report is None
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
     assert "failed (exit 1: " in caplog.text and "--no_compile_ahead" in caplog.text
 

@@ -7,44 +7,48 @@ Skipped without CUDA (CI has none); run on a GPU machine with ``python -m pytest
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import pytest
 import torch
 
+from moleflow import precompile
+from moleflow.build import build_flow, build_trainer
 from moleflow.config.ablation import AblationConfig
+from moleflow.extractors.features import FeatureSet
 from moleflow.models import fusion
 from moleflow.models.loss import moleflow_loss
-from moleflow.models.mole_nf import build_flow
-from moleflow.models.routing import PrototypeRouter
 from moleflow.trainer.continual_trainer import MoLEContinualTrainer
-from moleflow.trainer.features import FeatureSet
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _train(graphs: bool, nan_images: list[int], fused: bool = False) -> tuple[MoLEContinualTrainer, list]:
+def _train(graphs: bool, nan_images: list[int], fused: bool = False,
+           ahead: Optional[precompile.CompileAhead] = None) -> tuple[MoLEContinualTrainer, list]:
+    """Two tasks on the GPU (with ``ahead``: the run's compile-ahead child, started and waited for
+    as the runner does)."""
     device = torch.device("cuda")
-    cfg = AblationConfig(feature_dim=32, lora_rank=4, num_coupling_layers=2, num_epochs=3, batch_size=4,
-                         max_skip_fraction=0.6, cuda_graphs=graphs)
+    cfg = _config(graphs)
     with fusion.fusion(fused):
-        return _train_tasks(cfg, device, graphs, nan_images)
-
-
-def _train_tasks(cfg: AblationConfig, device: torch.device, graphs: bool, nan_images: list[int]
-                 ) -> tuple[MoLEContinualTrainer, list]:
-    torch.manual_seed(0)
-    model = build_flow(cfg, 32).to(device)
-    trainer = MoLEContinualTrainer(cfg, model, PrototypeRouter(), device, logging.getLogger("test_cuda_graphs"),
-                                   progress=False)
-    assert trainer.graphs == graphs
-    stats = []
-    for task in range(2):
-        patches = torch.randn(10, 6, 6, 32, generator=torch.Generator().manual_seed(task)) + task
-        for i in nan_images:
-            patches[i, 0, 0, 0] = float("nan")
-        feats = FeatureSet(patches.to(device), patches.mean(dim=(1, 2)), torch.zeros(10, dtype=torch.long), None)
-        stats.append(trainer.train_task(task, feats))
+        torch.manual_seed(0)
+        model = build_flow(cfg, 32).to(device)
+        trainer = build_trainer(cfg, model, device, logging.getLogger("test_cuda_graphs"))
+        assert trainer.strategy.graphs == graphs
+        stats = []
+        for task in range(2):
+            patches = torch.randn(10, 6, 6, 32, generator=torch.Generator().manual_seed(task)) + task
+            for i in nan_images:
+                patches[i, 0, 0, 0] = float("nan")
+            feats = FeatureSet(patches.to(device), patches.mean(dim=(1, 2)), torch.zeros(10, dtype=torch.long), None)
+            if ahead is not None:
+                ahead.before_task(task, (4, 6, 6, 32))
+            stats.append(trainer.train_task(task, feats))
     return trainer, stats
+
+
+def _config(graphs: bool = True) -> AblationConfig:
+    return AblationConfig(feature_dim=32, lora_rank=4, num_coupling_layers=2, num_epochs=3, batch_size=4,
+                          max_skip_fraction=0.6, cuda_graphs=graphs, compile_flow=True)
 
 
 @pytest.mark.parametrize("nan_images", [[], [3]])
@@ -110,8 +114,9 @@ def test_the_compile_ahead_child_fills_the_cache_that_task_1_loads(monkeypatch: 
     torch.backends.cuda.matmul.allow_tf32 = False
     fusion.reset_compiled()
     counters.clear()
-    trainer, _ = _train(graphs=True, nan_images=[], fused=True)
-    assert trainer.compile_ahead is not None
+    ahead = precompile.CompileAhead(_config(), torch.device("cuda"), logging.getLogger("test_cuda_graphs"))
+    _train(graphs=True, nan_images=[], fused=True, ahead=ahead)
+    assert ahead.report is not None
     hits = counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
     assert counters["inductor"]["fxgraph_cache_miss"] == 0 and hits >= 4, dict(counters)
 

@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from moleflow.config.ablation import PRESETS, AblationConfig, apply_overrides
-from moleflow.models.coupling import DIABlock, MoLECouplingBlock
+from moleflow.models.coupling import DIABlock, DIASubnet, MoLECouplingBlock
 from moleflow.models.lora import LoRALinear
 from moleflow.models.loss import moleflow_loss, patch_nll, tail_k
-from moleflow.models.mole_nf import MoLESpatialAwareNF, build_flow
+from moleflow.build import build_flow, build_trainer
+from moleflow.models.mole_nf import MoLESpatialAwareNF
 from moleflow.models.routing import PrototypeRouter
 from moleflow.trainer.continual_trainer import MoLEContinualTrainer, lr_factor
-from moleflow.trainer.features import FeatureSet
+from moleflow.extractors.features import FeatureSet
 
 D = 16
 
@@ -78,14 +79,12 @@ def test_per_patch_log_det_single_patch():
 
 def test_coupling_log_scale_is_clamped():
     block = MoLECouplingBlock(D, rank=2, alpha=1.0, clamp=1.9, scale_context_kernel=0, permutation_seed=0)
-    block.subnet.scale1.add_expert()
-    block.subnet.scale2.add_expert()
-    block.subnet.shift1.add_expert()
-    block.subnet.shift2.add_expert()
+    for layer in block.subnet.lora_layers():
+        layer.add_expert()
     with torch.no_grad():
         for p in block.parameters():
             p.mul_(1e3)
-    _, log_det = block(torch.randn(1, 2, 2, D) * 100, 0)
+    _, log_det = block(torch.randn(1, 2, 2, D) * 100, block.subnet.experts(0))
     assert log_det.abs().max().item() <= 1.9 * (D // 2) + 1e-3
 
 
@@ -97,9 +96,9 @@ def test_new_expert_starts_as_base():
     assert torch.count_nonzero(layer.lora_B[0]) == 0 and torch.count_nonzero(layer.task_bias[0]) == 0
     assert torch.count_nonzero(layer.lora_A[0]) > 0
 
-    block = DIABlock(D, hidden=8, clamp=1.9, swap=True)
+    block = DIABlock(D, clamp=1.9, swap=True)
     v = torch.randn(5, D)
-    y, log_det = block(v)
+    y, log_det = block(v, tuple(DIASubnet(block.split, D - block.split, 8).parameters()))
     assert torch.equal(y, v) and torch.equal(log_det, torch.zeros(5))
 
     model = _model(tasks=1, dtype=torch.float32)
@@ -127,9 +126,7 @@ def _features(n: int, shift: float, seed: int) -> FeatureSet:
 def _trainer(**overrides) -> MoLEContinualTrainer:
     cfg = apply_overrides(AblationConfig(), {"feature_dim": D, "num_coupling_layers": 2, "lora_rank": 4,
                                              "num_epochs": 2, "batch_size": 4, "warmup_epochs": 1, **overrides})
-    model = build_flow(cfg, D)
-    logger = logging.getLogger("test-trainer")
-    return MoLEContinualTrainer(cfg, model, PrototypeRouter(), torch.device("cpu"), logger, progress=False)
+    return build_trainer(cfg, build_flow(cfg, D), torch.device("cpu"), logging.getLogger("test-trainer"))
 
 
 def test_shared_frozen_and_old_expert_bit_identical_after_later_tasks():
@@ -241,7 +238,7 @@ def test_ledoit_wolf_matches_scikit_learn(n: int, dim: int) -> None:
 
 
 def test_permutation_gradient_is_the_inverse_gather():
-    from moleflow.models.coupling import permute_last_dim
+    from moleflow.models.kernels import permute_last_dim
     perm = torch.randperm(10, generator=torch.Generator().manual_seed(3))
     x = torch.randn(2, 3, 10, dtype=torch.float64, requires_grad=True)
     out = permute_last_dim(x, perm, torch.argsort(perm))
@@ -256,7 +253,7 @@ def test_permutation_gradient_is_the_inverse_gather():
 def test_depthwise_conv_gradients_equal_autograds(bias: bool) -> None:
     """The context conv's input gradient (the flipped kernel's convolution) and its kernel and bias
     gradients equal autograd's for nn.Conv2d; with the kernel frozen only the input gets one."""
-    from moleflow.models.lora import depthwise_conv2d
+    from moleflow.models.kernels import depthwise_conv2d
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(6, 6, 5, padding=2, groups=6, bias=bias).double()
     x = torch.randn(2, 6, 7, 9, dtype=torch.float64, requires_grad=True)

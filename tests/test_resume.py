@@ -148,3 +148,12 @@ def test_extended_run_gets_its_own_name_unless_one_is_given(reference_run, tiny_
     for extra in ([], ["--experiment_name", "more"]):
         assert main(["--resume", str(reference_run), "--data_path", str(data), "--task_classes", "bolt", *extra]) == 130
     assert names == ["moleflow_ext", "more"]
+
+
+def test_a_checkpoint_of_the_older_format_is_refused_in_one_line(tmp_path):
+    import torch
+    from moleflow.checkpoint import CheckpointError, load_checkpoint
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"format": "moleflow-checkpoint-v1", "model": {}}, path)
+    with pytest.raises(CheckpointError, match="older MoLE-Flow .* start a new run"):
+        load_checkpoint(path)

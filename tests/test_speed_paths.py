@@ -18,11 +18,11 @@ import torch
 from moleflow.config.ablation import AblationConfig
 from moleflow.data import AnomalyDataset, load_class_split
 from moleflow.evaluation import metrics, metrics_torch
-from moleflow.models.mole_nf import build_flow
-from moleflow.models.routing import PrototypeRouter
+from moleflow.build import build_flow, build_trainer
+from moleflow.trainer import steps
 from moleflow.trainer.continual_trainer import MoLEContinualTrainer
-from moleflow.trainer.features import FeatureSet, iter_batches
-from moleflow.trainer.precision import matmul_tf32
+from moleflow.extractors.features import FeatureSet, iter_batches
+from moleflow.utils.precision import matmul_tf32
 
 
 def _case(seed: int, ties: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -73,8 +73,8 @@ def _train(sync_free: bool, nan_images: list[int], graphs: bool = False,
     torch.manual_seed(0)
     model = build_flow(cfg, 16)
     logger = logging.getLogger("test_speed_paths")
-    trainer = MoLEContinualTrainer(cfg, model, PrototypeRouter(), torch.device("cpu"), logger, progress=False)
-    trainer.fused, trainer.sync_free, trainer.graphs = True, sync_free, graphs
+    trainer = build_trainer(cfg, model, torch.device("cpu"), logger)
+    trainer.strategy = steps.Strategy(fused=True, sync_free=sync_free, graphs=graphs)
     stats = []
     for task in range(2):
         patches = torch.randn(10, 4, 4, 16, generator=torch.Generator().manual_seed(task)) + task

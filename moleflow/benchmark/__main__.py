@@ -8,7 +8,6 @@ summary and write everything as JSON. See ``--help`` and ``moleflow/benchmark/__
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -23,8 +22,9 @@ from typing import Any, Optional
 import torch
 
 from moleflow.benchmark.limits import measure_limits
-from moleflow.benchmark.pipeline import run_pipeline
 from moleflow.benchmark.synthetic import SyntheticSpec, generate_synthetic_dataset
+from moleflow.benchmark.timing import timed_run
+from moleflow.build import build_backbone
 from moleflow.config.ablation import DEMO_SETTINGS, AblationConfig, apply_overrides, config_fields
 from moleflow.data import generate_demo_dataset, list_classes
 
@@ -55,9 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", action="store_true", help="bf16 autocast + channels-last backbone on CUDA")
     p.add_argument("--tf32", action="store_true", help="TF32 matrix products in the flow on CUDA")
     p.add_argument("--compile_flow", action="store_true",
-                   help="fuse the flow's element-wise work with torch.compile on CUDA (where the tree has it)")
+                   help="fuse the flow's element-wise work with torch.compile on CUDA")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--seeds", default=None, help="comma-separated seeds: run the pipeline once per seed (metric noise)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds: run once per seed (metric noise)")
     p.add_argument("--skip_limits", action="store_true", help="do not measure the backbone/flow limits")
     p.add_argument("--skip_run", action="store_true", help="measure the limits only")
     p.add_argument("--quick_limits", action="store_true", help="one step per limit (tests)")
@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per end-to-end inference batch, mixed over classes; the flow runs once per routed expert "
                         "present in a batch (default 256)")
     p.add_argument("--json", default=None, help="write the results here (default: <data_path>/../benchmark_<time>.json)")
+    p.add_argument("--log_dir", default=None,
+                   help="the runs' experiment folders go here (default: benchmark_runs/ beside the JSON)")
     p.add_argument("--label", default="", help="free text stored in the JSON (e.g. 'before', 'after')")
     p.add_argument("--progress", action="store_true", help="show progress bars")
     return p
@@ -83,19 +85,15 @@ def _parse_value(name: str, text: str) -> Any:
     return base(text)
 
 
-def resolve_config(args: argparse.Namespace, classes: list[str], dataset: str) -> AblationConfig:
+def resolve_config(args: argparse.Namespace, classes: list[str], dataset: str, log_dir: Path) -> AblationConfig:
     """Main configuration + demo sizes (if asked) + the data + ``--set`` overrides."""
     config = AblationConfig()
     if args.demo_settings:
         config = apply_overrides(config, DEMO_SETTINGS)
     overrides: dict[str, Any] = {"dataset": dataset, "data_path": str(args.data_path), "task_classes": classes,
-                                 "device": args.device, "amp": bool(args.amp)}
-    if "tf32" in config_fields():  # trees before the TF32 setting lack it
-        overrides["tf32"] = bool(args.tf32)
-    if args.compile_flow:
-        if "compile_flow" not in config_fields():
-            raise SystemExit("error: --compile_flow: this tree has no compile_flow setting")
-        overrides["compile_flow"] = True
+                                 "device": args.device, "amp": bool(args.amp), "tf32": bool(args.tf32),
+                                 "compile_flow": bool(args.compile_flow), "log_dir": str(log_dir),
+                                 "experiment_name": "benchmark"}
     for item in args.set:
         if "=" not in item:
             raise SystemExit(f"error: --set {item}: use KEY=VALUE")
@@ -224,21 +222,13 @@ def summary_lines(result: dict) -> list[str]:
     return lines
 
 
-def _fusion(enabled: bool) -> typing.ContextManager[None]:
-    """``moleflow.models.fusion.fusion(enabled)``; nothing in trees without it."""
-    try:
-        from moleflow.models.fusion import fusion
-    except ImportError:
-        return contextlib.nullcontext()
-    return fusion(enabled)
-
-
 def main(argv: Optional[list[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     classes, dataset, data_info = prepare_data(args)
-    config = resolve_config(args, classes, dataset)
+    path = Path(args.json) if args.json else Path(args.data_path).parent / f"benchmark_{time.strftime('%Y%m%d_%H%M%S')}.json"
+    config = resolve_config(args, classes, dataset, Path(args.log_dir) if args.log_dir else path.parent / "benchmark_runs")
     tf32 = bool(args.tf32) and device.type == "cuda"
     result: dict[str, Any] = {
         "label": args.label, "command": "python -m moleflow.benchmark " + shlex.join(argv or sys.argv[1:]),
@@ -249,8 +239,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "backbone_weights_note": RANDOM_WEIGHTS_NOTE if args.weights == "random" else "",
         "speed_settings": {"amp": bool(args.amp) and device.type == "cuda", "tf32": tf32,
                            "batch_size": config.batch_size, "num_workers": config.num_workers,
-                           "cuda_graphs": bool(getattr(config, "cuda_graphs", False)) and device.type == "cuda",
-                           "compile_flow": bool(getattr(config, "compile_flow", False)) and device.type == "cuda"},
+                           "cuda_graphs": config.cuda_graphs and device.type == "cuda",
+                           "compile_flow": config.compile_flow and device.type == "cuda"},
         "config": config.to_dict(), "goals_targets": GOALS,
     }
     print(f"benchmark: {len(classes)} classes, backbone {config.backbone_name} ({args.weights} weights), device {device}",
@@ -258,20 +248,16 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if args.weights == "random":
         print(f"NOTE: {RANDOM_WEIGHTS_NOTE}", flush=True)
     if not args.skip_limits:
-        grid = _grid(config)
-        result["limits"] = measure_limits(device, config, config.backbone_name, config.img_size, config.feature_dim,
-                                          grid, quick=args.quick_limits)
-    path = Path(args.json) if args.json else Path(args.data_path).parent / f"benchmark_{time.strftime('%Y%m%d_%H%M%S')}.json"
+        grid, dim = _grid_and_dim(config)
+        result["limits"] = measure_limits(device, config, config.backbone_name, config.img_size, dim, grid,
+                                          quick=args.quick_limits)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1, default=str))  # the limits survive a run that is stopped
     if not args.skip_run:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [config.seed]
         for seed in seeds:
-            seeded = dataclasses.replace(config, seed=seed)
-            with _fusion(bool(getattr(config, "compile_flow", False)) and device.type == "cuda"):
-                run = run_pipeline(seeded, device, args.weights, amp=bool(args.amp), tf32=tf32,
-                                   e2e_images=args.e2e_images, e2e_batch=args.e2e_batch, progress=args.progress,
-                                   echo=_echo)
+            run = timed_run(dataclasses.replace(config, seed=seed), args.weights, e2e_images=args.e2e_images,
+                            e2e_batch=args.e2e_batch, progress=args.progress, echo=_echo)
             result.setdefault("run", run)
             result.setdefault("final_routed_mean_by_seed", {})[seed] = run["metrics"]["final_routed_mean"]
             if run["metrics"]["final_oracle_mean"] is not None:
@@ -289,11 +275,10 @@ def _echo(line: str) -> None:
     print(line, flush=True)
 
 
-def _grid(config: AblationConfig) -> tuple[int, int]:
-    from moleflow.extractors import build_extractor
-    extractor = build_extractor(config.backbone_name, feature_dim=config.feature_dim, img_size=config.img_size,
-                                weights="random", strides=config.feature_strides, pooling=config.feature_pooling)
-    return tuple(extractor.grid_size())
+def _grid_and_dim(config: AblationConfig) -> tuple[tuple[int, int], int]:
+    """The backbone's patch grid and D (``feature_dim`` 0: the width it picks)."""
+    extractor = build_backbone(config, torch.device("cpu"), weights="random")
+    return tuple(extractor.grid_size()), extractor.feature_dim
 
 
 if __name__ == "__main__":

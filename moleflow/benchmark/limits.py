@@ -5,9 +5,8 @@
 * reference flow alone: a FrEIA ``SequenceINN`` of 8 ``AllInOneBlock`` couplings over the 28x28
   patches of D = 768 (subnet Linear(D/2, D) - ReLU - Linear(D, D)), trained with Adam on the
   patch NLL and run forward for inference.
-* our flow alone: ``MoLESpatialAwareNF`` of the main configuration, one training step as the
-  trainer does it (loss, backward, clip, fused AdamW) for task 0 (everything trains) and task 1
-  (frozen base), and inference.
+* our flow alone: ``MoLESpatialAwareNF`` of the main configuration, the trainer's own training step
+  (``trainer/steps.py``) for task 0 (everything trains) and task 1 (frozen base), and inference.
 
 Every figure is images per second, timed with the device synchronised before the clock is read,
 after warm-up steps. On the CPU the same code runs (for tests) with tiny sizes.
@@ -15,17 +14,20 @@ after warm-up steps. On the CPU the same code runs (for tests) with tiny sizes.
 
 from __future__ import annotations
 
+import logging
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import timm
 import torch
 from torch import Tensor, nn
 
+from moleflow.build import build_flow, build_trainer
 from moleflow.config.ablation import AblationConfig
 from moleflow.extractors.cnn_extractor import select_stages
-from moleflow.models.loss import moleflow_loss, patch_nll
-from moleflow.models.mole_nf import build_flow
+from moleflow.models.loss import patch_nll
+from moleflow.trainer import steps
+from moleflow.utils.precision import matmul_tf32
 
 
 def sync(device: torch.device) -> None:
@@ -44,24 +46,6 @@ def images_per_second(step: Callable[[], object], images_per_step: int, device: 
         step()
     sync(device)
     return images_per_step * iters / (time.perf_counter() - start)
-
-
-class _TF32:
-    """Set CUDA matmul TF32 for a block (cuDNN keeps its own default).
-
-    The benchmark keeps its own copy of this switch (rather than ``moleflow.trainer.precision``)
-    so that it also runs against older trees of the package, for before/after figures.
-    """
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-
-    def __enter__(self) -> None:
-        self.before = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = self.enabled
-
-    def __exit__(self, *exc: object) -> None:
-        torch.backends.cuda.matmul.allow_tf32 = self.before
 
 
 @torch.no_grad()
@@ -127,57 +111,44 @@ def reference_flow_limits(device: torch.device, dim: int = 768, grid: int = 28, 
         z, log_det = flow(x)
         return 0.5 * z.pow(2).sum(dim=1) - log_det
 
-    with _TF32(tf32):
+    with matmul_tf32(device, tf32):
         train = images_per_second(train_step, batch, device, warmup, iters)
         infer = images_per_second(infer_step, batch, device, warmup, iters)
     return {"train_images_per_s": train, "infer_images_per_s": infer}
 
 
-def training_step(model: nn.Module, config: AblationConfig, task: int, x: Tensor,
-                  device: torch.device) -> Callable[[], Tensor]:
-    """A training step of ``task`` on the fixed batch ``x``, as the trainer takes it.
-
-    Task 0 trains every parameter, a later task only its own; the step is loss, backward,
-    gradient clip and a (fused on CUDA) AdamW update. Leaves the model in training mode.
-    """
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = list(model.parameters()) if task == 0 else model.task_parameters(task)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=config.weight_decay, fused=device.type == "cuda")
+def training_step(model: nn.Module, config: AblationConfig, task: int, x: Tensor, device: torch.device,
+                  graphs: bool = False, on_failure: Optional[Callable[[str], None]] = None) -> Callable[[], None]:
+    """A training step of ``task`` on the fixed batch ``x``, the trainer's own (``trainer/steps.py``):
+    task 0 trains every parameter, a later task only its own; on CUDA the fused, sync-free step,
+    recorded as a CUDA graph with ``graphs``. Leaves the model in training mode."""
+    trainer = build_trainer(config, model, device, logging.getLogger(__name__))
+    params = trainer.trainable(task, slow=False)
+    strategy = steps.Strategy.for_device(device, graphs)
+    optimizer = steps.make_optimizer(config.optimizer, params, 1e-5, config.weight_decay, strategy, device)
+    step = steps.make_step(strategy, lambda feats: trainer.loss(feats, task), optimizer, params, config.grad_clip,
+                           x.shape[0], device, on_failure=on_failure)
     model.train()
-
-    def step() -> Tensor:
-        z, log_det = model(x, task)
-        loss = moleflow_loss(z, log_det, tail_weight=config.tail_weight, tail_ratio=config.tail_top_k_ratio,
-                             lambda_logdet=config.lambda_logdet, tail_aware=config.use_tail_aware_loss)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        opt.step()
-        return loss
-
-    return step
+    return lambda: step(x)
 
 
 def our_flow_throughput(device: torch.device, config: AblationConfig, dim: int, grid: tuple[int, int],
                         train_batch: int, infer_batch: int, tf32: bool, warmup: int = 3,
                         iters: int = 10) -> dict[str, float]:
-    """Our flow alone: training steps (task 0 and task 1, as the trainer does them) and inference."""
+    """Our flow alone: training steps (task 0 and task 1, as the trainer takes them, without the
+    CUDA graph) and inference."""
     torch.manual_seed(0)
     model = build_flow(config, dim).to(device)
     model.add_task()
     model.add_task()
     out: dict[str, float] = {}
     x = torch.randn(train_batch, *grid, dim, device=device)
-    with _TF32(tf32):
+    with matmul_tf32(device, tf32):
         for task in (0, 1):
             step = training_step(model, config, task, x, device)
             out[f"train_task{task}_images_per_s"] = images_per_second(step, train_batch, device, warmup, iters)
         model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
+        model.requires_grad_(False)
         xi = torch.randn(infer_batch, *grid, dim, device=device)
 
         @torch.no_grad()
@@ -191,66 +162,23 @@ def our_flow_throughput(device: torch.device, config: AblationConfig, dim: int, 
 
 def flow_step_diagnostics(device: torch.device, config: AblationConfig, dim: int, grid: tuple[int, int],
                           batch: int, tf32: bool, iters: int = 20) -> dict[str, object]:
-    """Our flow's task-1 training step (frozen base), eager and captured as one CUDA graph.
-
-    The graph replay shows how much of the eager step is Python and kernel-launch overhead.
-    """
+    """Our flow's task-1 training step (frozen base), launched kernel by kernel and (CUDA) replayed as
+    the trainer's recorded CUDA graph: the difference is the step's Python and launch overhead."""
     out: dict[str, object] = {}
-    torch.manual_seed(0)
-    model = build_flow(config, dim).to(device)
-    model.add_task()
-    model.add_task()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = model.task_parameters(1)
-    for p in params:
-        p.requires_grad_(True)
-    model.train()
     x = torch.randn(batch, *grid, dim, device=device)
-
-    def loss_of() -> Tensor:
-        z, log_det = model(x, 1)
-        return moleflow_loss(z, log_det, tail_weight=config.tail_weight, tail_ratio=config.tail_top_k_ratio,
-                             lambda_logdet=config.lambda_logdet, tail_aware=config.use_tail_aware_loss)
-
-    with _TF32(tf32):
-        opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=config.weight_decay, fused=device.type == "cuda")
-
-        def eager_step() -> object:
-            loss = loss_of()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            opt.step()
-            return loss
-
-        out["eager_images_per_s"] = images_per_second(eager_step, batch, device, 3, iters)
-        if device.type != "cuda":
-            return out
-        try:
-            lr = torch.tensor(1e-5, device=device)
-            gopt = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay, capturable=True)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    gopt.zero_grad(set_to_none=True)
-                    loss = loss_of()
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                    gopt.step()
-                del loss  # a loss kept alive keeps its autograd graph (and stream) into the recording
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            gopt.zero_grad(set_to_none=True)
-            with torch.cuda.graph(graph):
-                loss = loss_of()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                gopt.step()
-            out["cuda_graph_images_per_s"] = images_per_second(graph.replay, batch, device, 3, iters)
-        except Exception as error:  # noqa: BLE001 - a diagnostic: report what failed
-            out["cuda_graph_error"] = f"{type(error).__name__}: {error}"[:300]
+    failures: list[str] = []
+    with matmul_tf32(device, tf32):
+        for key, graphs in (("eager", False), ("cuda_graph", True)):
+            if graphs and device.type != "cuda":
+                break
+            torch.manual_seed(0)
+            model = build_flow(config, dim).to(device)
+            model.add_task()
+            model.add_task()
+            step = training_step(model, config, 1, x, device, graphs=graphs, on_failure=failures.append)
+            out[f"{key}_images_per_s"] = images_per_second(step, batch, device, 3, iters)
+    if failures:
+        out["cuda_graph_error"] = failures[0][:300]
     return out
 
 

@@ -14,10 +14,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from moleflow.benchmark.limits import training_step
+from moleflow.build import build_flow
 from moleflow.config.ablation import AblationConfig
 from moleflow.models.loss import patch_nll
-from moleflow.models.mole_nf import build_flow
-from moleflow.trainer.precision import matmul_tf32
+from moleflow.utils.precision import matmul_tf32
 
 
 def main(argv: Optional[list[str]] = None) -> None:

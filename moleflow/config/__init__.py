@@ -1,1 +1,1 @@
-from moleflow.config.ablation import AblationConfig, ConfigError, PRESETS, DEMO_SETTINGS, MVTEC_CLASSES
+"""Settings: ``ablation.py`` (AblationConfig, presets), ``cli.py`` (the parser), ``help_text.py``."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import typing
 from typing import Any, Optional, Sequence
 
@@ -119,6 +118,7 @@ _DEPENDS_ON: dict[str, tuple[str, Any]] = {
     "score_aggregation_top_k": ("score_aggregation_mode", "top_k"),
     "score_aggregation_percentile": ("score_aggregation_mode", "percentile"),
     "enable_slow_stage": ("freeze_base", True),
+    "compile_ahead": ("compile_flow", True),
     "memory_size": ("anomaly_score", ("memory", "fused")),
     "memory_weight": ("anomaly_score", "fused"),
 }
@@ -170,8 +170,3 @@ def _check_conflicts(config: AblationConfig, explicit: dict[str, Any], ignored: 
         wanted = " or ".join(_as_flag(setting, v) for v in (needed if isinstance(needed, tuple) else (needed,)))
         raise ConfigError(f"--{flag} needs {wanted} (now {now}); drop --{flag} or use {wanted}")
 
-
-def main_error(message: str) -> typing.NoReturn:
-    """Print a one-line error and exit non-zero."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)

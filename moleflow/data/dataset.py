@@ -147,7 +147,7 @@ class AnomalyDataset(Dataset):
         return [s.label for s in self.samples]
 
     def __getitem__(self, index: int) -> dict:
-        image, mask = self._decoded(index)
+        image, mask = self.decoded(index)
         image = image.float().div_(255.0)                       # (3, S, S) in [0, 1]
         mask = (mask.float() if mask is not None
                 else torch.zeros(1, self.img_size, self.img_size))  # (1, S, S)
@@ -156,7 +156,7 @@ class AnomalyDataset(Dataset):
         image = (image - self._mean) / self._std
         return {"image": image, "mask": mask, "label": int(self.samples[index].label), "index": int(index)}
 
-    def _decoded(self, index: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def decoded(self, index: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """uint8 image ``(3, S, S)`` and uint8 {0,1} mask ``(1, S, S)`` (None without mask)."""
         if self.cache and self._cached[index] is not None:
             return self._cached[index]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moleflow.trainer.precision import conv_tf32
+from moleflow.utils.precision import conv_tf32
 
 SCORE_METHODS: tuple[str, ...] = ("top_k", "max", "mean", "percentile")
 

@@ -14,7 +14,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from moleflow.config.ablation import AblationConfig
 from moleflow.evaluation import metrics_torch
 from moleflow.evaluation.anomaly_map import anomaly_maps, image_scores
 from moleflow.evaluation.metrics import class_metrics
@@ -22,10 +21,27 @@ from moleflow.models.loss import patch_nll
 from moleflow.models.memory import PatchMemory, TaskMemory, fit_task_memory
 from moleflow.models.mole_nf import MoLESpatialAwareNF
 from moleflow.models.routing import PrototypeRouter
-from moleflow.trainer.features import FeatureSet
-from moleflow.trainer.precision import matmul_tf32
+from moleflow.extractors.features import FeatureSet
+from moleflow.utils.precision import matmul_tf32
 
 GPU_SCORE_BATCH = 128  # images per flow pass when scoring on a GPU
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """How test images are scored; the fields are the ``AblationConfig`` settings of the same names
+    (``moleflow.build.score_settings``)."""
+
+    batch_size: int
+    anomaly_score: str
+    memory_size: int
+    memory_weight: float
+    score_aggregation_mode: str
+    score_aggregation_top_k: int
+    score_aggregation_percentile: float
+    anomaly_map_sigma: float
+    tf32: bool
+    seed: int
 
 
 @dataclass
@@ -85,37 +101,38 @@ def score_patches(model: MoLESpatialAwareNF, patches: Tensor, task_ids: Tensor, 
     return out
 
 
-def score_batch(config: AblationConfig, device: torch.device) -> int:
+def score_batch(settings: ScoreSettings, device: torch.device) -> int:
     """Images per flow pass when scoring: larger batches on a GPU."""
-    twice = max(1, 2 * config.batch_size)
+    twice = max(1, 2 * settings.batch_size)
     return max(GPU_SCORE_BATCH, twice) if device.type == "cuda" else twice
 
 
 def patch_scores(model: MoLESpatialAwareNF, memory: Optional[PatchMemory], patches: Tensor, task_ids: Tensor,
-                 config: AblationConfig, batch_size: int, device: torch.device, tf32: bool = False) -> Tensor:
-    """(N, H, W) patch anomaly scores as ``config.anomaly_score`` asks: the flow's NLL, the
+                 settings: ScoreSettings, device: torch.device) -> Tensor:
+    """(N, H, W) patch anomaly scores as ``settings.anomaly_score`` asks: the flow's NLL, the
     memory distance, or both standardised and fused (``moleflow.models.memory``)."""
-    mode = config.anomaly_score
-    flow = None if mode == "memory" else score_patches(model, patches, task_ids, batch_size, device, tf32=tf32)
+    mode = settings.anomaly_score
+    flow = None if mode == "memory" else score_patches(model, patches, task_ids, score_batch(settings, device), device,
+                                                       tf32=settings.tf32)
     if mode == "flow":
         return flow
     if memory is None:
         raise ValueError(f"--anomaly_score {mode} needs the per-task patch memory")
     target = flow.device if flow is not None else (device if device.type == "cuda" else torch.device("cpu"))
     with matmul_tf32(device, False):
-        return memory.fuse(flow, patches.to(target), task_ids, 1.0 if mode == "memory" else config.memory_weight)
+        return memory.fuse(flow, patches.to(target), task_ids, 1.0 if mode == "memory" else settings.memory_weight)
 
 
-def task_memory(model: MoLESpatialAwareNF, train: FeatureSet, task_id: int, config: AblationConfig,
+def task_memory(model: MoLESpatialAwareNF, train: FeatureSet, task_id: int, settings: ScoreSettings,
                 device: torch.device) -> TaskMemory:
     """Task ``task_id``'s patch memory from its training features, with the statistics that
     standardise its scores: the trained flow's NLL on the same patches when the score is fused."""
     flow = None
-    if config.anomaly_score == "fused":
+    if settings.anomaly_score == "fused":
         ids = torch.full((len(train),), task_id, dtype=torch.long)
-        flow = score_patches(model, train.patches, ids, score_batch(config, device), device, tf32=config.tf32)
+        flow = score_patches(model, train.patches, ids, score_batch(settings, device), device, tf32=settings.tf32)
     with matmul_tf32(device, False):
-        return fit_task_memory(train.patches, flow, config.memory_size, seed=config.seed * 131 + task_id)
+        return fit_task_memory(train.patches, flow, settings.memory_size, seed=settings.seed * 131 + task_id)
 
 
 def route(router: PrototypeRouter, features: Tensor, device: torch.device) -> Tensor:
@@ -124,45 +141,38 @@ def route(router: PrototypeRouter, features: Tensor, device: torch.device) -> Te
         return router.route(features.to(device)).cpu()
 
 
-def evaluate_class(model: MoLESpatialAwareNF, router: PrototypeRouter, test: FeatureSet, class_name: str,
-                   true_task: int, config: AblationConfig, device: torch.device, oracle: bool,
-                   keep_maps: bool = False, tf32: bool = False,
-                   memory: Optional[PatchMemory] = None) -> ClassEvaluation:
-    """Route, score and measure one class's test set.
+def evaluate_class(model: MoLESpatialAwareNF, test: FeatureSet, class_name: str, true_task: int,
+                   settings: ScoreSettings, device: torch.device, routed: Optional[Tensor] = None,
+                   keep_maps: bool = False, memory: Optional[PatchMemory] = None) -> ClassEvaluation:
+    """Score and measure one class's test set.
 
     Args:
         model: the flow.
-        router: prototypes of the tasks seen so far.
         test: cached test features with labels and masks.
         class_name: the class.
         true_task: the task the class was learned in.
-        config: run settings (batch size, scoring, switches).
+        settings: scoring settings.
         device: where the flow runs.
-        oracle: use the true task instead of the router.
+        routed: (N,) the expert the router picked for each image (``route``); None: the true task
+            is used (oracle, or no router), and no routing accuracy is reported (NaN).
         keep_maps: return the anomaly maps (on the CPU).
-        tf32: on CUDA, let the flow's matrix products use TF32 (routing never does).
-        memory: the per-task patch memories; needed unless ``config.anomaly_score`` is 'flow'.
+        memory: the per-task patch memories; needed unless ``settings.anomaly_score`` is 'flow'.
     """
     n = len(test)
-    if oracle or not config.use_router:
-        routed = torch.full((n,), true_task, dtype=torch.long)
-    else:
-        routed = route(router, test.router, device)
+    task_ids = torch.full((n,), true_task, dtype=torch.long) if routed is None else routed
     on_gpu = device.type == "cuda"
-    batch = score_batch(config, device)
-    scores = patch_scores(model, memory, test.patches, routed, config, batch, device, tf32)
-    img = image_scores(scores, method=config.score_aggregation_mode, k=config.score_aggregation_top_k,
-                       percentile=config.score_aggregation_percentile)
+    scores = patch_scores(model, memory, test.patches, task_ids, settings, device)
+    img = image_scores(scores, method=settings.score_aggregation_mode, k=settings.score_aggregation_top_k,
+                       percentile=settings.score_aggregation_percentile)
     masks = test.masks.to(scores.device)
-    maps = anomaly_maps(scores, out_size=tuple(masks.shape[-2:]), sigma=config.anomaly_map_sigma)
+    maps = anomaly_maps(scores, out_size=tuple(masks.shape[-2:]), sigma=settings.anomaly_map_sigma)
     if on_gpu:
         if test.regions is None or test.regions[0].device != masks.device:
             test.regions = metrics_torch.region_weights(masks)
         metrics = metrics_torch.class_metrics(test.labels, img, masks, maps, regions=test.regions)
     else:
         metrics = class_metrics(test.labels.numpy(), img.numpy(), masks.numpy().astype(bool), maps.numpy())
-    # with the true task given (oracle, or no router) nothing was routed: routing accuracy is NaN (n/a)
-    routing = float("nan") if oracle or not config.use_router else float((routed == true_task).float().mean())
+    routing = float("nan") if routed is None else float((routed == true_task).float().mean())
     row = {"task_id": true_task, "class_name": class_name, "routing_acc": routing, **metrics}
-    return ClassEvaluation(row=row, routed=routed, image_scores=img.cpu(),
+    return ClassEvaluation(row=row, routed=task_ids, image_scores=img.cpu(),
                            maps=maps.cpu() if keep_maps else None)

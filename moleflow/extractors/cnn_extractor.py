@@ -28,7 +28,7 @@ from torch import Tensor
 
 from moleflow.extractors.base import FeatureExtractor, ImgSize, auto_feature_dim, channel_pool
 from moleflow.extractors.weights import BackboneError, create_backbone
-from moleflow.trainer.precision import conv_tf32
+from moleflow.utils.precision import conv_tf32
 
 DEFAULT_REDUCTIONS = (8, 16)
 GRID_REDUCTION = 8  # the patch grid is the stride-8 one whenever a stride-8 stage is used

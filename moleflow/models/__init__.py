@@ -1,4 +1,1 @@
-from moleflow.models.mole_nf import MoLESpatialAwareNF, build_flow
-from moleflow.models.lora import LoRALinear, MoLESubnet
-from moleflow.models.routing import PrototypeRouter, TaskPrototype
-from moleflow.models.loss import moleflow_loss, patch_nll
+"""The flow (``mole_nf``), its blocks, the loss, the router and the patch memory."""

@@ -7,13 +7,13 @@ log-determinant) is that of the adapted features, as in the reference design.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moleflow.models.lora import pick_experts
+from moleflow.models import experts
 
 
 def positional_encoding_2d(height: int, width: int, dim: int) -> Tensor:
@@ -62,24 +62,18 @@ class WhiteningAdapter(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(..., D) -> (..., D)."""
-        gamma = 0.5 + 1.5 * torch.sigmoid(self.gamma_raw)
-        beta = 2.0 * torch.tanh(self.beta_raw)
-        return gamma * F.layer_norm(x, x.shape[-1:]) + beta
+        return self.adapt(x, (self.gamma_raw, self.beta_raw))
 
     @staticmethod
-    def pick(adapters: Sequence["WhiteningAdapter"], experts: Tensor) -> tuple[Tensor, ...]:
-        """Each image's (gamma_raw, beta_raw), stacked: ((B, D), (B, D))."""
-        return (pick_experts([a.gamma_raw for a in adapters], experts),
-                pick_experts([a.beta_raw for a in adapters], experts))
-
-    def run_picked(self, x: Tensor, picked: tuple[Tensor, ...]) -> Tensor:
-        """Image ``b`` of ``x`` (B, ..., D) with row ``b`` of ``pick``'s tensors (the same arithmetic;
-        ``self`` is any task's adapter)."""
-        gamma_raw, beta_raw = picked
-        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+    def adapt(x: Tensor, params: Sequence[Tensor]) -> Tensor:
+        """The adapter with picked parameters (``experts.select_params``: (gamma_raw, beta_raw))."""
+        gamma_raw, beta_raw = params
         gamma = 0.5 + 1.5 * torch.sigmoid(gamma_raw)
         beta = 2.0 * torch.tanh(beta_raw)
-        return gamma.view(shape) * F.layer_norm(x, x.shape[-1:]) + beta.view(shape)
+        return experts.channels(gamma, x) * F.layer_norm(x, x.shape[-1:]) + experts.channels(beta, x)
+
+
+FILM_EPS = 1e-5  # nn.LayerNorm's default
 
 
 class FiLMAdapter(nn.Module):
@@ -89,26 +83,19 @@ class FiLMAdapter(nn.Module):
         super().__init__()
         self.scale = nn.Parameter(torch.zeros(dim))
         self.shift = nn.Parameter(torch.zeros(dim))
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim, eps=FILM_EPS)
 
     def forward(self, x: Tensor) -> Tensor:
         """(..., D) -> (..., D)."""
-        return self.norm(x * (1.0 + self.scale) + self.shift)
+        return self.adapt(x, tuple(self.parameters()))
 
     @staticmethod
-    def pick(adapters: Sequence["FiLMAdapter"], experts: Tensor) -> tuple[Tensor, ...]:
-        """Each image's (scale, shift, norm weight, norm bias), stacked: four (B, D) tensors."""
-        getters: tuple[Callable[["FiLMAdapter"], Tensor], ...] = (
-            lambda a: a.scale, lambda a: a.shift, lambda a: a.norm.weight, lambda a: a.norm.bias)
-        return tuple(pick_experts([get(a) for a in adapters], experts) for get in getters)
-
-    def run_picked(self, x: Tensor, picked: tuple[Tensor, ...]) -> Tensor:
-        """Image ``b`` of ``x`` (B, ..., D) with row ``b`` of ``pick``'s tensors (``self`` is any task's
-        adapter; its norm's eps is used)."""
-        shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
-        scale, shift, weight, bias = (t.view(shape) for t in picked)
-        normed = F.layer_norm(x * (1.0 + scale) + shift, x.shape[-1:], eps=self.norm.eps)
-        return normed * weight + bias
+    def adapt(x: Tensor, params: Sequence[Tensor]) -> Tensor:
+        """The adapter with picked parameters (``experts.select_params``: scale, shift, norm weight and
+        bias)."""
+        scale, shift, weight, bias = params
+        return experts.layer_norm(x * (1.0 + experts.channels(scale, x)) + experts.channels(shift, x), weight, bias,
+                                  FILM_EPS)
 
 
 class SpatialContextMixer(nn.Module):

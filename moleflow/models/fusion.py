@@ -19,8 +19,10 @@ runs its full batches inside ``static_shapes()``, which compiles for the exact s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, TypeVar
 
 import torch
@@ -28,9 +30,6 @@ from torch._dynamo.exc import TorchDynamoException
 
 F = TypeVar("F", bound=Callable)
 
-_enabled = False
-_static = False
-_log: Optional[logging.Logger] = None
 # Where fusion applies and how (tests trace on the CPU with a counting backend).
 # Inductor's layout optimisation is off: in a graph compiled for exact shapes it re-laid each coupling
 # block's input out channel-major for the context conv, so the patches were read with strides and the
@@ -39,44 +38,60 @@ _log: Optional[logging.Logger] = None
 FUSED_DEVICES: tuple[str, ...] = ("cuda",)
 COMPILE_OPTIONS: dict = {"dynamic": None, "options": {"layout_optimization": False}}
 
-
 # Each fusable function compiles once per input shape class and autograd mode (training with and
 # without trainable shared weights, scoring with one expert or one per image, full and last
 # batches): more variants than torch.compile keeps by default (8) before it falls back to eager.
 _RECOMPILE_LIMIT = 64
 
 
-@contextlib.contextmanager
-def fusion(enabled: bool, log: Optional[logging.Logger] = None) -> Iterator[None]:
-    """Turn fusion on (``enabled``) or off inside the block; restores the previous state.
+@dataclass
+class _State:
+    """What the contexts below set for the code inside them (and put back on exit)."""
 
-    ``log`` gets the warning when a function cannot be compiled (it then runs eagerly)."""
-    global _enabled, _log
-    if enabled:
-        config = torch._dynamo.config
-        for name in ("recompile_limit", "cache_size_limit"):  # the name differs between torch versions
-            if hasattr(config, name):
-                setattr(config, name, max(getattr(config, name), _RECOMPILE_LIMIT))
-    previous, _enabled = _enabled, enabled
-    previous_log, _log = _log, log
+    enabled: bool = False
+    static: bool = False
+    log: Optional[logging.Logger] = None
+
+
+_state = _State()
+
+
+@contextlib.contextmanager
+def _set(**changes: object) -> Iterator[None]:
+    previous = dataclasses.replace(_state)
+    for name, value in changes.items():
+        setattr(_state, name, value)
     try:
         yield
     finally:
-        _enabled, _log = previous, previous_log
+        for name in changes:
+            setattr(_state, name, getattr(previous, name))
+
+
+@contextlib.contextmanager
+def fusion(enabled: bool, log: Optional[logging.Logger] = None) -> Iterator[None]:
+    """Turn fusion on (``enabled``) or off inside the block. On, torch's recompile limit is raised
+    to ``_RECOMPILE_LIMIT`` inside the block; on exit it and the fusion state are as before.
+
+    ``log`` gets the warning when a function cannot be compiled (it then runs eagerly)."""
+    with contextlib.ExitStack() as stack:
+        if enabled:
+            config = torch._dynamo.config
+            name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # older torch
+            stack.enter_context(config.patch(**{name: max(getattr(config, name), _RECOMPILE_LIMIT)}))
+        stack.enter_context(_set(enabled=enabled, log=log))
+        yield
 
 
 def active(device: torch.device) -> bool:
     """Whether fusable functions run compiled for tensors on ``device`` right now."""
-    return _enabled and device.type in FUSED_DEVICES
+    return _state.enabled and device.type in FUSED_DEVICES
 
 
 @contextlib.contextmanager
 def paused(pause: bool = True) -> Iterator[None]:
     """Fusion off inside the block when ``pause`` (the compile-failure log is kept)."""
-    if not pause:
-        yield
-        return
-    with fusion(False, _log):
+    with _set(enabled=False) if pause else contextlib.nullcontext():
         yield
 
 
@@ -85,12 +100,8 @@ def static_shapes(enabled: bool = True) -> Iterator[None]:
     """Inside the block (when ``enabled``), fused calls compile for the exact shapes of their tensor
     arguments, even where earlier calls made a size symbolic; a graph compiled so is reused by any
     later call of the same shapes and autograd mode."""
-    global _static
-    previous, _static = _static, enabled
-    try:
+    with _set(static=enabled):
         yield
-    finally:
-        _static = previous
 
 
 def fusable(fn: F) -> F:
@@ -111,7 +122,7 @@ def fusable(fn: F) -> F:
             return fn(*args, **kwargs)
         if not compiled:
             compiled.append(torch.compile(fn, **COMPILE_OPTIONS))
-        if _static:
+        if _state.static:
             for arg in (*args, *kwargs.values()):
                 if isinstance(arg, torch.Tensor):
                     torch._dynamo.mark_static(arg)
@@ -121,7 +132,7 @@ def fusable(fn: F) -> F:
             compiled[0] = fn
             message = (f"--compile_flow: {fn.__name__} could not be compiled ({type(err).__name__}: "
                        f"{str(err).splitlines()[0][:200] if str(err) else ''}); it runs without fusion")
-            (_log or logging.getLogger(__name__)).warning(message)
+            (_state.log or logging.getLogger(__name__)).warning(message)
             return fn(*args, **kwargs)
 
     _compiled_lists.append(compiled)

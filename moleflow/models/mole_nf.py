@@ -11,45 +11,38 @@ features (B, H, W, D)
 The first three steps condition the input; the coupling and DIA blocks are the invertible
 flow whose log-determinant enters the likelihood.
 
-``task_id`` is an int (the whole batch uses that task's expert, adapter and DIA blocks) or, for
+``task`` is an int (the whole batch uses that task's expert, adapter and DIA weights) or, for
 the forward pass, a ``(B,)`` tensor of task ids: each image then goes through its own task's
-modules in one pass, which is how a routed batch of mixed classes is scored without splitting it
-into one small batch per expert.
+weights in one pass (``experts.py``), which is how a routed batch of mixed classes is scored
+without splitting it into one small batch per expert.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from moleflow.config.ablation import AblationConfig
+from moleflow.models import experts
 from moleflow.models.adapters import FiLMAdapter, SpatialContextMixer, WhiteningAdapter, positional_encoding_2d
-from moleflow.models.coupling import DIABlock, MoLECouplingBlock, dia_forward, dia_forward_per_image
+from moleflow.models.coupling import DIABlock, DIASubnet, MoLECouplingBlock, coupling_forward, dia_forward
+from moleflow.models.experts import Task
 from moleflow.models.fusion import fusable
 from moleflow.models.lora import LoRALinear
 
-
-@fusable
-def condition_forward(x: Tensor, pos: Optional[Tensor], adapter: Optional[nn.Module],
-                      mixer: Optional[nn.Module]) -> Tensor:
-    """Input stage with one task's adapter: + positional encoding, adapter, spatial mixer."""
-    if pos is not None:
-        x = x + pos
-    if adapter is not None:
-        x = adapter(x)
-    return mixer(x) if mixer is not None else x
+ADAPTERS = {"whitening": WhiteningAdapter, "film": FiLMAdapter}
 
 
 @fusable
-def condition_per_image(x: Tensor, pos: Optional[Tensor], adapter: nn.Module, picked: tuple[Tensor, ...],
-                        mixer: Optional[nn.Module]) -> Tensor:
-    """Input stage with each image's own adapter: ``picked`` = the adapters' ``pick``, run by any
-    one task's ``adapter``."""
+def condition_forward(x: Tensor, pos: Optional[Tensor], adapt: Optional[Callable[[Tensor, Sequence[Tensor]], Tensor]],
+                      params: Sequence[Tensor], mixer: Optional[nn.Module]) -> Tensor:
+    """Input stage: + positional encoding, the adapter ``adapt`` with its picked ``params``, spatial
+    mixer."""
     if pos is not None:
         x = x + pos
-    x = adapter.run_picked(x, picked)
+    if adapt is not None:
+        x = adapt(x, params)
     return mixer(x) if mixer is not None else x
 
 
@@ -76,7 +69,7 @@ class MoLESpatialAwareNF(nn.Module):
                  use_pos_embed: bool = True, adapter: Optional[str] = "whitening", dia_n_blocks: int = 2,
                  dia_hidden_ratio: float = 0.5, seed: int = 0) -> None:
         super().__init__()
-        if adapter not in ("whitening", "film", None):
+        if adapter is not None and adapter not in ADAPTERS:
             raise ValueError(f"adapter must be 'whitening', 'film' or None, got {adapter!r}")
         self.dim = dim
         self.clamp = clamp
@@ -89,8 +82,9 @@ class MoLESpatialAwareNF(nn.Module):
             MoLECouplingBlock(dim, lora_rank, lora_alpha, clamp, scale_context_kernel, permutation_seed=seed * 1000 + i)
             for i in range(num_coupling_layers)
         )
-        self.adapters = nn.ModuleList()
-        self.dia = nn.ModuleList()
+        self.dia_blocks = nn.ModuleList(DIABlock(dim, clamp, swap=(k % 2 == 1)) for k in range(dia_n_blocks))
+        self.adapters = nn.ModuleList()  # per task
+        self.dia = nn.ModuleList()  # per task: one DIASubnet (its weights) per DIA block
         # The buffer records the task count in checkpoints; the host-side copy is what the passes
         # read (reading a CUDA buffer with int() would wait for the GPU in every forward pass).
         # A model is always grown with add_task() before a checkpoint is loaded into it.
@@ -122,15 +116,14 @@ class MoLESpatialAwareNF(nn.Module):
         elif self.adapter_kind == "film":
             self.adapters.append(FiLMAdapter(self.dim).to(device, dtype))
         if self.dia_n_blocks > 0:
-            blocks = nn.ModuleList(DIABlock(self.dim, self.dia_hidden, self.clamp, swap=(k % 2 == 1))
-                                   for k in range(self.dia_n_blocks))
-            self.dia.append(blocks.to(device, dtype))
+            self.dia.append(nn.ModuleList(DIASubnet(b.split, self.dim - b.split, self.dia_hidden)
+                                          for b in self.dia_blocks).to(device, dtype))
         self._num_tasks += 1
         self._task_count += 1
         return task_id
 
     def task_parameters(self, task_id: int) -> list[nn.Parameter]:
-        """Parameters owned by ``task_id``: LoRA A, B, task bias; adapter; DIA blocks."""
+        """Parameters owned by ``task_id``: LoRA A, B, task bias; adapter; DIA weights."""
         params: list[nn.Parameter] = []
         for layer in self.lora_layers():
             params.extend(layer.expert_parameters(task_id))
@@ -157,8 +150,8 @@ class MoLESpatialAwareNF(nn.Module):
             self._pos_cache[key] = positional_encoding_2d(height, width, self.dim).to(ref.device)
         return self._pos_cache[key].to(ref.dtype)
 
-    def condition(self, features: Tensor, task_id: int | Tensor) -> Tensor:
-        """Input stage: positional encoding, adapter of ``task_id``, spatial mixer.
+    def condition(self, features: Tensor, task: Task) -> Tensor:
+        """Input stage: positional encoding, adapter of ``task``, spatial mixer.
 
         Args:
             features: (B, H, W, D) backbone patch features.
@@ -166,94 +159,56 @@ class MoLESpatialAwareNF(nn.Module):
         Returns:
             (B, H, W, D) input of the invertible flow.
         """
-        self._check_task(task_id)
+        experts.check(task, self.num_tasks)
         pos = self._positional(features.shape[1], features.shape[2], features) if self.use_pos_embed else None
-        if self.adapter_kind is not None and isinstance(task_id, Tensor):
-            ref = self.adapters[0]
-            return condition_per_image(features, pos, ref, ref.pick(self.adapters, task_id), self.mixer)
-        adapter = self.adapters[task_id] if self.adapter_kind is not None else None
-        return condition_forward(features, pos, adapter, self.mixer)
+        if self.adapter_kind is None:
+            return condition_forward(features, pos, None, (), self.mixer)
+        return condition_forward(features, pos, ADAPTERS[self.adapter_kind].adapt,
+                                 experts.select_params(self.adapters, task), self.mixer)
 
-    def flow(self, x: Tensor, task_id: int | Tensor, rev: bool = False) -> tuple[Tensor, Tensor]:
+    def flow(self, x: Tensor, task: Task, rev: bool = False) -> tuple[Tensor, Tensor]:
         """The invertible part: MoLE blocks then DIA blocks (reverse order when ``rev``).
 
         Args:
             x: (B, H, W, D).
-            task_id: expert / DIA owner, or a (B,) tensor of owners (forward only).
+            task: expert / DIA owner, or a (B,) tensor of owners (forward only).
             rev: run the inverse.
 
         Returns:
             (out (B, H, W, D), log|det J| (B, H, W)) of the direction run.
         """
-        self._check_task(task_id)
-        if rev and isinstance(task_id, Tensor):
-            raise ValueError("the reverse pass takes one task id (an int), not one per image")
+        experts.check(task, self.num_tasks, rev)
         log_det = torch.zeros(x.shape[:-1], device=x.device, dtype=x.dtype)
         if not rev:
             for block in self.blocks:
-                x, ld = block(x, task_id)
+                x, ld = coupling_forward(x, block, block.subnet.experts(task))
                 log_det = log_det + ld
-            x, ld = self._dia(x, task_id, rev=False)
+            x, ld = self._dia(x, task, rev=False)
             return x, log_det + ld
-        x, ld = self._dia(x, task_id, rev=True)
+        x, ld = self._dia(x, task, rev=True)
         log_det = log_det + ld
         for block in reversed(self.blocks):
-            x, ld = block(x, task_id, rev=True)
+            x, ld = block(x, block.subnet.experts(task), rev=True)
             log_det = log_det + ld
         return x, log_det
 
-    def _dia(self, x: Tensor, task_id: int | Tensor, rev: bool) -> tuple[Tensor, Tensor]:
-        if self.dia_n_blocks == 0:
-            return x, torch.zeros(x.shape[:-1], device=x.device, dtype=x.dtype)
+    def _dia(self, x: Tensor, task: Task, rev: bool) -> tuple[Tensor, Tensor]:
+        """The DIA blocks with ``task``'s weights, on each patch vector."""
         shape = x.shape
-        if isinstance(task_id, Tensor):  # forward, each image through its own task's blocks
-            picked = [DIABlock.pick([blocks[k] for blocks in self.dia], task_id) for k in range(self.dia_n_blocks)]
-            y, log_det = dia_forward_per_image(x.reshape(shape[0], -1, shape[-1]), self.dia[0], picked)
-            return y.reshape(shape), log_det.reshape(shape[:-1])
-        flat = x.reshape(-1, shape[-1])
+        if self.dia_n_blocks == 0:
+            return x, torch.zeros(shape[:-1], device=x.device, dtype=x.dtype)
+        weights = [experts.select_params([subnets[k] for subnets in self.dia], task) for k in range(self.dia_n_blocks)]
+        rows = experts.rows(x, task)
         if not rev:
-            y, log_det = dia_forward(flat, self.dia[task_id])
+            y, log_det = dia_forward(rows, self.dia_blocks, weights)
             return y.reshape(shape), log_det.reshape(shape[:-1])
-        log_det = torch.zeros(flat.shape[0], device=x.device, dtype=x.dtype)
-        for block in reversed(self.dia[task_id]):
-            flat, ld = block(flat, rev=True)
+        log_det = torch.zeros(rows.shape[:-1], device=x.device, dtype=x.dtype)
+        for block, w in zip(reversed(self.dia_blocks), reversed(weights)):
+            rows, ld = block(rows, w, rev=True)
             log_det = log_det + ld
-        return flat.reshape(shape), log_det.reshape(shape[:-1])
+        return rows.reshape(shape), log_det.reshape(shape[:-1])
 
-    def forward(self, features: Tensor, task_id: int | Tensor) -> tuple[Tensor, Tensor]:
-        """features (B, H, W, D) -> (z (B, H, W, D), log|det J| (B, H, W)); ``task_id``: an int, or
-        a (B,) tensor with each image's task."""
-        return self.flow(self.condition(features, task_id), task_id)
-
-    def _check_task(self, task_id: int | Tensor) -> None:
-        if isinstance(task_id, Tensor):
-            if task_id.dim() != 1:
-                raise ValueError(f"per-image task ids must be a (B,) tensor, got shape {tuple(task_id.shape)}")
-            if task_id.device.type == "cpu" and task_id.numel():  # on a GPU: checked by the caller (no sync)
-                low, high = int(task_id.min()), int(task_id.max())
-                if low < 0 or high >= self.num_tasks:
-                    raise IndexError(f"task ids {low}..{high} out of range (the model has {self.num_tasks} tasks)")
-            return
-        if not 0 <= task_id < self.num_tasks:
-            raise IndexError(f"task {task_id} does not exist (the model has {self.num_tasks} tasks)")
-
-
-def build_flow(config: AblationConfig, dim: int) -> MoLESpatialAwareNF:
-    """Build the flow from the config's switches."""
-    adapter = None
-    if config.use_task_adapter:
-        adapter = "whitening" if config.use_whitening_adapter else "film"
-    return MoLESpatialAwareNF(
-        dim=dim,
-        num_coupling_layers=config.num_coupling_layers,
-        lora_rank=config.lora_rank if config.use_lora else 0,
-        lora_alpha=config.lora_alpha,
-        clamp=config.clamp_alpha,
-        scale_context_kernel=config.scale_context_kernel if config.use_scale_context else 0,
-        spatial_context_kernel=config.spatial_context_kernel if config.use_spatial_context else 0,
-        use_pos_embed=config.use_pos_embed,
-        adapter=adapter,
-        dia_n_blocks=config.dia_n_blocks if config.use_dia else 0,
-        dia_hidden_ratio=config.dia_hidden_ratio,
-        seed=config.seed,
-    )
+    def forward(self, features: Tensor, task: Task) -> tuple[Tensor, Tensor]:
+        """features (B, H, W, D) -> (z (B, H, W, D), log|det J| (B, H, W)); ``task``: an int, or a (B,)
+        tensor with each image's task."""
+        return self.flow(self.condition(features, task), task)

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+from moleflow.checkpoint import CHECKPOINT_NAME, architecture_differences, load_checkpoint
 from moleflow.config.ablation import AblationConfig, ConfigError, apply_overrides
+from moleflow.data import DataError, list_classes, parse_cl_scenario, split_tasks
 
 
-def resolve_resume(config: AblationConfig, explicit: dict[str, Any]):
+@dataclass
+class ResumeState:
+    """A loaded checkpoint plus the folder to continue in."""
+
+    checkpoint: dict[str, Any]
+    exp_dir: Path
+    extend: bool
+    tasks: list[list[str]]
+
+
+def resolve_resume(config: AblationConfig, explicit: dict[str, Any]) -> tuple[AblationConfig, Optional[ResumeState]]:
     """Turn ``--resume DIR`` into (config, ResumeState); without it return (config, None).
 
     The saved settings are the base; explicit flags override them, but a flag that changes the
@@ -19,10 +32,6 @@ def resolve_resume(config: AblationConfig, explicit: dict[str, Any]):
     """
     if config.resume is None:
         return config, None
-    from moleflow.data import split_tasks
-    from moleflow.runner import ResumeState
-    from moleflow.trainer.checkpoint import CHECKPOINT_NAME, architecture_differences, load_checkpoint
-
     exp_dir = Path(config.resume)
     if not exp_dir.is_dir():
         raise ConfigError(f"--resume {exp_dir} is not a folder; pass an experiment folder under --log_dir")
@@ -52,7 +61,7 @@ def resolve_resume(config: AblationConfig, explicit: dict[str, Any]):
     if again:
         raise ConfigError(f"classes {again} were already learned in {exp_dir}; --task_classes must name new classes")
     _check_one_root(resolved, old_classes, new, exp_dir, str(saved.get("data_path")))
-    _, per_task = _scenario_step(resolved.cl_scenario)
+    _, per_task = parse_cl_scenario(resolved.cl_scenario)
     tasks = saved_tasks + split_tasks(new, f"{per_task}-{per_task}")
     changes: dict[str, Any] = {"task_classes": old_classes + new}
     if "experiment_name" not in explicit:  # logs/<name>_* must not match the run that was extended
@@ -64,7 +73,6 @@ def resolve_resume(config: AblationConfig, explicit: dict[str, Any]):
 def _check_one_root(config: AblationConfig, old: list[str], new: list[str], exp_dir: Path, saved_root: str) -> None:
     """An extended run evaluates the old classes again, so old and new classes must be found under
     the one --data_path; otherwise say so (the loader's own message would only say 'not found')."""
-    from moleflow.data import DataError, list_classes
     try:
         found = set(list_classes(config.dataset, Path(config.data_path)))
     except DataError:
@@ -76,7 +84,3 @@ def _check_one_root(config: AblationConfig, old: list[str], new: list[str], exp_
                           f"old and new classes must be under one data root (the run used {saved_root}): put the "
                           "new classes there, or pass a --data_path that holds all of them")
 
-
-def _scenario_step(scenario: str) -> tuple[int, int]:
-    from moleflow.data import parse_cl_scenario
-    return parse_cl_scenario(scenario)

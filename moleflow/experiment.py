@@ -112,7 +112,6 @@ def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version(), "torch": str(torch.__version__), "timm": str(timm.__version__),
                 "numpy": str(numpy.__version__), "scikit-learn": str(sklearn.__version__)}
     try:
-        import FrEIA  # noqa: F401
         from importlib.metadata import version
         versions["FrEIA"] = version("FrEIA")
     except Exception:  # pragma: no cover - metadata missing

@@ -28,7 +28,7 @@ class FeatureSet:
     """Backbone outputs for a list of images.
 
     Attributes:
-        patches: (N, H, W, D) patch features (on ``storage`` device).
+        patches: (N, H, W, D) patch features (on the device the backbone ran on).
         router: (N, D) router features: mean of the patch features over the grid.
         labels: (N,) 0 good / 1 defect.
         masks: (N, S, S) uint8 ground-truth masks (zeros for good images), or None.
@@ -101,15 +101,18 @@ def _collate(items: list[dict], pin_memory: bool) -> dict:
 
 
 def decode_all(dataset: Dataset, threads: Optional[int] = None) -> int:
-    """Decode every item once (filling a caching dataset's cache); returns the item count."""
-    for _ in iter_batches(dataset, batch_size=64, threads=threads):
-        pass
+    """Decode every image of an ``AnomalyDataset`` once into its cache, on a thread pool (no
+    augmentation is drawn); returns the image count."""
+    with ThreadPoolExecutor(max_workers=decode_threads() if threads is None else threads,
+                            thread_name_prefix="decode") as pool:
+        for _ in pool.map(dataset.decoded, range(len(dataset))):
+            pass
     return len(dataset)
 
 
 @torch.no_grad()
 def extract_features(extractor: nn.Module, dataset: Dataset, batch_size: int, device: torch.device,
-                     storage: torch.device, keep_masks: bool, desc: str = "extract",
+                     keep_masks: bool, desc: str = "extract",
                      num_workers: int = 0, progress: bool = True) -> FeatureSet:
     """Run ``extractor`` over ``dataset`` (items: dict with image, mask, label).
 
@@ -117,8 +120,7 @@ def extract_features(extractor: nn.Module, dataset: Dataset, batch_size: int, de
         extractor: frozen backbone, (B, 3, S, S) -> (B, H, W, D).
         dataset: AnomalyDataset.
         batch_size: images per forward pass.
-        device: where the backbone runs.
-        storage: where the features are kept (the GPU when there is one).
+        device: where the backbone runs and the features are kept.
         keep_masks: keep the masks (test sets) or drop them (training sets).
         desc: progress-bar label.
         num_workers: DataLoader worker processes; 0 decodes with a thread pool in this process.
@@ -130,7 +132,7 @@ def extract_features(extractor: nn.Module, dataset: Dataset, batch_size: int, de
     for batch in tqdm(iter_batches(dataset, batch_size, num_workers, pin_memory=pin), total=total, desc=desc,
                       leave=False, disable=not progress):
         feats = extractor(batch["image"].to(device, non_blocking=True))
-        patches.append(feats.float().to(storage))
+        patches.append(feats.float())
         labels.append(torch.as_tensor(batch["label"]))
         if keep_masks:
             masks.append((batch["mask"][:, 0] > 0.5).to(torch.uint8))

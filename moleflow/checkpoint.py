@@ -10,8 +10,10 @@ from typing import Any
 
 import torch
 
+from moleflow.config.ablation import AblationConfig
+
 CHECKPOINT_NAME = "checkpoint.pt"
-CHECKPOINT_FORMAT = "moleflow-checkpoint-v1"
+CHECKPOINT_FORMAT = "moleflow-checkpoint-v2"  # v2: the DIA weights are dia.<task>.<block>.{s_net,t_net}
 
 # Settings that fix the shape or meaning of the saved model; a resumed run must keep them.
 ARCHITECTURE_FIELDS: tuple[str, ...] = (
@@ -53,6 +55,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({reason[:120]}); resume from an "
                               f"intact copy or start a new run") from err
+    if isinstance(data, dict) and data.get("format") == "moleflow-checkpoint-v1":
+        raise CheckpointError(f"{path} was written by an older MoLE-Flow (format v1; its DIA weights are named "
+                              f"differently); it cannot be resumed by this version: start a new run")
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a MoLE-Flow checkpoint (format {CHECKPOINT_FORMAT} expected)")
     return data
@@ -67,5 +72,4 @@ def architecture_differences(saved: dict[str, Any], current: dict[str, Any]) -> 
 
 
 def _defaults() -> dict[str, Any]:
-    from moleflow.config.ablation import AblationConfig
     return {key: value for key, value in AblationConfig().to_dict().items() if key in ARCHITECTURE_FIELDS}

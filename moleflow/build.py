@@ -1,0 +1,78 @@
+"""The parts of a run built from its ``AblationConfig``: the one place that reads the config for
+the layers below the runner (extractors, models, trainer, evaluation take plain values or a small
+settings object)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Sequence, TypeVar
+
+import torch
+
+from moleflow.config.ablation import AblationConfig
+from moleflow.data import AnomalyDataset, Sample
+from moleflow.evaluation.evaluator import ScoreSettings
+from moleflow.extractors import FeatureExtractor, build_extractor
+from moleflow.models.mole_nf import MoLESpatialAwareNF
+from moleflow.models.routing import PrototypeRouter
+from moleflow.trainer.continual_trainer import MoLEContinualTrainer, TrainSettings
+
+S = TypeVar("S")
+
+
+def settings_from(cls: type[S], config: AblationConfig, **values: Any) -> S:
+    """An instance of the settings dataclass ``cls`` with each field taken from the config setting of
+    the same name (``values`` win)."""
+    return cls(**{f.name: values.get(f.name, getattr(config, f.name)) for f in dataclasses.fields(cls)})
+
+
+def train_settings(config: AblationConfig) -> TrainSettings:
+    return settings_from(TrainSettings, config)
+
+
+def score_settings(config: AblationConfig) -> ScoreSettings:
+    return settings_from(ScoreSettings, config)
+
+
+def build_flow(config: AblationConfig, dim: int) -> MoLESpatialAwareNF:
+    """The flow with the config's switches (a switched-off module is absent, not bypassed)."""
+    adapter = None
+    if config.use_task_adapter:
+        adapter = "whitening" if config.use_whitening_adapter else "film"
+    return MoLESpatialAwareNF(
+        dim=dim,
+        num_coupling_layers=config.num_coupling_layers,
+        lora_rank=config.lora_rank if config.use_lora else 0,
+        lora_alpha=config.lora_alpha,
+        clamp=config.clamp_alpha,
+        scale_context_kernel=config.scale_context_kernel if config.use_scale_context else 0,
+        spatial_context_kernel=config.spatial_context_kernel if config.use_spatial_context else 0,
+        use_pos_embed=config.use_pos_embed,
+        adapter=adapter,
+        dia_n_blocks=config.dia_n_blocks if config.use_dia else 0,
+        dia_hidden_ratio=config.dia_hidden_ratio,
+        seed=config.seed,
+    )
+
+
+def build_backbone(config: AblationConfig, device: torch.device, weights: str = "pretrained") -> FeatureExtractor:
+    """The frozen extractor on ``device`` (``weights='random'``: the benchmark's speed-only runs)."""
+    return build_extractor(config.backbone_name, feature_dim=config.feature_dim, img_size=config.img_size,
+                           weights=weights, weights_path=config.backbone_weights,
+                           amp=config.amp and device.type == "cuda", strides=config.feature_strides,
+                           pooling=config.feature_pooling).to(device)
+
+
+def build_dataset(config: AblationConfig, samples: Sequence[Sample], augment: bool = False) -> AnomalyDataset:
+    """The images (and masks) of ``samples`` at the config's size and resize mode."""
+    return AnomalyDataset(samples, config.img_size, augment=augment, resize_mode=config.resize_mode)
+
+
+def build_router(config: AblationConfig) -> PrototypeRouter:
+    return PrototypeRouter(mahalanobis=config.use_mahalanobis)
+
+
+def build_trainer(config: AblationConfig, model: MoLESpatialAwareNF, device: torch.device, log: logging.Logger,
+                  progress: bool = False) -> MoLEContinualTrainer:
+    return MoLEContinualTrainer(train_settings(config), model, device, log, progress)

@@ -1,0 +1,73 @@
+"""Speed kernels: autograd functions whose backward pass is cheaper than autograd's own, with the
+same values (tests: ``test_permutation_gradient_is_the_inverse_gather``,
+``test_depthwise_conv_gradients_equal_autograds``)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class _PermuteLastDim(torch.autograd.Function):
+    """``x[..., perm]`` whose backward is the inverse gather ``g[..., perm_inv]``.
+
+    Plain advanced indexing differentiates through ``index_put_(accumulate=True)``, which on CUDA
+    sorts all N*D indices in every backward pass; for a permutation the gradient is exactly the
+    inverse permutation of the incoming gradient (each input feeds one output), so the values are
+    the same, bit for bit, at the cost of one gather.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, perm: Tensor, perm_inv: Tensor) -> Tensor:
+        ctx.save_for_backward(perm_inv)
+        return x.index_select(-1, perm)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None]:
+        (perm_inv,) = ctx.saved_tensors
+        return grad.index_select(-1, perm_inv), None, None
+
+
+def permute_last_dim(x: Tensor, perm: Tensor, perm_inv: Tensor) -> Tensor:
+    """``x[..., perm]`` (``perm_inv`` = argsort(perm)) with a gather as its gradient."""
+    return _PermuteLastDim.apply(x, perm, perm_inv)
+
+
+class _DepthwiseConv(torch.autograd.Function):
+    """Depthwise, stride-1, 'same'-padded ``conv2d`` whose input gradient is the same convolution with
+    the kernel flipped (exact for stride 1; the two differ only in summation order).
+
+    On CUDA, autograd's own input gradient of a depthwise float32 convolution is ATen's generic
+    kernel, slower than the forward convolution's kernel, which the flipped form runs again
+    (docs/performance.md). Kernel and bias gradients (task 0 only: the conv is shared) are
+    autograd's own.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                padding: int) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.padding = padding
+        return F.conv2d(x, weight, bias, padding=padding, groups=weight.shape[0])
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor
+                 ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], None]:
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.conv2d(grad, weight.flip(-2, -1), padding=ctx.padding, groups=weight.shape[0])
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad, x, weight, [weight.shape[0]] if ctx.needs_input_grad[2] else None, [1, 1], [ctx.padding] * 2,
+                [1, 1], False, [0, 0], weight.shape[0], [False, ctx.needs_input_grad[1], ctx.needs_input_grad[2]])
+        return grad_x, grad_w, grad_b, None
+
+
+def depthwise_conv2d(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """``conv(x)`` for a depthwise, stride-1 conv with odd kernel and 'same' padding (x: (B, C, H, W)),
+    through ``_DepthwiseConv``."""
+    return _DepthwiseConv.apply(x, conv.weight, conv.bias, conv.padding[0])
