@@ -21,8 +21,11 @@ ARCHITECTURE_FIELDS: tuple[str, ...] = (
     "lora_rank", "lora_alpha", "clamp_alpha", "dia_hidden_ratio", "scale_context_kernel",
     "spatial_context_kernel", "use_lora", "use_dia", "use_task_adapter", "use_whitening_adapter",
     "use_pos_embed", "use_spatial_context", "use_scale_context", "use_mahalanobis", "seed",
-    "feature_strides", "feature_pooling", "resize_mode", "anomaly_score",
+    "feature_strides", "feature_pooling", "resize_mode", "anomaly_score", "val_fraction", "threshold_quantile",
 )
+# What a setting missing from an older checkpoint's config was then (when not today's default):
+# before --val_fraction existed every training image was trained on.
+LEGACY_VALUES: dict[str, Any] = {"val_fraction": 0.0}
 
 
 class CheckpointError(RuntimeError):
@@ -66,10 +69,15 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 def architecture_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Human-readable list of architecture settings that differ ('lora_rank: saved 64, now 8')."""
     # A key a checkpoint of an older version lacks had that version's value: the default now.
-    saved = {key: saved.get(key, current_default) for key, current_default in _defaults().items()}
+    saved = {key: saved.get(key, LEGACY_VALUES.get(key, default)) for key, default in _defaults().items()}
     return [f"{key}: saved {saved.get(key)!r}, now {current.get(key)!r}"
             for key in ARCHITECTURE_FIELDS if saved.get(key) != current.get(key)]
 
 
 def _defaults() -> dict[str, Any]:
     return {key: value for key, value in AblationConfig().to_dict().items() if key in ARCHITECTURE_FIELDS}
+
+
+def saved_config(checkpoint: dict[str, Any]) -> AblationConfig:
+    """The settings a checkpoint was written with (a setting it lacks: ``LEGACY_VALUES``, else the default)."""
+    return AblationConfig.from_dict({**LEGACY_VALUES, **dict(checkpoint["config"])})

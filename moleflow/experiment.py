@@ -18,6 +18,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from moleflow.config.ablation import AblationConfig
 from moleflow.evaluation.metrics import mean_metrics
+from moleflow.evaluation.thresholds import THRESHOLD_METRICS
 
 
 class ExperimentError(RuntimeError):
@@ -143,19 +144,24 @@ def write_config(exp_dir: Path, config: AblationConfig, extra: Optional[dict[str
 
 
 RESULT_COLUMNS = ["task_id", "class_name", "routing_acc", "img_auroc", "pixel_auroc", "img_ap", "pixel_ap", "aupro"]
+# F1, precision, recall at the held-out threshold (empty without one) and F1-max picked on the test set
+DECISION_COLUMNS = list(THRESHOLD_METRICS)
 
 
 def write_results_csv(path: Path, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Write one row per class plus a last 'mean' row (unweighted mean of the rows above); a value
     that was not measured (NaN, e.g. routing accuracy when the true task was given) is left empty.
+    The decision columns (F1, precision, recall at the threshold; F1-max picked on the test set)
+    follow when every row has them.
 
     Returns:
         the mean row.
     """
     mean_row: dict[str, Any] = {"task_id": "mean", "class_name": "mean", **mean_metrics(rows)}
-    lines: list[list[str]] = [RESULT_COLUMNS]
+    columns = RESULT_COLUMNS + [c for c in DECISION_COLUMNS if all(c in row for row in rows)]
+    lines: list[list[str]] = [columns]
     for row in [*rows, mean_row]:
-        lines.append([_fmt(row[c]) for c in RESULT_COLUMNS])
+        lines.append([_fmt(row[c]) for c in columns])
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as handle:
         csv.writer(handle).writerows(lines)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from moleflow.checkpoint import CHECKPOINT_NAME, architecture_differences, load_checkpoint
+from moleflow.checkpoint import CHECKPOINT_NAME, architecture_differences, load_checkpoint, saved_config
 from moleflow.config.ablation import AblationConfig, ConfigError, apply_overrides
 from moleflow.data import DataError, list_classes, parse_cl_scenario, split_tasks
 
@@ -37,7 +37,7 @@ def resolve_resume(config: AblationConfig, explicit: dict[str, Any]) -> tuple[Ab
         raise ConfigError(f"--resume {exp_dir} is not a folder; pass an experiment folder under --log_dir")
     ckpt = load_checkpoint(exp_dir / CHECKPOINT_NAME)
     saved: dict[str, Any] = dict(ckpt["config"])
-    base = AblationConfig.from_dict(saved)
+    base = saved_config(ckpt)
     overrides = {k: v for k, v in explicit.items() if k not in ("task_classes", "demo")}
     resolved = apply_overrides(base, {**overrides, "resume": str(exp_dir), "demo": False})
     diffs = architecture_differences(saved, resolved.to_dict())

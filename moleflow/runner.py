@@ -7,7 +7,6 @@ import dataclasses
 import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ContextManager, Optional
 
@@ -19,16 +18,19 @@ from moleflow.build import build_backbone, build_dataset, build_flow, build_rout
 from moleflow.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from moleflow.config.ablation import AblationConfig, ConfigError
 from moleflow.data import AnomalyDataset, ClassSplit, generate_demo_dataset, load_checked_splits, split_tasks
-from moleflow.evaluation.continual import ContinualMatrix, write_continual_summary
+from moleflow.data.holdout import held_out_of, hold_out_splits
+from moleflow.evaluation.calibration import Calibration, calibrate_task
+from moleflow.evaluation.continual import ContinualMatrix
 from moleflow.evaluation.evaluator import ClassEvaluation, evaluate_class, route, task_memory
+from moleflow.evaluation.thresholds import THRESHOLD_RULE, per_image_thresholds, threshold_metrics
 from moleflow.experiment import (
-    FILE_ONLY, close_logger, create_experiment_dir, format_table, library_versions, setup_logger, write_config,
-    write_results_csv,
+    FILE_ONLY, close_logger, create_experiment_dir, library_versions, setup_logger, write_config, write_results_csv,
 )
 from moleflow.extractors.features import FeatureSet, decode_all, extract_features
 from moleflow.models.fusion import fusion
 from moleflow.models.memory import PatchMemory
 from moleflow.models.routing import PrototypeRouter
+from moleflow.report import RunResult, write_final
 from moleflow.resume import ResumeState
 from moleflow.trainer.continual_trainer import TaskStats
 from moleflow.utils.seed import seed_everything
@@ -36,19 +38,10 @@ from moleflow.utils.seed import seed_everything
 MATRIX_METRICS = ("img_auroc", "pixel_auroc", "img_ap", "pixel_ap", "aupro", "routing_acc")
 
 
-@dataclass
-class RunResult:
-    """What a finished run produced."""
-
-    exp_dir: Path
-    final_rows: list[dict]
-    mean_row: dict
-    oracle_mean_row: Optional[dict]
-
-
 class RunClock:
     """What a ``Run`` tells about its progress: it enters ``phase(name)`` around its work (setup,
-    data_check, data_decode, feature_extraction, flow_training, routing, memory, evaluation, output)
+    data_check, data_decode, feature_extraction, flow_training, routing, memory, calibration, evaluation,
+    output)
     and calls ``task_done`` after each task's evaluation. This one does nothing; the benchmark's
     times the phases."""
 
@@ -104,8 +97,10 @@ class Run:
                 generate_demo_dataset(Path(config.data_path), seed=0)
             self.tasks = resume.tasks if resume else split_tasks(config.task_classes, config.cl_scenario)
         with self.clock.phase("data_check"):
-            self.splits: dict[str, ClassSplit] = splits if splits is not None else load_checked_splits(
-                config.dataset, Path(config.data_path), config.task_classes)
+            checked = splits if splits is not None else load_checked_splits(config.dataset, Path(config.data_path),
+                                                                            config.task_classes)
+            # --val_fraction: images never trained on (flow, memory, router), kept to set thresholds
+            self.splits, self.held_out = hold_out_splits(checked, config.val_fraction, config.seed)
         self.resume = resume
         with self.clock.phase("setup"):
             self._setup(notes, weights, quiet=config.quiet or not progress)
@@ -121,7 +116,10 @@ class Run:
         self.exp_dir = resume.exp_dir if resume and not resume.extend else create_experiment_dir(
             config.log_dir, config.experiment_name)
         self.log = setup_logger(self.exp_dir, quiet=quiet)
-        extra: dict[str, Any] = {"tasks": self.tasks, "effective": effective(config, self.device), **(notes or {})}
+        rule = THRESHOLD_RULE if config.val_fraction > 0 else "none (--val_fraction 0)"
+        held = {c: len(v) for c, v in self.held_out.items()}
+        extra: dict[str, Any] = {"tasks": self.tasks, "effective": effective(config, self.device),
+                                 "threshold_rule": rule, "held_out_images": held, **(notes or {})}
         if resume:
             extra["resumed_from"] = str(resume.exp_dir)
         write_config(self.exp_dir, config, extra)
@@ -132,6 +130,7 @@ class Run:
         self.model = build_flow(config, self.extractor.feature_dim).to(self.device)
         self.router = build_router(config)
         self.memory = PatchMemory() if config.anomaly_score != "flow" else None
+        self.calibration = Calibration()
         self.trainer = build_trainer(config, self.model, self.device, self.log, self.progress)
         self.score = score_settings(config)
         self.test_cache: dict[str, FeatureSet] = {}
@@ -175,6 +174,7 @@ class Run:
         self.router = PrototypeRouter.from_state(ckpt["router"])
         if self.memory is not None:
             self.memory = PatchMemory.from_state(ckpt["memory"])
+        self.calibration = Calibration.from_state(ckpt.get("calibration"))
         self.done = int(ckpt["tasks_done"])
         for metric, values in ckpt["history"].items():
             for i, row in enumerate(values):
@@ -219,8 +219,11 @@ class Run:
                 with self.clock.phase("routing"):
                     routed = None if oracle or not self.config.use_router else route(self.router, test.router,
                                                                                    self.device)
-                results.append(evaluate_class(self.model, test, name, task_id, self.score, self.device, routed=routed,
-                                              keep_maps=keep_maps, memory=self.memory))
+                result = evaluate_class(self.model, test, name, task_id, self.score, self.device, routed=routed,
+                                        keep_maps=keep_maps, memory=self.memory)
+                thresholds = per_image_thresholds(result.routed.tolist(), self.calibration.thresholds())
+                result.row.update(threshold_metrics(test.labels.numpy(), result.image_scores.numpy(), thresholds))
+                results.append(result)
         return results
 
     def _record(self, after_task: int, results: list[ClassEvaluation]) -> None:
@@ -240,12 +243,28 @@ class Run:
                       f"{time.time() - started:.1f}s (held-out distance {memory.memory_mean:.3f} +- "
                       f"{memory.memory_std:.3f})")
 
+    def calibrate(self, task_id: int, train_router: Optional[torch.Tensor] = None) -> None:
+        """Threshold and router limit of the trained task ``task_id`` from its held-out images
+        (``evaluation/calibration.py``); ``train_router`` None keeps the router limit it has."""
+        held = held_out_of(self.held_out, self.tasks[task_id])
+        feats = self._features(build_dataset(self.config, held), keep_masks=False,
+                               desc=f"task {task_id} held-out features") if held else None
+        previous = self.calibration.tasks[task_id] if task_id < len(self.calibration.tasks) else None
+        with self.clock.phase("calibration"):
+            cal = calibrate_task(self.model, self.memory, self.router, self.score, self.device, task_id,
+                                 self.config.threshold_quantile, feats, train_router, previous)
+        self.calibration.set(task_id, cal)
+        threshold = "none (--val_fraction 0)" if cal.threshold is None else f"{cal.threshold:.4f}"
+        limit = "" if cal.router_limit is None else f"; router limit {cal.router_limit:.3f}"
+        self.log.info(f"task {task_id}: threshold {threshold} from {len(held)} held-out image(s){limit}")
+
     def _checkpoint(self) -> None:
         history = {m: self.matrices[m].values.tolist() for m in MATRIX_METRICS}
         with self.clock.phase("output"):
             save_checkpoint(self.exp_dir / CHECKPOINT_NAME, {
                 "model": self.model.state_dict(), "router": self.router.state(), "config": self.config.to_dict(),
                 "memory": self.memory.state() if self.memory is not None else None,
+                "calibration": self.calibration.state(),
                 "tasks": self.tasks, "tasks_done": self.done, "history": history, "versions": library_versions(),
             })
 
@@ -298,67 +317,21 @@ class Run:
                 self.router.add_task(train.router)
             if self.memory is not None:
                 self._add_memory(task_id, train)
+            self.calibrate(task_id, train.router)
             self.done = task_id + 1
             self._checkpoint()  # the trained task is safe before its evaluation runs
             mean = self._evaluate_task(task_id)
             self.clock.task_done(self, task_id, stats, mean)
         return self.finish()
 
-    def finish(self) -> RunResult:
-        cfg = self.config
+    def finish(self, history: bool = True) -> RunResult:
+        """The final routed (and oracle) evaluation and every file of the run (``report.write_final``);
+        ``history=False`` leaves out the accuracy matrices (a re-evaluation)."""
         last = len(self.tasks) - 1
-        routed = self.evaluate_seen(last, oracle=False, keep_maps=cfg.run_diagnostics)
-        oracle = self.evaluate_seen(last, oracle=True) if cfg.eval_oracle else None
+        routed = self.evaluate_seen(last, oracle=False, keep_maps=self.config.run_diagnostics)
+        oracle = self.evaluate_seen(last, oracle=True) if self.config.eval_oracle else None
         with self.clock.phase("output"):
-            return self._write_final(routed, oracle)
-
-    def _write_final(self, routed: list[ClassEvaluation], oracle: Optional[list[ClassEvaluation]]) -> RunResult:
-        cfg = self.config
-        rows = [r.row for r in routed]
-        mean = write_results_csv(self.exp_dir / "final_results.csv", rows)
-        oracle_mean = None
-        if oracle is not None:
-            oracle_mean = write_results_csv(self.exp_dir / "final_results_oracle.csv", [r.row for r in oracle])
-        # without the router the true task is used: no routing was measured, so none is reported
-        measured = {m: x for m, x in self.matrices.items() if cfg.use_router or m != "routing_acc"}
-        for metric, matrix in measured.items():
-            matrix.to_csv(self.exp_dir / f"matrix_{metric}.csv")
-        write_continual_summary(measured, self.exp_dir / "continual_summary.csv")
-        names = ["+".join(t) for t in self.tasks]
-        confusion = self._confusion(routed) if cfg.use_router else None
-        if confusion is not None:
-            _write_confusion(self.exp_dir, confusion, names)
-        else:
-            self.log.info("routing: n/a (oracle: the true task id was used; no routing matrix or confusion written)")
-        if cfg.run_diagnostics:
-            from moleflow.evaluation.diagnostics import class_diagnostics, write_diagnostics
-            classes = [class_diagnostics(self.model, self.device, self.test_cache[r.row["class_name"]], r,
-                                         build_dataset(cfg, self.splits[r.row["class_name"]].test)) for r in routed]
-            out = write_diagnostics(self.exp_dir / "diagnostics", classes,
-                                    {m: x.values for m, x in measured.items()}, names, confusion)
-            self.log.info(f"diagnostics written to {out}")
-        label = "routed" if cfg.use_router else "oracle: the true task, no router"
-        self.log.info(f"final results ({label}, %):\n" + format_table([*rows, mean]))
-        if oracle_mean is not None:
-            self.log.info(f"oracle mean: img AUROC {oracle_mean['img_auroc']:.4f} pixel AUROC "
-                          f"{oracle_mean['pixel_auroc']:.4f}")
-        self.log.info(f"results written to {self.exp_dir}")
-        close_logger(self.log)
-        return RunResult(self.exp_dir, rows, mean, oracle_mean)
-
-    def _confusion(self, results: list[ClassEvaluation]) -> torch.Tensor:
-        n = len(self.tasks)
-        conf = torch.zeros(n, n, dtype=torch.long)
-        for r in results:
-            for routed in r.routed.tolist():
-                conf[r.row["task_id"], routed] += 1
-        return conf
-
-
-def _write_confusion(exp_dir: Path, confusion: torch.Tensor, names: list[str]) -> None:
-    from moleflow.evaluation.plots import plot_confusion_matrix, save_confusion_csv
-    save_confusion_csv(confusion.numpy(), names, exp_dir / "routing_confusion.csv")
-    plot_confusion_matrix(confusion.numpy(), names, exp_dir / "routing_confusion.png")
+            return write_final(self, routed, oracle, history)
 
 
 def _percent_or_oracle(value: float) -> str:

@@ -14,7 +14,7 @@ RANKS = {
     "config": 1, "extractors": 1, "models": 1,
     "trainer": 2, "evaluation": 2,
     "build": 3, "experiment": 3, "checkpoint": 3, "resume": 3,
-    "precompile": 4,
+    "precompile": 4, "report": 4,
     "runner": 5,
     "run_groups": 5,
     "cli_main": 6, "benchmark": 6, "summarize": 6, "sweep": 7,

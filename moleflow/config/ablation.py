@@ -38,6 +38,7 @@ class AblationConfig:
     img_size: int = 224
     resize_mode: str = "crop"
     use_augmentation: bool = False
+    val_fraction: float = 0.1
     # --- backbone ---
     backbone_name: str = "wide_resnet50_2"
     backbone_weights: Optional[str] = None
@@ -86,6 +87,7 @@ class AblationConfig:
     anomaly_score: str = "fused"
     memory_size: int = 10000
     memory_weight: float = 0.7
+    threshold_quantile: float = 0.99
     # --- SLOW stage ---
     enable_slow_stage: bool = False
     slow_blocks_k: int = 2
@@ -154,6 +156,11 @@ class AblationConfig:
         _check(0.0 < self.memory_weight < 1.0,
                f"--memory_weight {self.memory_weight} must be in (0, 1); use --anomaly_score flow or memory "
                "for one score alone")
+        _check(0.0 <= self.val_fraction < 0.5,
+               f"--val_fraction {self.val_fraction} must be in [0, 0.5) (0 = train on every training image, "
+               "no threshold)")
+        _check(0.0 < self.threshold_quantile <= 1.0,
+               f"--threshold_quantile {self.threshold_quantile} must be in (0, 1] (1 = the largest held-out score)")
         _check(self.scale_context_kernel % 2 == 1 and self.spatial_context_kernel % 2 == 1,
                "--scale_context_kernel and --spatial_context_kernel must be odd")
         _check(1 <= self.slow_blocks_k <= self.num_coupling_layers,

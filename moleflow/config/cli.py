@@ -169,4 +169,7 @@ def _check_conflicts(config: AblationConfig, explicit: dict[str, Any], ignored: 
             raise ConfigError(f"--{flag} has no effect with {now}; drop --{flag} or use {_as_flag(setting, needed)}")
         wanted = " or ".join(_as_flag(setting, v) for v in (needed if isinstance(needed, tuple) else (needed,)))
         raise ConfigError(f"--{flag} needs {wanted} (now {now}); drop --{flag} or use {wanted}")
+    if "threshold_quantile" in explicit and config.val_fraction == 0:
+        raise ConfigError("--threshold_quantile has no effect with --val_fraction 0 (no held-out images, no "
+                          "threshold); drop --threshold_quantile or use --val_fraction > 0")
 

@@ -22,6 +22,9 @@ HELP: dict[str, str] = {
                    "crop) or squash (whole image resized, aspect ratio not kept)",
     "use_augmentation": "random flip and +-10%% brightness/contrast of training images, backbone re-run every "
                         "epoch",
+    "val_fraction": "fraction of each class's train/good images held out (never trained on, chosen by --seed) to "
+                    "set the class's decision threshold and the router's unknown-class limit; 0 = train on every "
+                    "training image as the papers do (then no threshold)",
     # --- backbone ---
     "backbone_name": "timm backbone name (CNNs via feature_info, vit_*/deit_*/DINO via forward_intermediates); "
                      "efficientnet_lite0 loads offline ImageNet weights",
@@ -80,6 +83,8 @@ HELP: dict[str, str] = {
                      "patch memory's distance, or both standardised and mixed",
     "memory_size": "patches kept per task in the patch memory (greedy coreset; 0 keeps every patch)",
     "memory_weight": "weight of the memory distance in the fused score, in (0, 1)",
+    "threshold_quantile": "a class's threshold is this quantile (linear interpolation) of its held-out images' "
+                          "image scores, in (0, 1]; an image scoring above it is anomalous",
     # --- SLOW stage ---
     "enable_slow_stage": "for the last epochs of each later task, also train the last shared blocks (causes "
                          "forgetting by design)",

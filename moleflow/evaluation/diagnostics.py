@@ -37,7 +37,9 @@ class ClassDiagnostics:
         coords: (N, K) a few latent coordinates per image.
         log_det: (N,) mean log-det over each image's patches.
         z_norm: (N,) mean |z| over each image's patches.
-        picks: indices of the images shown as overlays.
+        picks: indices of the images shown as overlays: the highest-scored good images and the
+            lowest-scored defective ones (the nearest to a false alarm and to a miss).
+        titles: one per pick: defect type, file name, score.
         images: (P, 3, S, S) those images (ImageNet-normalised), maps and masks (P, S, S).
     """
 
@@ -48,6 +50,7 @@ class ClassDiagnostics:
     log_det: np.ndarray
     z_norm: np.ndarray
     picks: list[int]
+    titles: list[str]
     images: np.ndarray
     maps: np.ndarray
     masks: np.ndarray
@@ -72,12 +75,23 @@ def class_diagnostics(model: MoLESpatialAwareNF, device: torch.device, test: Fea
         coords.append(z[:: max(1, z.shape[0] // 16)].reshape(-1))
         log_dets.append(log_det.float().mean().cpu())
         norms.append(z.norm(dim=1).mean())
-    labels = test.labels.numpy()
-    picks = [*np.flatnonzero(labels == 0)[:OVERLAYS_PER_KIND], *np.flatnonzero(labels == 1)[:OVERLAYS_PER_KIND]]
-    return ClassDiagnostics(result.row["class_name"], labels, result.image_scores.numpy(),
-                            torch.stack(coords), torch.stack(log_dets).numpy(), torch.stack(norms).numpy(), picks,
+    labels, scores = test.labels.numpy(), result.image_scores.numpy()
+    picks = [int(i) for i in overlay_picks(labels, scores)]
+    titles = [f"{images.samples[i].defect_type}/{images.samples[i].image_path.name} score {scores[i]:.2f}"
+              for i in picks]
+    return ClassDiagnostics(result.row["class_name"], labels, scores, torch.stack(coords),
+                            torch.stack(log_dets).numpy(), torch.stack(norms).numpy(), picks, titles,
                             torch.stack([images[i]["image"] for i in picks]).numpy(), result.maps[picks].numpy(),
                             test.masks[picks].numpy())
+
+
+def overlay_picks(labels: np.ndarray, scores: np.ndarray, per_kind: int = OVERLAYS_PER_KIND) -> list[int]:
+    """The images most telling about failures: the ``per_kind`` highest-scored good images, then the
+    ``per_kind`` lowest-scored defective ones (each group from the worst)."""
+    good, bad = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
+    good = good[np.argsort(-scores[good], kind="stable")][:per_kind]
+    bad = bad[np.argsort(scores[bad], kind="stable")][:per_kind]
+    return [*good.tolist(), *bad.tolist()]
 
 
 def write_diagnostics(out: Path, classes: Sequence[ClassDiagnostics], matrices: dict[str, np.ndarray],
@@ -98,8 +112,8 @@ def write_diagnostics(out: Path, classes: Sequence[ClassDiagnostics], matrices: 
         if good.any():
             good_latents.append(c.coords[good].reshape(-1))
         plot_score_distributions(c.image_scores, c.labels, c.name, out / f"scores_{c.name}.png")
-        titles = [f"{c.name} {'defect' if c.labels[i] else 'good'} #{i} score {c.image_scores[i]:.1f}" for i in c.picks]
-        plot_anomaly_overlays(c.images, c.maps, c.masks, titles, out / f"overlays_{c.name}.png")
+        plot_anomaly_overlays(c.images, c.maps, c.masks, [f"{c.name} {t}" for t in c.titles],
+                              out / f"overlays_{c.name}.png")
     latents = torch.cat(good_latents) if good_latents else torch.zeros(0)
     if latents.numel() > MAX_LATENT_SAMPLES:
         gen = torch.Generator().manual_seed(0)

@@ -123,6 +123,16 @@ def patch_scores(model: MoLESpatialAwareNF, memory: Optional[PatchMemory], patch
         return memory.fuse(flow, patches.to(target), task_ids, 1.0 if mode == "memory" else settings.memory_weight)
 
 
+def score_features(model: MoLESpatialAwareNF, memory: Optional[PatchMemory], patches: Tensor, task_ids: Tensor,
+                   settings: ScoreSettings, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The one scoring path of evaluation, thresholds, predict and the API: (N, H, W, D) features
+    with (N,) experts -> ((N, H, W) patch scores, (N,) image scores from the unsmoothed patch scores),
+    on the CPU, or on ``device`` when it is a GPU."""
+    scores = patch_scores(model, memory, patches, task_ids, settings, device)
+    return scores, image_scores(scores, method=settings.score_aggregation_mode, k=settings.score_aggregation_top_k,
+                                percentile=settings.score_aggregation_percentile)
+
+
 def task_memory(model: MoLESpatialAwareNF, train: FeatureSet, task_id: int, settings: ScoreSettings,
                 device: torch.device) -> TaskMemory:
     """Task ``task_id``'s patch memory from its training features, with the statistics that
@@ -161,9 +171,7 @@ def evaluate_class(model: MoLESpatialAwareNF, test: FeatureSet, class_name: str,
     n = len(test)
     task_ids = torch.full((n,), true_task, dtype=torch.long) if routed is None else routed
     on_gpu = device.type == "cuda"
-    scores = patch_scores(model, memory, test.patches, task_ids, settings, device)
-    img = image_scores(scores, method=settings.score_aggregation_mode, k=settings.score_aggregation_top_k,
-                       percentile=settings.score_aggregation_percentile)
+    scores, img = score_features(model, memory, test.patches, task_ids, settings, device)
     masks = test.masks.to(scores.device)
     maps = anomaly_maps(scores, out_size=tuple(masks.shape[-2:]), sigma=settings.anomaly_map_sigma)
     if on_gpu:

@@ -16,8 +16,10 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import ndimage
 
+from moleflow.evaluation.thresholds import THRESHOLD_METRICS
+
 METRIC_NAMES: tuple[str, ...] = ("img_auroc", "img_ap", "pixel_auroc", "pixel_ap", "aupro",
-                                 "routing_acc")
+                                 "routing_acc", *THRESHOLD_METRICS)
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 

@@ -1,0 +1,121 @@
+"""Per task, what the held-out good training images say once the task is trained: the decision
+threshold (a quantile of their image scores, scored with the task's own expert) and the router's
+unknown-class limit (how far from the task's prototype its own images lie). Fixed after the task,
+like its expert and memory; stored in the checkpoint.
+
+Router limit: the largest router distance (the square root of the router's squared Mahalanobis or
+Euclidean distance) of the task's own images to its prototype, training and held-out, times
+``ROUTER_LIMIT_MARGIN``. The training images' distances are in-sample (smaller than a new image's),
+and defective images of a known class lie farther than good ones; the margin keeps both on the
+known side (measured on MVTec AD hazelnut and transistor: README, "Predict").
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from moleflow.evaluation.evaluator import ScoreSettings, score_features
+from moleflow.evaluation.thresholds import quantile_threshold
+from moleflow.extractors.features import FeatureSet
+from moleflow.models.memory import PatchMemory
+from moleflow.models.mole_nf import MoLESpatialAwareNF
+from moleflow.models.routing import PrototypeRouter
+from moleflow.utils.precision import matmul_tf32
+
+ROUTER_LIMIT_MARGIN = 1.5
+
+
+@dataclass
+class TaskCalibration:
+    """One task's threshold and router limit.
+
+    Attributes:
+        threshold: image-score threshold (None: no held-out images, ``--val_fraction 0``).
+        quantile: the ``--threshold_quantile`` it was set with.
+        held_out_scores: the held-out images' image scores.
+        router_limit: router distance above which an image routed to this task is of an unknown class.
+        own_distance_max: the largest router distance of the task's own images (training and held out).
+    """
+
+    threshold: Optional[float]
+    quantile: float
+    held_out_scores: list[float] = field(default_factory=list)
+    router_limit: Optional[float] = None
+    own_distance_max: Optional[float] = None
+
+    def state(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict) -> "TaskCalibration":
+        return cls(**state)
+
+
+class Calibration:
+    """Every trained task's :class:`TaskCalibration`, in task order."""
+
+    def __init__(self, tasks: Optional[list[TaskCalibration]] = None) -> None:
+        self.tasks: list[TaskCalibration] = list(tasks or [])
+
+    def set(self, task_id: int, calibration: TaskCalibration) -> None:
+        """Task ``task_id``'s calibration; tasks before it without one (a checkpoint written before
+        thresholds existed) get none."""
+        while len(self.tasks) < task_id:
+            self.tasks.append(TaskCalibration(threshold=None, quantile=calibration.quantile))
+        if task_id < len(self.tasks):
+            self.tasks[task_id] = calibration
+        else:
+            self.tasks.append(calibration)
+
+    def thresholds(self) -> list[Optional[float]]:
+        return [t.threshold for t in self.tasks]
+
+    def router_limits(self) -> list[Optional[float]]:
+        return [t.router_limit for t in self.tasks]
+
+    def state(self) -> list[dict]:
+        return [t.state() for t in self.tasks]
+
+    @classmethod
+    def from_state(cls, state: Optional[list[dict]]) -> "Calibration":
+        """From ``state()``; a checkpoint written before thresholds existed has none (None)."""
+        return cls([TaskCalibration.from_state(s) for s in state or []])
+
+
+def router_distances(router: PrototypeRouter, features: Tensor, device: torch.device) -> Tensor:
+    """(N, D) router features -> (N, T) distances to every prototype (square roots of the router's
+    squared distances), in full float32, on ``device``."""
+    with matmul_tf32(device, False):
+        return router.distances(features.to(device)).clamp_min(0.0).sqrt()
+
+
+def calibrate_task(model: MoLESpatialAwareNF, memory: Optional[PatchMemory], router: PrototypeRouter,
+                   settings: ScoreSettings, device: torch.device, task_id: int, quantile: float,
+                   held_out: Optional[FeatureSet], train_router: Optional[Tensor],
+                   previous: Optional[TaskCalibration] = None) -> TaskCalibration:
+    """Threshold and router limit of the trained task ``task_id``.
+
+    Args:
+        model, memory, router, settings, device: the run's parts after the task was trained.
+        quantile: ``--threshold_quantile``.
+        held_out: the task's held-out images' features (None or empty: no threshold).
+        train_router: (N, D) router features of its training images; None keeps ``previous``'s
+            router limit (a re-evaluation changes the scores, not the router).
+        previous: the task's earlier calibration.
+    """
+    scores: list[float] = []
+    if held_out is not None and len(held_out):
+        ids = torch.full((len(held_out),), task_id, dtype=torch.long)
+        scores = score_features(model, memory, held_out.patches, ids, settings, device)[1].cpu().double().tolist()
+    limit, own_max = (previous.router_limit, previous.own_distance_max) if previous is not None else (None, None)
+    if train_router is not None and task_id < router.num_tasks:
+        own = [train_router] + ([held_out.router] if held_out is not None and len(held_out) else [])
+        distances = router_distances(router, torch.cat([f.to(device) for f in own]), device)[:, task_id]
+        own_max = float(distances.max())
+        limit = ROUTER_LIMIT_MARGIN * own_max
+    return TaskCalibration(threshold=quantile_threshold(scores, quantile), quantile=quantile, held_out_scores=scores,
+                           router_limit=limit, own_distance_max=own_max)
