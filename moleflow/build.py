@@ -10,7 +10,7 @@ from typing import Any, Sequence, TypeVar
 
 import torch
 
-from moleflow.config.ablation import AblationConfig
+from moleflow.config.ablation import AblationConfig, ConfigError
 from moleflow.data import AnomalyDataset, Sample
 from moleflow.evaluation.evaluator import ScoreSettings
 from moleflow.extractors import FeatureExtractor, build_extractor
@@ -25,6 +25,15 @@ def settings_from(cls: type[S], config: AblationConfig, **values: Any) -> S:
     """An instance of the settings dataclass ``cls`` with each field taken from the config setting of
     the same name (``values`` win)."""
     return cls(**{f.name: values.get(f.name, getattr(config, f.name)) for f in dataclasses.fields(cls)})
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device``: auto (CUDA when present), cpu, cuda, cuda:N; CUDA asked for but absent is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return torch.device(name)
 
 
 def train_settings(config: AblationConfig) -> TrainSettings:

@@ -14,7 +14,9 @@ import torch
 from tqdm import tqdm
 
 from moleflow import precompile
-from moleflow.build import build_backbone, build_dataset, build_flow, build_router, build_trainer, score_settings
+from moleflow.build import (
+    build_backbone, build_dataset, build_flow, build_router, build_trainer, resolve_device, score_settings,
+)
 from moleflow.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from moleflow.config.ablation import AblationConfig, ConfigError
 from moleflow.data import AnomalyDataset, ClassSplit, generate_demo_dataset, load_checked_splits, split_tasks
@@ -51,14 +53,6 @@ class RunClock:
     def task_done(self, run: "Run", task_id: int, stats: Optional[TaskStats], mean: dict) -> None:
         """After task ``task_id`` was trained (``stats``; None when the flow is not trained) and every
         seen class evaluated (``mean``: the means over those classes)."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return torch.device(name)
 
 
 def interactive() -> bool:

@@ -26,7 +26,7 @@ from moleflow.models.mole_nf import MoLESpatialAwareNF
 from moleflow.models.routing import PrototypeRouter
 from moleflow.utils.precision import matmul_tf32
 
-ROUTER_LIMIT_MARGIN = 1.5
+ROUTER_LIMIT_MARGIN = 2.0
 
 
 @dataclass
@@ -39,6 +39,7 @@ class TaskCalibration:
         held_out_scores: the held-out images' image scores.
         router_limit: router distance above which an image routed to this task is of an unknown class.
         own_distance_max: the largest router distance of the task's own images (training and held out).
+        normal_level: the median patch score of the held-out images (where predict's heat maps start).
     """
 
     threshold: Optional[float]
@@ -46,13 +47,14 @@ class TaskCalibration:
     held_out_scores: list[float] = field(default_factory=list)
     router_limit: Optional[float] = None
     own_distance_max: Optional[float] = None
+    normal_level: Optional[float] = None
 
     def state(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_state(cls, state: dict) -> "TaskCalibration":
-        return cls(**state)
+        return cls(**{k: v for k, v in state.items() if k in cls.__dataclass_fields__})
 
 
 class Calibration:
@@ -108,9 +110,11 @@ def calibrate_task(model: MoLESpatialAwareNF, memory: Optional[PatchMemory], rou
         previous: the task's earlier calibration.
     """
     scores: list[float] = []
+    level = None
     if held_out is not None and len(held_out):
         ids = torch.full((len(held_out),), task_id, dtype=torch.long)
-        scores = score_features(model, memory, held_out.patches, ids, settings, device)[1].cpu().double().tolist()
+        patches, images = score_features(model, memory, held_out.patches, ids, settings, device)
+        scores, level = images.cpu().double().tolist(), float(patches.float().median())
     limit, own_max = (previous.router_limit, previous.own_distance_max) if previous is not None else (None, None)
     if train_router is not None and task_id < router.num_tasks:
         own = [train_router] + ([held_out.router] if held_out is not None and len(held_out) else [])
@@ -118,4 +122,4 @@ def calibrate_task(model: MoLESpatialAwareNF, memory: Optional[PatchMemory], rou
         own_max = float(distances.max())
         limit = ROUTER_LIMIT_MARGIN * own_max
     return TaskCalibration(threshold=quantile_threshold(scores, quantile), quantile=quantile, held_out_scores=scores,
-                           router_limit=limit, own_distance_max=own_max)
+                           router_limit=limit, own_distance_max=own_max, normal_level=level)

@@ -32,7 +32,10 @@ class _PermuteLastDim(torch.autograd.Function):
 
 
 def permute_last_dim(x: Tensor, perm: Tensor, perm_inv: Tensor) -> Tensor:
-    """``x[..., perm]`` (``perm_inv`` = argsort(perm)) with a gather as its gradient."""
+    """``x[..., perm]`` (``perm_inv`` = argsort(perm)) with a gather as its gradient (a TorchScript trace,
+    ``moleflow.export``, records the forward op: the same values)."""
+    if torch.jit.is_tracing():
+        return x.index_select(-1, perm)
     return _PermuteLastDim.apply(x, perm, perm_inv)
 
 
@@ -69,5 +72,7 @@ class _DepthwiseConv(torch.autograd.Function):
 
 def depthwise_conv2d(x: Tensor, conv: nn.Conv2d) -> Tensor:
     """``conv(x)`` for a depthwise, stride-1 conv with odd kernel and 'same' padding (x: (B, C, H, W)),
-    through ``_DepthwiseConv``."""
+    through ``_DepthwiseConv`` (a TorchScript trace records the forward op: the same values)."""
+    if torch.jit.is_tracing():
+        return F.conv2d(x, conv.weight, conv.bias, padding=conv.padding[0], groups=conv.weight.shape[0])
     return _DepthwiseConv.apply(x, conv.weight, conv.bias, conv.padding[0])
