@@ -25,7 +25,7 @@ from moleflow.evaluation.per_image import (
 from moleflow.experiment import close_logger, format_table, write_results_csv
 
 THRESHOLD_COLUMNS = ["task_id", "classes", "held_out_images", "threshold_quantile", "threshold", "held_out_score_min",
-                     "held_out_score_max", "router_limit", "own_distance_max"]
+                     "held_out_score_max", "router_limit", "held_out_distance_max", "train_distance_max"]
 
 
 @dataclass
@@ -103,7 +103,8 @@ def threshold_rows(calibration: Any, names: list[str]) -> list[dict]:
                      "threshold_quantile": float(cal.quantile), "threshold": _num(cal.threshold),
                      "held_out_score_min": _num(min(scores) if scores else None),
                      "held_out_score_max": _num(max(scores) if scores else None),
-                     "router_limit": _num(cal.router_limit), "own_distance_max": _num(cal.own_distance_max)})
+                     "router_limit": _num(cal.router_limit), "held_out_distance_max": _num(cal.held_out_distance_max),
+                     "train_distance_max": _num(cal.train_distance_max)})
     return rows
 
 

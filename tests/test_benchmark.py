@@ -78,10 +78,11 @@ def test_benchmark_end_to_end_writes_every_figure(tmp_path: Path, capsys: pytest
     assert all(v >= 0 for v in phases.values())  # "other" too: no phase is counted twice
     assert run["run_total_s"] + phases["e2e_measurement"] <= wall  # within the test's own stopwatch
     assert phases["other"] < 0.25 * run["run_total_s"]  # the phases account for most of the run
-    assert run["images"]["train"] == 8 and run["images"]["test"] == 12 and run["images"]["decoded"] == 20
-    assert run["training"]["image_steps"] == 8 and run["training"]["images_per_s"] > 0
+    images = run["images"]  # --val_fraction 0.1 holds one of each class's 4 training images out
+    assert images["train"] == 6 and images["held_out"] == 2 and images["test"] == 12 and images["decoded"] == 20
+    assert run["training"]["image_steps"] == 6 and run["training"]["images_per_s"] > 0
     per_task = run["training"]["per_task"]
-    assert sum(t["image_steps"] for t in per_task) == 8 and all(t["seconds"] > 0 for t in per_task)
+    assert sum(t["image_steps"] for t in per_task) == 6 and all(t["seconds"] > 0 for t in per_task)
     # each task's training time is its own train_task call (less the router's fit inside it, charged
     # to routing), as timed here independently of the benchmark's clock
     assert len(trained) == len(per_task) == 2
@@ -89,6 +90,10 @@ def test_benchmark_end_to_end_writes_every_figure(tmp_path: Path, capsys: pytest
         assert seconds - phases["routing"] - 0.01 <= task["seconds"] <= seconds + 0.01
     assert run["training"]["from_third_task_images_per_s"] is None  # 2 tasks: no third
     assert [p["tasks"] for p in run["inference_e2e"]["per_task_count"]] == [1, 2]
+    predict = run["predict"]
+    assert predict["tasks"] == 2 and predict["images_decoded"] == predict["images_files"] == 4
+    assert predict["decoded_images_per_s"] > 0 and predict["files_images_per_s"] > 0
+    assert "img/s from decoded tensors" in printed
     growth = run["parameters"]["total_after_each_task"]
     assert growth[1] - growth[0] == run["parameters"]["per_task"][1] > 0
     assert all(math.isfinite(v) for v in run["metrics"]["final_routed_mean"].values())

@@ -43,7 +43,8 @@ def test_cli_end_to_end(tiny_data, tmp_path):
     rows = _rows(exp / "final_results.csv")
     assert [r["class_name"] for r in rows] == ["fabric", "tile", "nut", "mean"]
     assert list(rows[0]) == ["task_id", "class_name", "routing_acc", "img_auroc", "pixel_auroc", "img_ap",
-                             "pixel_ap", "aupro"]
+                             "pixel_ap", "aupro", "f1_at_threshold", "precision_at_threshold", "recall_at_threshold",
+                             "f1_max_test_picked"]
     for col in list(rows[0])[2:]:
         values = [float(r[col]) for r in rows[:-1]]
         assert float(rows[-1][col]) == pytest.approx(np.mean(values), abs=1e-6)

@@ -195,6 +195,11 @@ def summary_lines(result: dict) -> list[str]:
                      f"img/s | extraction {run['extraction_images_per_s']:.0f} img/s | e2e inference "
                      f"{run['inference_e2e']['images_per_s']:.0f} img/s (x{run['inference_e2e']['last_over_first_ms_per_image']:.2f}"
                      f" ms/img from 1 to {len(run['tasks'])} tasks)")
+        pred = run.get("predict")
+        if pred:
+            lines.append(f"predict after {pred['tasks']} tasks (batch {pred['batch']}): {pred['decoded_images_per_s']:.0f} "
+                         f"img/s from decoded tensors, {pred['files_images_per_s']:.0f} img/s from files (maps at "
+                         "each image's resolution)")
         steady = run["training"].get("from_third_task_images_per_s")
         if steady:
             lines.append(f"training from the third task on (nothing compiled there): {steady:.0f} img/s; per task, s: "

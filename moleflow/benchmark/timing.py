@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from moleflow.config.ablation import AblationConfig
+from moleflow.benchmark.predict_speed import predict_throughput
 from moleflow.build import build_dataset
 from moleflow.evaluation import anomaly_map
 from moleflow.evaluation.evaluator import score_patches
@@ -223,6 +224,17 @@ def _e2e_set(run: Run, count: int) -> Tensor:
     return images.pin_memory() if run.device.type == "cuda" else images
 
 
+def _e2e_paths(run: Run, count: int) -> list[str]:
+    """The files of ``_e2e_set``'s images, in its order (round-robin over the classes)."""
+    tests = [run.splits[c].test for c in run.config.task_classes]
+    paths: list[str] = []
+    index = 0
+    while len(paths) < count and any(index < len(t) for t in tests):
+        paths += [str(t[index].image_path) for t in tests if index < len(t)][:count - len(paths)]
+        index += 1
+    return paths
+
+
 def _rate(stats: list[dict]) -> Optional[float]:
     """Training images/s over ``stats`` (per-task rows), None when empty. From the third task on,
     nothing is compiled under --compile_flow (task 0 trains unfused, task 1 compiles the graph that
@@ -259,29 +271,33 @@ def timed_run(config: AblationConfig, weights: str, e2e_images: int = 640, e2e_b
     run = Run(config, progress=progress, clock=clock, weights=weights)
     result = run.execute()
     wall = time.perf_counter() - clock.started
+    predict = predict_throughput(run, clock.e2e_set, _e2e_paths(run, len(clock.e2e_set)), e2e_batch)
     phases = dict(clock.totals)
     run_total = wall - phases.get("e2e_measurement", 0.0)
     phases["other"] = run_total - sum(v for k, v in phases.items() if k != "e2e_measurement")
     n_train = sum(len(run.splits[c].train) for c in config.task_classes)
     n_test = sum(len(run.splits[c].test) for c in config.task_classes)
+    n_held = sum(len(v) for v in run.held_out.values())
     stats, growth, inference = clock.train_stats, clock.growth, clock.inference
     image_steps = sum(s["image_steps"] for s in stats)
     oracle = result.oracle_mean_row
     return {
         "tasks": run.tasks,
         "experiment": str(result.exp_dir),
-        "images": {"train": n_train, "test": n_test, "decoded": n_train + n_test, "e2e_set": len(clock.e2e_set)},
+        "images": {"train": n_train, "held_out": n_held, "test": n_test, "decoded": n_train + n_held + n_test,
+                   "e2e_set": len(clock.e2e_set)},
         "phases_s": phases,
         "run_total_s": run_total,
         "wall_with_measurements_s": wall,
         "training": {"image_steps": image_steps, "seconds": phases.get("flow_training", 0.0),
                      "images_per_s": image_steps / phases["flow_training"] if phases.get("flow_training") else None,
                      "per_task": stats, "from_third_task_images_per_s": _rate(stats[2:])},
-        "decode_images_per_s": (n_train + n_test) / phases["data_decode"],
-        "extraction_images_per_s": (n_train + n_test) / phases["feature_extraction"],
+        "decode_images_per_s": (n_train + n_held + n_test) / phases["data_decode"],
+        "extraction_images_per_s": (n_train + n_held + n_test) / phases["feature_extraction"],
         "inference_e2e": {"batch": e2e_batch, "images_per_s": inference[-1]["images_per_s"],
                           "per_task_count": inference,
                           "last_over_first_ms_per_image": inference[-1]["ms_per_image"] / inference[0]["ms_per_image"]},
+        "predict": predict,
         "parameters": {"shared": growth[-1]["shared"], "per_task": growth[-1]["per_task"],
                        "total_after_each_task": [g["total"] for g in growth]},
         "memory": _memory(device),

@@ -33,15 +33,16 @@ def _flag_names(name: str) -> tuple[str, str]:
     return f"--{name}", f"--no_{base}"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Build the CLI parser from the AblationConfig fields."""
-    parser = OneLineParser(
-        prog="run_moleflow.py",
-        description="MoLE-Flow: continual anomaly detection with LoRA experts in a normalizing flow.",
-        argument_default=argparse.SUPPRESS,
-    )
+def build_parser(only: Optional[Sequence[str]] = None, prog: str = "run_moleflow.py",
+                 description: str = "MoLE-Flow: continual anomaly detection with LoRA experts in a normalizing flow.",
+                 ) -> argparse.ArgumentParser:
+    """Build the CLI parser from the AblationConfig fields (``only``: just those, e.g. the settings a
+    re-evaluation may change)."""
+    parser = OneLineParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
     hints = typing.get_type_hints(AblationConfig)
     for name, fld in config_fields().items():
+        if only is not None and name not in only:
+            continue
         kind = hints[name]
         default = fld.default if fld.default is not dataclasses.MISSING else fld.default_factory()
         help_text = HELP[name] if kind == list[str] else f"{HELP[name]} (default: {default})"

@@ -32,7 +32,7 @@ def crop_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
     left = int(round((resized_w - size) / 2.0))
     top = int(round((resized_h - size) / 2.0))
     scale_x, scale_y = width / resized_w, height / resized_h
-    box = (round(left * scale_x), round(top * scale_y), round((left + size) * scale_x), round((top + size) * scale_y))
+    box = [int(v + 0.5) for v in (left * scale_x, top * scale_y, (left + size) * scale_x, (top + size) * scale_y)]
     return box[0], box[1], max(box[0] + 1, min(width, box[2])), max(box[1] + 1, min(height, box[3]))
 
 

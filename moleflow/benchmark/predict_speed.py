@@ -1,0 +1,69 @@
+"""Predict throughput after the last task (``moleflow.predictor.Predictor``, the path
+``python -m moleflow.predict`` and ``moleflow.load(...).predict`` take), with the run's own parts:
+
+- from decoded tensors: ImageNet-normalised ``(B, 3, S, S)`` images on the host (pinned on CUDA) ->
+  ``Predictor.score`` (copy, backbone, router, routed flow, memory fusion, ``S x S`` maps and image
+  scores, all on the device, batched); the image scores reach the host once, at the end;
+- from files: test image paths -> ``Predictor.predict`` (decoding on a thread pool one batch
+  ahead, scoring, each map brought to the image's own resolution and to the host; nothing is
+  written to disk).
+
+Each is timed on a second pass over the same images, after an untimed first pass.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from moleflow.predictor import Predictor
+from moleflow.trained import TrainedRun
+
+
+def trained_from_run(run: Any) -> TrainedRun:
+    """The parts of a finished ``moleflow.runner.Run`` as a :class:`TrainedRun` (nothing re-loaded)."""
+    return TrainedRun(run_dir=run.exp_dir, config=run.config, tasks=run.tasks, extractor=run.extractor,
+                      model=run.model.eval(), router=run.router, memory=run.memory, calibration=run.calibration,
+                      settings=run.score, device=run.device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def decoded_images_per_s(predictor: Predictor, images: Tensor, batch: int) -> float:
+    """Images/s of ``Predictor.score`` over ``images`` (host tensors) in batches of ``batch``."""
+    device = predictor.trained.device
+
+    def one_pass() -> Tensor:
+        scores = [predictor.score(images[s:s + batch]).image_scores for s in range(0, len(images), batch)]
+        return torch.cat(scores).cpu()
+
+    one_pass()
+    _sync(device)
+    started = time.perf_counter()
+    one_pass()
+    _sync(device)
+    return len(images) / (time.perf_counter() - started)
+
+
+def files_images_per_s(predictor: Predictor, paths: list[str]) -> float:
+    """Images/s of ``Predictor.predict`` over ``paths`` with maps at each image's resolution."""
+    for _ in predictor.predict(paths):
+        pass
+    started = time.perf_counter()
+    count = sum(1 for _ in predictor.predict(paths))
+    return count / (time.perf_counter() - started)
+
+
+def predict_throughput(run: Any, images: Tensor, paths: list[str], batch: int) -> dict[str, Any]:
+    """Both figures after the run's last task (JSON-ready)."""
+    predictor = Predictor(trained_from_run(run), batch_size=batch)
+    return {"tasks": len(run.tasks), "batch": batch, "images_decoded": len(images), "images_files": len(paths),
+            "decoded_images_per_s": decoded_images_per_s(predictor, images, batch),
+            "files_images_per_s": files_images_per_s(predictor, paths)}
