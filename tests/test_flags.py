@@ -265,7 +265,7 @@ def test_dataset_data_path_and_classes_choose_what_is_loaded(tiny_data: Path, tm
 
 RUN_FLAGS = ["--cl_scenario", "2-1", "--no_router", "--no_eval_oracle", "--run_diagnostics", "--quiet",
              "--experiment_name", "other", "--num_workers", "1", "--use_augmentation", "--amp", "--tf32",
-             "--compile_flow"]
+             "--compile_flow", "--val_fraction", "0"]
 
 
 def _main(argv: list[str]) -> dict[str, Any]:
@@ -359,6 +359,35 @@ def test_resume_continues_an_experiment_folder(runs: dict) -> None:
     with pytest.raises(ConfigError, match="is not a folder"):
         from moleflow.resume import resolve_resume
         resolve_resume(config(resume=str(runs["root"] / "missing")), {})
+
+
+@covers("val_fraction")
+def test_val_fraction_holds_out_images_that_set_the_thresholds(runs: dict) -> None:
+    base, other = (json.loads((runs[r]["dir"] / "config.json").read_text()) for r in ("base", "other"))
+    assert base["held_out_images"] == {"fabric": 1, "tile": 1} and other["held_out_images"] == {"fabric": 0, "tile": 0}
+    assert all(row["f1_at_threshold"] and row["f1_max_test_picked"] for row in _final(runs["base"]))
+    assert all(not row["f1_at_threshold"] and row["f1_max_test_picked"] for row in _final(runs["other"]))
+    with open(runs["other"]["dir"] / "thresholds.csv", newline="") as handle:
+        assert [row["threshold"] for row in csv.DictReader(handle)] == [""]  # 2-1: one task, no threshold
+
+
+@covers("threshold_quantile")
+def test_threshold_quantile_sets_the_threshold() -> None:
+    from moleflow.evaluation.calibration import calibrate_task
+    from moleflow.models.memory import PatchMemory
+    thresholds = []
+    for cfg in (BASE, config(threshold_quantile=0.5)):
+        torch.manual_seed(0)
+        model, router, memory = build_flow(cfg, D), build_router(cfg), PatchMemory()
+        model.add_task()
+        router.add_task(_features(0).router)
+        memory.add_task(task_memory(model, _features(0), 0, score_settings(cfg), CPU))
+        held = _features(3)  # ten held-out images
+        thresholds.append(calibrate_task(model, memory, router, score_settings(cfg), CPU, 0, cfg.threshold_quantile,
+                                         held, _features(0).router).threshold)
+    assert thresholds[0] > thresholds[1]
+    with pytest.raises(ConfigError, match="--threshold_quantile has no effect with --val_fraction 0"):
+        parse_config(["--val_fraction", "0", "--threshold_quantile", "0.9"])
 
 
 # ------------------------------------------------------------------------------ settings of the run itself
