@@ -32,6 +32,7 @@ from moleflow.evaluation.anomaly_map import anomaly_maps
 from moleflow.evaluation.evaluator import score_batch, score_features
 from moleflow.evaluation.image_maps import map_to_image
 from moleflow.extractors.features import decode_threads
+from moleflow.models.fusion import fusion
 from moleflow.trained import TrainedRun
 from moleflow.utils.precision import matmul_tf32
 
@@ -114,13 +115,17 @@ class Predictor:
         trained: the loaded run.
         batch_size: images per pass (default: the evaluation's scoring batch).
         task: score every image with this task's expert instead of routing it.
+        fuse: run the flow's element-wise work compiled (``--compile_flow``; CUDA only); default: as
+            the run was trained (its first batches then compile, tens of seconds).
     """
 
-    def __init__(self, trained: TrainedRun, batch_size: Optional[int] = None, task: Optional[int] = None) -> None:
+    def __init__(self, trained: TrainedRun, batch_size: Optional[int] = None, task: Optional[int] = None,
+                 fuse: Optional[bool] = None) -> None:
         if task is not None and not 0 <= task < len(trained.tasks):
             raise ValueError(f"--task {task}: the run has tasks 0..{len(trained.tasks) - 1}")
         self.trained = trained
         self.task = task
+        self.fuse = (trained.config.compile_flow if fuse is None else fuse) and trained.device.type == "cuda"
         self.batch_size = batch_size or score_batch(trained.settings, trained.device)
         device = trained.device
         self._thresholds = torch.tensor([math.nan if t is None else t for t in trained.thresholds()], device=device)
@@ -140,7 +145,8 @@ class Predictor:
             squared = run.router.distances(feats.mean(dim=(1, 2)))
         tasks = squared.argmin(dim=1) if self.task is None else torch.full_like(squared[:, 0], self.task).long()
         distances = squared.gather(1, tasks[:, None]).squeeze(1).clamp_min(0.0).sqrt()
-        patch, image = score_features(run.model, run.memory, feats, tasks, run.settings, device)
+        with fusion(self.fuse):
+            patch, image = score_features(run.model, run.memory, feats, tasks, run.settings, device)
         maps = anomaly_maps(patch, out_size=tuple(images.shape[-2:]), sigma=run.settings.anomaly_map_sigma)
         on = image.device
         threshold = self._thresholds.to(on)[tasks.to(on)]
