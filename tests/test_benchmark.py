@@ -115,3 +115,16 @@ def test_profile_prints_the_three_tables(capsys: pytest.CaptureFixture) -> None:
     profile_main(["--dim", "16", "--grid", "4", "--batch", "2", "--steps", "1", "--rows", "3"])
     printed = capsys.readouterr().out
     assert "training step, task 0" in printed and "training step, task 1" in printed and "inference" in printed
+
+
+def test_benchmark_preset_and_list_settings_reach_the_config(tmp_path: Path) -> None:
+    from moleflow.benchmark.__main__ import build_parser, resolve_config
+    args = build_parser().parse_args(["--weights", "random", "--preset", "paper_main",
+                                      "--set", "feature_strides=4,8", "--set", "num_epochs=3"])
+    config = resolve_config(args, ["a", "b"], "folder", tmp_path)
+    assert config.ablation_preset == "paper_main"
+    assert config.anomaly_score == "flow" and config.feature_pooling == "unfold"  # the preset's settings
+    assert config.feature_strides == [4, 8] and config.num_epochs == 3  # --set wins over the preset
+    with pytest.raises(SystemExit, match="comma-separated integers"):
+        resolve_config(build_parser().parse_args(["--weights", "random", "--set", "feature_strides=8,x"]),
+                       ["a"], "folder", tmp_path)

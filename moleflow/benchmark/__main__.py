@@ -25,7 +25,7 @@ from moleflow.benchmark.limits import measure_limits
 from moleflow.benchmark.synthetic import SyntheticSpec, generate_synthetic_dataset
 from moleflow.benchmark.timing import timed_run
 from moleflow.build import build_backbone
-from moleflow.config.ablation import DEMO_SETTINGS, AblationConfig, apply_overrides, config_fields
+from moleflow.config.ablation import DEMO_SETTINGS, PRESETS, AblationConfig, apply_overrides, config_fields
 from moleflow.data import generate_demo_dataset, list_classes
 
 RANDOM_WEIGHTS_NOTE = ("random backbone weights: the throughputs are those of the real network, but the metrics of "
@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=("pretrained", "random"), required=True,
                    help="backbone weights; 'random' gives valid speed figures but meaningless metrics")
     p.add_argument("--demo_settings", action="store_true", help="apply the --demo sizes (efficientnet_lite0, D=256 ...)")
+    p.add_argument("--preset", default="full", choices=sorted(PRESETS),
+                   help="an --ablation_preset applied before --set (default: full, the main configuration)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override an AblationConfig setting, e.g. --set num_epochs=60 (repeatable)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast + channels-last backbone on CUDA")
@@ -81,15 +83,21 @@ def _parse_value(name: str, text: str) -> Any:
         return text.lower() in ("true", "1")
     if kind == list[str]:
         return text.split(",")
+    if kind == list[int]:
+        try:
+            return [int(item) for item in text.split(",")]
+        except ValueError:
+            raise SystemExit(f"error: --set {name}={text}: use comma-separated integers, e.g. {name}=8,16") from None
     base = typing.get_args(kind)[0] if typing.get_origin(kind) is typing.Union else kind
     return base(text)
 
 
 def resolve_config(args: argparse.Namespace, classes: list[str], dataset: str, log_dir: Path) -> AblationConfig:
-    """Main configuration + demo sizes (if asked) + the data + ``--set`` overrides."""
+    """Main configuration + demo sizes (if asked) + the preset + the data + ``--set`` overrides."""
     config = AblationConfig()
     if args.demo_settings:
         config = apply_overrides(config, DEMO_SETTINGS)
+    config = apply_overrides(config, {**PRESETS[args.preset], "ablation_preset": args.preset})
     overrides: dict[str, Any] = {"dataset": dataset, "data_path": str(args.data_path), "task_classes": classes,
                                  "device": args.device, "amp": bool(args.amp), "tf32": bool(args.tf32),
                                  "compile_flow": bool(args.compile_flow), "log_dir": str(log_dir),
