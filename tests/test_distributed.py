@@ -114,6 +114,16 @@ def test_resume_under_torchrun(plain_run, tiny_data, tmp_path):
     assert_close_results(plain_run, exp)
 
 
+def test_an_error_on_process_0_stops_every_process_in_one_line(tiny_data, tmp_path):
+    """Process 0 cannot create the folder: both processes end with its one-line error, no hang."""
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    proc = torchrun(2, tiny_flags(tiny_data, blocked / "logs"), timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: cannot write to log dir")]
+    assert sorted(line.endswith("(on process 0)") for line in errors) == [False, True]  # its own, the relayed
+
+
 # ------------------------------------------------------------------------------- in one process
 @pytest.mark.parametrize("n", [0, 1, 5, 16, 17])
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
