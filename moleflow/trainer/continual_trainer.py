@@ -120,8 +120,8 @@ class MoLEContinualTrainer:
         return unique
 
     def loss(self, feats: Tensor, task_id: int, flow: Optional[nn.Module] = None) -> Tensor:
-        """The training loss of task ``task_id`` on (B, H, W, D) features, through ``flow`` (the
-        model, or the model under DistributedDataParallel) or the model."""
+        """The training loss of task ``task_id`` on (B, H, W, D) features, through ``flow`` when given
+        (the model under DistributedDataParallel), else through the model."""
         s = self.settings
         z, log_det = (self.model if flow is None else flow)(feats, task_id)
         return moleflow_loss(z, log_det, tail_weight=s.tail_weight, tail_ratio=s.tail_top_k_ratio,
