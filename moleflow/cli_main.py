@@ -21,7 +21,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from moleflow.checkpoint import CheckpointError
     from moleflow.trainer.continual_trainer import TrainingError
     from moleflow.experiment import ExperimentError
-    return (ConfigError, DataError, BackboneError, CheckpointError, TrainingError, ExperimentError)
+    from moleflow.distributed import DistributedError
+    return (ConfigError, DataError, BackboneError, CheckpointError, TrainingError, ExperimentError, DistributedError)
 
 
 def check_data(config: AblationConfig) -> dict[str, ClassSplit]:
@@ -70,6 +71,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         where = f" {err.filename}" if getattr(err, "filename", None) else ""
         print(f"error: {err.strerror or err}{where}; check free disk space and permissions", file=sys.stderr)
         return 1
+    from moleflow.distributed import world
+    if not world().writer:  # under torchrun process 0 prints the summary
+        return 0
     mean = result.mean_row
     routing = mean["routing_acc"]
     routing_text = "n/a (oracle)" if math.isnan(routing) else f"{100 * routing:.2f}"

@@ -13,7 +13,7 @@ from typing import Any, ContextManager, Optional
 import torch
 from tqdm import tqdm
 
-from moleflow import precompile
+from moleflow import distributed, precompile
 from moleflow.build import (
     build_backbone, build_dataset, build_flow, build_router, build_trainer, resolve_device, score_settings,
 )
@@ -64,7 +64,8 @@ def effective(config: AblationConfig, device: torch.device) -> dict[str, Any]:
     """Settings as they act on ``device`` (the CUDA-only switches are off elsewhere)."""
     cuda = device.type == "cuda"
     return {"device": str(device), "amp": config.amp and cuda, "tf32": config.tf32 and cuda,
-            "compile_flow": config.compile_flow and cuda, "cuda_graphs": config.cuda_graphs and cuda,
+            "compile_flow": config.compile_flow and cuda,
+            "cuda_graphs": config.cuda_graphs and cuda and not distributed.world().active,  # not under torchrun
             "compile_ahead": config.compile_ahead and config.compile_flow and cuda}
 
 
@@ -84,12 +85,12 @@ class Run:
                  clock: Optional[RunClock] = None, weights: str = "pretrained") -> None:
         self.clock = clock or RunClock()
         self.config = config
-        self.progress = progress and not config.quiet and interactive()  # tqdm bars
-        with self.clock.phase("setup"):
-            self.device = resolve_device(config.device)
+        with self.clock.phase("setup"):  # under torchrun: join the processes, cuda:LOCAL_RANK (distributed.py)
+            self.device = distributed.start(resolve_device(config.device))
             if config.demo:
                 generate_demo_dataset(Path(config.data_path), seed=0)
             self.tasks = resume.tasks if resume else split_tasks(config.task_classes, config.cl_scenario)
+        self.progress = progress and not config.quiet and interactive() and distributed.world().writer  # tqdm bars
         with self.clock.phase("data_check"):
             checked = splits if splits is not None else load_checked_splits(config.dataset, Path(config.data_path),
                                                                             config.task_classes)
@@ -107,19 +108,24 @@ class Run:
             self.config = config = dataclasses.replace(config, feature_dim=self.extractor.feature_dim)
         self._check_top_k()
         resume = self.resume
-        self.exp_dir = resume.exp_dir if resume and not resume.extend else create_experiment_dir(
-            config.log_dir, config.experiment_name)
-        self.log = setup_logger(self.exp_dir, quiet=quiet)
+        self.exp_dir = resume.exp_dir if resume and not resume.extend else distributed.on_writer(
+            lambda: create_experiment_dir(config.log_dir, config.experiment_name))  # process 0 writes; all know it
+        writer = distributed.world().writer  # the other processes log warnings to the console only
+        self.log = setup_logger(self.exp_dir, quiet=quiet) if writer else distributed.console_logger()
         rule = THRESHOLD_RULE if config.val_fraction > 0 else "none (--val_fraction 0)"
         held = {c: len(v) for c, v in self.held_out.items()}
         extra: dict[str, Any] = {"tasks": self.tasks, "effective": effective(config, self.device),
-                                 "threshold_rule": rule, "held_out_images": held, **(notes or {})}
+                                 "threshold_rule": rule, "held_out_images": held, **distributed.describe(),
+                                 **(notes or {})}
         if resume:
             extra["resumed_from"] = str(resume.exp_dir)
-        write_config(self.exp_dir, config, extra)
+        distributed.on_writer(lambda: write_config(self.exp_dir, config, extra))
         for item in extra.get("ignored_flags", []):
             self.log.info(f"warning: {item['reason']}", extra=FILE_ONLY)  # printed by the CLI already
         self._warn_cuda_only()
+        if config.cuda_graphs and self.device.type == "cuda" and distributed.world().active:
+            self.log.warning("warning: --cuda_graphs is off under torchrun (DDP's gradient exchange is not recorded "
+                             "into a graph); steps run unrecorded (config.json: effective.cuda_graphs = false)")
         self._warn_feature_dim()
         self.model = build_flow(config, self.extractor.feature_dim).to(self.device)
         self.router = build_router(config)
@@ -178,6 +184,7 @@ class Run:
         self.log.info(f"resumed from {self.resume.exp_dir / CHECKPOINT_NAME}: {self.done} task(s) already trained")
 
     # ------------------------------------------------------------------ data
+    @distributed.shard_images  # under torchrun each process extracts its block of images; all get all
     def _features(self, dataset: AnomalyDataset, keep_masks: bool, desc: str) -> FeatureSet:
         """Decode ``dataset`` (once: it keeps the images), then run the backbone over it."""
         with self.clock.phase("data_decode"):
@@ -255,12 +262,12 @@ class Run:
     def _checkpoint(self) -> None:
         history = {m: self.matrices[m].values.tolist() for m in MATRIX_METRICS}
         with self.clock.phase("output"):
-            save_checkpoint(self.exp_dir / CHECKPOINT_NAME, {
+            distributed.on_writer(lambda: save_checkpoint(self.exp_dir / CHECKPOINT_NAME, {
                 "model": self.model.state_dict(), "router": self.router.state(), "config": self.config.to_dict(),
                 "memory": self.memory.state() if self.memory is not None else None,
                 "calibration": self.calibration.state(),
                 "tasks": self.tasks, "tasks_done": self.done, "history": history, "versions": library_versions(),
-            })
+            }))
 
     # ------------------------------------------------------------------ the task loop
     def execute(self) -> RunResult:
@@ -280,7 +287,8 @@ class Run:
         results = self.evaluate_seen(task_id, oracle=False)
         self._record(task_id, results)
         with self.clock.phase("output"):
-            mean = write_results_csv(self.exp_dir / f"results_after_task_{task_id}.csv", [r.row for r in results])
+            mean = distributed.on_writer(lambda: write_results_csv(self.exp_dir / f"results_after_task_{task_id}.csv",
+                                                                   [r.row for r in results]))
         self.log.info(f"after task {task_id}: mean img AUROC {mean['img_auroc']:.4f} pixel AUROC "
                       f"{mean['pixel_auroc']:.4f} routing {_percent_or_oracle(mean['routing_acc'])}")
         self._checkpoint()
@@ -325,7 +333,7 @@ class Run:
         routed = self.evaluate_seen(last, oracle=False, keep_maps=self.config.run_diagnostics)
         oracle = self.evaluate_seen(last, oracle=True) if self.config.eval_oracle else None
         with self.clock.phase("output"):
-            return write_final(self, routed, oracle, history)
+            return distributed.on_writer(lambda: write_final(self, routed, oracle, history))
 
 
 def _percent_or_oracle(value: float) -> str:

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "moleflow"
 
 # Bottom to top; a module may import its own package and anything on a lower rank.
 RANKS = {
-    "data": 0, "utils": 0,
+    "data": 0, "utils": 0, "distributed": 0,
     "config": 1, "extractors": 1, "models": 1,
     "trainer": 2, "evaluation": 2,
     "build": 3, "experiment": 3, "checkpoint": 3, "resume": 3,
@@ -21,7 +21,7 @@ RANKS = {
     "run_groups": 5,
     "cli_main": 6, "benchmark": 6, "summarize": 6, "sweep": 7,
 }
-CONFIG_FREE = ("data", "utils", "extractors", "models", "trainer", "evaluation")  # take plain values
+CONFIG_FREE = ("data", "utils", "distributed", "extractors", "models", "trainer", "evaluation")  # take plain values
 
 
 def _imports() -> dict[str, set[str]]:

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from moleflow.distributed import by_rows
 from moleflow.evaluation import metrics_torch
 from moleflow.evaluation.anomaly_map import anomaly_maps, image_scores
 from moleflow.evaluation.metrics import class_metrics
@@ -110,7 +111,14 @@ def score_batch(settings: ScoreSettings, device: torch.device) -> int:
 def patch_scores(model: MoLESpatialAwareNF, memory: Optional[PatchMemory], patches: Tensor, task_ids: Tensor,
                  settings: ScoreSettings, device: torch.device) -> Tensor:
     """(N, H, W) patch anomaly scores as ``settings.anomaly_score`` asks: the flow's NLL, the
-    memory distance, or both standardised and fused (``moleflow.models.memory``)."""
+    memory distance, or both standardised and fused (``moleflow.models.memory``). Under torchrun
+    each process scores its block of the images and all get every score (``distributed.by_rows``)."""
+    return by_rows(lambda lo, hi: _patch_scores(model, memory, patches[lo:hi], task_ids[lo:hi], settings, device),
+                   len(task_ids))
+
+
+def _patch_scores(model: MoLESpatialAwareNF, memory: Optional[PatchMemory], patches: Tensor, task_ids: Tensor,
+                  settings: ScoreSettings, device: torch.device) -> Tensor:
     mode = settings.anomaly_score
     flow = None if mode == "memory" else score_patches(model, patches, task_ids, score_batch(settings, device), device,
                                                        tf32=settings.tf32)

@@ -23,7 +23,8 @@ from tqdm import tqdm
 from moleflow.extractors.features import FeatureSet
 from moleflow.models.loss import moleflow_loss
 from moleflow.models.mole_nf import MoLESpatialAwareNF
-from moleflow.trainer import steps
+from moleflow.distributed import world
+from moleflow.trainer import ddp, steps
 
 
 class TrainingError(RuntimeError):
@@ -99,7 +100,8 @@ class MoLEContinualTrainer:
         self.device = device
         self.log = logger
         self.progress = progress
-        self.strategy = steps.Strategy.for_device(device, settings.cuda_graphs)
+        # DDP's gradient hooks are not recorded into a CUDA graph: under torchrun steps run unrecorded
+        self.strategy = steps.Strategy.for_device(device, settings.cuda_graphs and not world().active)
 
     def trainable(self, task_id: int, slow: bool) -> list[nn.Parameter]:
         """Set requires_grad for this task's stage and return the parameters to optimise: its own,
@@ -117,10 +119,11 @@ class MoLEContinualTrainer:
             p.requires_grad_(True)
         return unique
 
-    def loss(self, feats: Tensor, task_id: int) -> Tensor:
-        """The training loss of task ``task_id`` on (B, H, W, D) features."""
+    def loss(self, feats: Tensor, task_id: int, flow: Optional[nn.Module] = None) -> Tensor:
+        """The training loss of task ``task_id`` on (B, H, W, D) features, through ``flow`` when given
+        (the model under DistributedDataParallel), else through the model."""
         s = self.settings
-        z, log_det = self.model(feats, task_id)
+        z, log_det = (self.model if flow is None else flow)(feats, task_id)
         return moleflow_loss(z, log_det, tail_weight=s.tail_weight, tail_ratio=s.tail_top_k_ratio,
                              lambda_logdet=s.lambda_logdet, tail_aware=s.use_tail_aware_loss)
 
@@ -193,7 +196,10 @@ class MoLEContinualTrainer:
         return TaskStats(task_id, s.num_epochs, done, skipped, last_loss, n_params)
 
     def _step(self, task_id: int, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> steps.PlainStep:
-        return steps.make_step(self.strategy, lambda feats: self.loss(feats, task_id), optimizer, params,
+        # under torchrun: DDP over the current trainable set, each process a slice of the batch (ddp.py)
+        flow = ddp.wrap(self.model, self.device)
+        loss_fn = ddp.sharded_loss(lambda feats: self.loss(feats, task_id, flow))
+        return steps.make_step(self.strategy, loss_fn, optimizer, params,
                                self.settings.grad_clip, self.settings.batch_size, self.device,
                                on_failure=self.log.warning)
 
