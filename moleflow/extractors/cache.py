@@ -170,7 +170,7 @@ class FeatureCache:
 def cache_entries(root: Path) -> list[tuple[Path, float, int]]:
     """Every entry under ``root``: (path, time of last use, bytes)."""
     found = []
-    for folder in _backbone_folders(root):
+    for folder in backbone_folders(root):
         for sub in os.scandir(folder):
             if not sub.is_dir():
                 continue
@@ -184,7 +184,7 @@ def cache_entries(root: Path) -> list[tuple[Path, float, int]]:
     return found
 
 
-def _backbone_folders(root: Path) -> list[Path]:
+def backbone_folders(root: Path) -> list[Path]:
     """The backbone folders of a cache root (those holding a ``backbone.json``)."""
     if not root.is_dir():
         return []
