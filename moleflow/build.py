@@ -16,7 +16,7 @@ from moleflow.data import AnomalyDataset, Sample
 from moleflow.evaluation.evaluator import ScoreSettings
 from moleflow.extractors import FeatureExtractor, build_extractor
 from moleflow.extractors.cache import FeatureCache, default_cache_dir, weights_digest
-from moleflow.extractors.decoding import decode_workers
+from moleflow.extractors.decoding import CHUNK, decode_workers, start_workers
 from moleflow.extractors.source import FeatureSource
 from moleflow.models.mole_nf import MoLESpatialAwareNF
 from moleflow.models.routing import PrototypeRouter
@@ -112,7 +112,11 @@ def build_feature_cache(config: AblationConfig, extractor: FeatureExtractor, dev
 
 
 def build_feature_source(config: AblationConfig, extractor: FeatureExtractor, device: torch.device,
-                         log: logging.Logger, progress: bool = False) -> FeatureSource:
-    """Features from the cache (if on), else decoded by ``--num_workers`` processes and extracted."""
+                         log: logging.Logger, progress: bool = False, images: int = 0) -> FeatureSource:
+    """Features from the cache (if on), else decoded by ``--num_workers`` processes and extracted;
+    with more than a few ``images`` to come, the processes start now, while the run sets up."""
     cache = build_feature_cache(config, extractor, device, log)
-    return FeatureSource(extractor, device, config.batch_size, decode_workers(config.num_workers), cache, progress)
+    workers = decode_workers(config.num_workers)
+    if images > 2 * CHUNK:
+        start_workers(workers)
+    return FeatureSource(extractor, device, config.batch_size, workers, cache, progress)

@@ -128,7 +128,8 @@ class Run:
         self.calibration = Calibration()
         self.trainer = build_trainer(config, self.model, self.device, self.log, self.progress)
         self.score = score_settings(config)
-        self.source = build_feature_source(config, self.extractor, self.device, self.log, self.progress)
+        self.source = build_feature_source(config, self.extractor, self.device, self.log, self.progress,
+                                           images=sum(len(s.train) + len(s.test) for s in self.splits.values()))
         self.test_cache: dict[str, FeatureSet] = {}
         self._train_datasets: dict[tuple[int, bool], AnomalyDataset] = {}
         self.ahead = precompile.CompileAhead(config, self.device, self.log)

@@ -118,6 +118,18 @@ def decode_sample(image_path: Path, mask_path: Optional[Path], size: int,
     return pixels, (np.array(mask) > 0).astype(np.uint8)
 
 
+def decode_chunk(files: list[tuple[str, Optional[str]]], size: int,
+                 mode: str) -> tuple[np.ndarray, list[Optional[np.ndarray]]]:
+    """``decode_sample`` of ``(image, mask or None)`` files: uint8 images ``(n, size, size, 3)`` and
+    each mask ``(size, size)`` or None (the job of a decoding worker process)."""
+    images = np.empty((len(files), size, size, 3), dtype=np.uint8)
+    masks: list[Optional[np.ndarray]] = []
+    for i, (image, mask) in enumerate(files):
+        images[i], decoded_mask = decode_sample(Path(image), Path(mask) if mask else None, size, mode)
+        masks.append(decoded_mask)
+    return images, masks
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode as 8-bit RGB; 16-bit and float images are scaled into 0..255."""
     if image.mode.startswith("I;16"):

@@ -15,13 +15,12 @@ import multiprocessing
 import os
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
-from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
 from moleflow.data.base import Sample
-from moleflow.data.decode import decode_sample
+from moleflow.data.decode import decode_chunk
 
 MAX_WORKERS = 16
 CHUNK = 16  # files per job: large enough that a job's overhead is small, small enough to balance
@@ -64,16 +63,11 @@ def shutdown_pool() -> None:
 atexit.register(shutdown_pool)
 
 
-def decode_chunk(files: list[tuple[str, Optional[str]]], size: int,
-                 mode: str) -> tuple[np.ndarray, list[Optional[np.ndarray]]]:
-    """Decode ``(image, mask or None)`` files: uint8 images ``(n, size, size, 3)`` and each mask
-    ``(size, size)`` uint8 {0, 1} or None. Runs in a worker process."""
-    images = np.empty((len(files), size, size, 3), dtype=np.uint8)
-    masks: list[Optional[np.ndarray]] = []
-    for i, (image, mask) in enumerate(files):
-        images[i], decoded_mask = decode_sample(Path(image), Path(mask) if mask else None, size, mode)
-        masks.append(decoded_mask)
-    return images, masks
+def start_workers(workers: int) -> None:
+    """Start the decoding workers now (they start in the background while the caller goes on)."""
+    pool = shared_pool(workers)
+    for _ in range(workers):
+        pool.submit(int, 0)
 
 
 def decoded_chunks(samples: Sequence[Sample], size: int, mode: str, workers: int,
