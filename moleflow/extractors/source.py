@@ -96,8 +96,9 @@ class FeatureSource:
         keys: list[Optional[str]] = [None] * n
         found = [False] * n
         with phase("data_decode"):  # features read instead of images decoded
-            host = torch.empty(n, h, w, dim, pin_memory=self.device.type == "cuda")
+            host = torch.empty(0)
             if self.cache is not None:
+                host = torch.empty(n, h, w, dim, pin_memory=self.device.type == "cuda")
                 keys = [self._key(dataset, i) for i in range(n)]
                 found = self._read(keys, host, masks)
         patches = torch.empty(n, h, w, dim, device=self.device)
