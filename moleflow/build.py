@@ -15,7 +15,7 @@ from moleflow.config.ablation import AblationConfig, ConfigError
 from moleflow.data import AnomalyDataset, Sample
 from moleflow.evaluation.evaluator import ScoreSettings
 from moleflow.extractors import FeatureExtractor, build_extractor
-from moleflow.extractors.cache import FeatureCache, default_cache_dir, weights_digest
+from moleflow.extractors.cache import FeatureCache, cache_entries, default_cache_dir, weights_digest
 from moleflow.extractors.decoding import CHUNK, decode_workers, start_workers
 from moleflow.extractors.source import FeatureSource
 from moleflow.models.mole_nf import MoLESpatialAwareNF
@@ -104,7 +104,11 @@ def build_feature_cache(config: AblationConfig, extractor: FeatureExtractor, dev
                 "amp": bool(extractor.amp and device.type == "cuda"), "device": device.type,
                 "torch": torch.__version__}
     try:
-        return FeatureCache(root, identity, int(config.feature_cache_max_gb * 1e9), warn=log.warning)
+        cache = FeatureCache(root, identity, int(config.feature_cache_max_gb * 1e9), warn=log.warning)
+        entries = cache_entries(root)
+        log.info(f"feature cache {root}: {len(entries)} image(s), {sum(e[2] for e in entries) / 1e9:.3f} GB "
+                 f"(bound --feature_cache_max_gb {config.feature_cache_max_gb:g})")
+        return cache
     except OSError as error:
         log.warning(f"warning: the feature cache {root} cannot be written ({error}); this run extracts every image "
                     "(pass --feature_cache DIR with a writable folder, or --no_feature_cache)")
