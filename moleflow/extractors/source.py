@@ -110,7 +110,7 @@ class FeatureSource:
             missing = [i for i in range(n) if not found[i]]
             if missing:
                 self._extract(dataset, missing, patches, masks, keys, desc)
-        labels = torch.tensor(dataset.labels, dtype=torch.long)
+        labels = torch.tensor([s.label for s in dataset.samples], dtype=torch.long)  # also a shard of a dataset
         feats = FeatureSet(patches=patches, router=patches.mean(dim=(1, 2)), labels=labels, masks=masks)
         return feats, FeatureCount(cached=len(hits), extracted=len(missing))
 
