@@ -7,6 +7,7 @@
 # main: the main configuration, first seed | seeds: the main configuration, every seed
 # ablations: every --ablation_preset (read from the config at run time), first seed | all: presets x seeds
 # Each run: $PY --ablation_preset P --seed S --experiment_name P_sS --log_dir $LOG_DIR --data_path $DATA $EXTRA
+# (+ --feature_cache $FEATURE_CACHE when set: the runs read each other's backbone features, see README)
 # with CUDA_VISIBLE_DEVICES=<its GPU>. Folders, commands.txt, console/<run>.log and summary_* go to LOG_DIR.
 # A failed run does not stop the others; failures are listed at the end and the exit status is 1.
 # DRY_RUN=1 prints the command lines only. The queue is moleflow/sweep.py.
@@ -23,15 +24,9 @@ PYTHON=${PYTHON:-python}               # interpreter of the queue and the summar
 PY=${PY:-"$PYTHON $HERE/run_moleflow.py"}  # command that starts one run (tests put a fake run here)
 DRY_RUN=${DRY_RUN:-}
 
-# FEATURE_CACHE: reserved for issue 19 item 1, a `--feature_cache DIR` shared by every run of a sweep.
-# run_moleflow.py has no such flag yet and refuses unknown flags, so nothing is passed; once the flag
-# exists, pass it to every run here:  SHARED="--feature_cache $FEATURE_CACHE"
-FEATURE_CACHE=${FEATURE_CACHE:-}
-if [ -n "$FEATURE_CACHE" ]; then
-  echo "error: FEATURE_CACHE is set but run_moleflow.py has no --feature_cache flag yet (issue 19); unset it" >&2
-  exit 2
-fi
-SHARED="--data_path $(printf %q "$DATA")"
+FEATURE_CACHE=${FEATURE_CACHE:-}       # feature cache folder shared by every run (empty: the default location,
+                                       # shared too: $MOLEFLOW_CACHE_DIR or ~/.cache/moleflow/features)
+SHARED="--data_path $(printf %q "$DATA")${FEATURE_CACHE:+ --feature_cache $(printf %q "$FEATURE_CACHE")}"
 
 mode=${1:-main}
 case "$mode" in

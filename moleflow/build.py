@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Sequence, TypeVar
+from pathlib import Path
+from typing import Any, Optional, Sequence, TypeVar
 
 import torch
 
@@ -14,6 +15,9 @@ from moleflow.config.ablation import AblationConfig, ConfigError
 from moleflow.data import AnomalyDataset, Sample
 from moleflow.evaluation.evaluator import ScoreSettings
 from moleflow.extractors import FeatureExtractor, build_extractor
+from moleflow.extractors.cache import FeatureCache, cache_entries, default_cache_dir, weights_digest
+from moleflow.extractors.decoding import CHUNK, decode_workers, start_workers
+from moleflow.extractors.source import FeatureSource
 from moleflow.models.mole_nf import MoLESpatialAwareNF
 from moleflow.models.routing import PrototypeRouter
 from moleflow.trainer.continual_trainer import MoLEContinualTrainer, TrainSettings
@@ -85,3 +89,38 @@ def build_router(config: AblationConfig) -> PrototypeRouter:
 def build_trainer(config: AblationConfig, model: MoLESpatialAwareNF, device: torch.device, log: logging.Logger,
                   progress: bool = False) -> MoLEContinualTrainer:
     return MoLEContinualTrainer(train_settings(config), model, device, log, progress)
+
+
+def build_feature_cache(config: AblationConfig, extractor: FeatureExtractor, device: torch.device,
+                        log: logging.Logger) -> Optional[FeatureCache]:
+    """The feature cache of this backbone (None with ``--no_feature_cache``, or, with a warning, when
+    its folder cannot be written)."""
+    if not config.use_feature_cache:
+        return None
+    root = Path(config.feature_cache).expanduser() if config.feature_cache else default_cache_dir()
+    identity = {"backbone": config.backbone_name, "weights_sha256": weights_digest(extractor),
+                "feature_dim": extractor.feature_dim, "grid": list(extractor.grid_size()),
+                "feature_strides": list(config.feature_strides), "feature_pooling": config.feature_pooling,
+                "amp": bool(extractor.amp and device.type == "cuda"), "device": device.type,
+                "torch": torch.__version__}
+    try:
+        cache = FeatureCache(root, identity, int(config.feature_cache_max_gb * 1e9), warn=log.warning)
+        entries = cache_entries(root)
+        log.info(f"feature cache {root}: {len(entries)} image(s), {sum(e[2] for e in entries) / 1e9:.3f} GB "
+                 f"(bound --feature_cache_max_gb {config.feature_cache_max_gb:g})")
+        return cache
+    except OSError as error:
+        log.warning(f"warning: the feature cache {root} cannot be written ({error}); this run extracts every image "
+                    "(pass --feature_cache DIR with a writable folder, or --no_feature_cache)")
+        return None
+
+
+def build_feature_source(config: AblationConfig, extractor: FeatureExtractor, device: torch.device,
+                         log: logging.Logger, progress: bool = False, images: int = 0) -> FeatureSource:
+    """Features from the cache (if on), else decoded by ``--num_workers`` processes and extracted;
+    with more than a few ``images`` to come, the processes start now, while the run sets up."""
+    cache = build_feature_cache(config, extractor, device, log)
+    workers = decode_workers(config.num_workers)
+    if images > 2 * CHUNK:
+        start_workers(workers)
+    return FeatureSource(extractor, device, config.batch_size, workers, cache, progress)

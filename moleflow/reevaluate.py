@@ -22,7 +22,8 @@ from moleflow.config.cli import build_parser
 
 SCORING = ("score_aggregation_mode", "score_aggregation_top_k", "score_aggregation_percentile", "anomaly_map_sigma",
            "anomaly_score", "memory_weight", "threshold_quantile")
-RUN = ("data_path", "device", "log_dir", "experiment_name", "run_diagnostics", "eval_oracle", "quiet", "num_workers")
+RUN = ("data_path", "device", "log_dir", "experiment_name", "run_diagnostics", "eval_oracle", "quiet", "num_workers",
+       "use_feature_cache", "feature_cache", "feature_cache_max_gb")
 # anomaly_score of the trained run -> the scores it can give (the flow untrained: no flow score; no memory kept: none)
 SCORES_FROM = {"fused": ("fused", "flow", "memory"), "flow": ("flow",), "memory": ("memory",)}
 

@@ -24,7 +24,7 @@ CONTINUAL_COLUMNS: tuple[str, ...] = ("final_mean", "forgetting", "bwt")
 # config.json fields that do not change a run's results: runs differing only in these are averaged.
 BOOKKEEPING: frozenset[str] = frozenset({
     "seed", "experiment_name", "log_dir", "resume", "device", "quiet", "num_workers", "run_diagnostics",
-    "eval_oracle", "cuda_graphs", "compile_ahead"})
+    "eval_oracle", "cuda_graphs", "compile_ahead", "use_feature_cache", "feature_cache", "feature_cache_max_gb"})
 # Switches recorded again under config.json's "effective" as they acted on the machine (off without CUDA).
 EFFECTIVE_KEYS: tuple[str, ...] = ("amp", "tf32", "compile_flow")
 UNKNOWN = "unknown"  # a field missing from an older run's config.json

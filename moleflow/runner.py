@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 from moleflow import distributed, precompile
 from moleflow.build import (
-    build_backbone, build_dataset, build_flow, build_router, build_trainer, resolve_device, score_settings,
+    build_backbone, build_dataset, build_feature_source, build_flow, build_router, build_trainer, resolve_device,
+    score_settings,
 )
 from moleflow.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from moleflow.config.ablation import AblationConfig, ConfigError
@@ -28,7 +29,7 @@ from moleflow.evaluation.thresholds import THRESHOLD_RULE, per_image_thresholds,
 from moleflow.experiment import (
     FILE_ONLY, close_logger, create_experiment_dir, library_versions, setup_logger, write_config, write_results_csv,
 )
-from moleflow.extractors.features import FeatureSet, decode_all, extract_features
+from moleflow.extractors.features import FeatureSet
 from moleflow.models.fusion import fusion
 from moleflow.models.memory import PatchMemory
 from moleflow.models.routing import PrototypeRouter
@@ -133,6 +134,8 @@ class Run:
         self.calibration = Calibration()
         self.trainer = build_trainer(config, self.model, self.device, self.log, self.progress)
         self.score = score_settings(config)
+        self.source = build_feature_source(config, self.extractor, self.device, self.log, self.progress,
+                                           images=sum(len(s.train) + len(s.test) for s in self.splits.values()))
         self.test_cache: dict[str, FeatureSet] = {}
         self._train_datasets: dict[tuple[int, bool], AnomalyDataset] = {}
         self.ahead = precompile.CompileAhead(config, self.device, self.log)
@@ -186,12 +189,11 @@ class Run:
     # ------------------------------------------------------------------ data
     @distributed.shard_images  # under torchrun each process extracts its block of images; all get all
     def _features(self, dataset: AnomalyDataset, keep_masks: bool, desc: str) -> FeatureSet:
-        """Decode ``dataset`` (once: it keeps the images), then run the backbone over it."""
-        with self.clock.phase("data_decode"):
-            decode_all(dataset)
-        with self.clock.phase("feature_extraction"):
-            return extract_features(self.extractor, dataset, self.config.batch_size, self.device, keep_masks=keep_masks,
-                                    desc=desc, num_workers=self.config.num_workers, progress=self.progress)
+        """The backbone's features of ``dataset``: read from the feature cache, or decoded and extracted."""
+        feats, count = self.source.features(dataset, keep_masks, desc, self.clock.phase)
+        self.log.info(f"{desc}: {count.cached} image(s) from the feature cache, {count.extracted} extracted",
+                      extra=FILE_ONLY)
+        return feats
 
     def _train_features(self, task_id: int, augment: bool = False) -> FeatureSet:
         key = (task_id, augment)

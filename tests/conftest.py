@@ -13,6 +13,14 @@ REPO = Path(__file__).resolve().parents[1]
 MINI_MVTEC = REPO.parent / "shared" / "data" / "mvtec_ad_mini"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def feature_cache_dir(tmp_path_factory) -> Path:
+    """Every run of the tests keeps its feature cache in a temporary folder, never in $HOME."""
+    root = tmp_path_factory.mktemp("feature_cache")
+    os.environ["MOLEFLOW_CACHE_DIR"] = str(root)
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """The demo dataset at 64 px with few images (fabric, tile, nut)."""

@@ -172,15 +172,15 @@ def test_real_mvtec_mini_runs(tmp_path):
 
 def test_augmentation_recomputes_features_every_epoch(tiny_data, tmp_path, monkeypatch):
     """--use_augmentation re-runs the backbone on new augmentations each epoch (and changes results)."""
-    import moleflow.runner as runner_mod
+    from moleflow.extractors.source import FeatureSource
     calls = []
-    real = runner_mod.extract_features
+    real = FeatureSource.features
 
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("desc"))
-        return real(*args, **kwargs)
+    def counting(self, dataset, keep_masks, desc, *args):
+        calls.append(desc)
+        return real(self, dataset, keep_masks, desc, *args)
 
-    monkeypatch.setattr(runner_mod, "extract_features", counting)
+    monkeypatch.setattr(FeatureSource, "features", counting)
     assert main([*tiny_flags(tiny_data, tmp_path / "aug", classes=("fabric",), epochs=3), "--use_augmentation"]) == 0
     assert calls.count("task 0 features") == 3  # clean once + 2 refreshed epochs
     calls.clear()

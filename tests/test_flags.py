@@ -20,18 +20,20 @@ import pytest
 import torch
 from PIL import Image
 
-import moleflow.extractors.features as features_mod
 import moleflow.runner as runner_mod
 from conftest import tiny_flags
 from moleflow.build import (
-    build_backbone, build_dataset, build_flow, build_router, build_trainer, score_settings,
+    build_backbone, build_dataset, build_feature_source, build_flow, build_router, build_trainer, score_settings,
 )
 from moleflow.cli_main import check_data, main
 from moleflow.config.ablation import DEMO_SETTINGS, AblationConfig, ConfigError, apply_overrides, config_fields
 from moleflow.config.cli import parse_config
 from moleflow.data import DataError, Sample, load_class_split
 from moleflow.evaluation.evaluator import evaluate_class, task_memory
+from moleflow.extractors import decoding
+from moleflow.extractors.cache import cache_entries
 from moleflow.extractors.features import FeatureSet
+from moleflow.extractors.source import FeatureSource
 from moleflow.models import fusion
 from moleflow.precompile import CompileAhead
 from moleflow.trainer.continual_trainer import TrainingError
@@ -269,26 +271,22 @@ RUN_FLAGS = ["--cl_scenario", "2-1", "--no_router", "--no_eval_oracle", "--run_d
 
 
 def _main(argv: list[str]) -> dict[str, Any]:
-    """Run the CLI in this process; return its exit code, console text and how often the backbone
-    ran on the first task's training images and a DataLoader (worker processes) was made."""
-    calls = {"task 0 features": 0, "loaders": 0}
-    extract, loader = runner_mod.extract_features, features_mod.DataLoader
+    """Run the CLI in this process; return its exit code, console text and how often the features of
+    the first task's training images were made."""
+    calls = {"task 0 features": 0}
+    features = FeatureSource.features
 
-    def counting_extract(*args: Any, **kwargs: Any) -> FeatureSet:
-        calls[kwargs.get("desc")] = calls.get(kwargs.get("desc"), 0) + 1
-        return extract(*args, **kwargs)
-
-    def counting_loader(*args: Any, **kwargs: Any) -> Any:
-        calls["loaders"] += 1
-        return loader(*args, **kwargs)
+    def counting_features(self: FeatureSource, dataset: Any, keep_masks: bool, desc: str, *args: Any) -> Any:
+        calls[desc] = calls.get(desc, 0) + 1
+        return features(self, dataset, keep_masks, desc, *args)
 
     out, err = io.StringIO(), io.StringIO()
-    runner_mod.extract_features, features_mod.DataLoader = counting_extract, counting_loader
+    FeatureSource.features = counting_features
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = main(argv)
     finally:
-        runner_mod.extract_features, features_mod.DataLoader = extract, loader
+        FeatureSource.features = features
     return {"code": code, "out": out.getvalue(), "err": err.getvalue(), **calls}
 
 
@@ -337,10 +335,48 @@ def test_cl_scenario_forms_the_tasks(runs: dict) -> None:
     assert tasks == [[["fabric"], ["tile"]], [["fabric", "tile"]]]
 
 
-@covers("num_workers", "use_augmentation")
-def test_loader_workers_and_augmentation(runs: dict) -> None:
-    assert runs["base"]["loaders"] == 0 and runs["other"]["loaders"] > 0
+@covers("use_augmentation")
+def test_augmentation_extracts_every_epoch(runs: dict) -> None:
     assert runs["base"]["task 0 features"] == 1 and runs["other"]["task 0 features"] == 2  # once per epoch
+
+
+def _samples(tiny_data: Path, copies: int) -> list[Sample]:
+    """The tiny data's fabric test images (good and defective, with masks), ``copies`` times over."""
+    return load_class_split("folder", tiny_data, "fabric").test * copies
+
+
+@covers("num_workers")
+def test_num_workers_sets_the_decoding_processes(tiny_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[int] = []
+    pool = decoding.shared_pool
+    monkeypatch.setattr(decoding, "shared_pool", lambda workers: made.append(workers) or pool(workers))
+    cfg = config(data_path=str(tiny_data), use_feature_cache=False, num_workers=1)
+    extractor = build_backbone(cfg, CPU, weights="random")
+    assert build_feature_source(config(num_workers=0, use_feature_cache=False), extractor, CPU, LOG).workers == \
+        decoding.decode_workers(0) == min(16, decoding.available_cpus())
+    source = build_feature_source(cfg, extractor, CPU, LOG)
+    dataset = build_dataset(cfg, _samples(tiny_data, 10))  # enough images for worker processes
+    feats, count = source.features(dataset, keep_masks=True, desc="test")
+    assert made == [1] and count.extracted == len(dataset)
+    decoding.shutdown_pool()
+    in_process = FeatureSource(extractor, CPU, cfg.batch_size, workers=0).features(dataset, True, "test")[0]
+    assert torch.equal(feats.patches, in_process.patches) and torch.equal(feats.masks, in_process.masks)
+
+
+@covers("use_feature_cache", "feature_cache", "feature_cache_max_gb")
+def test_feature_cache_settings_say_where_and_how_much(tiny_data: Path, tmp_path: Path) -> None:
+    base = config(data_path=str(tiny_data), feature_cache=str(tmp_path / "cache"))
+    extractor = build_backbone(base, CPU, weights="random")
+    dataset = build_dataset(base, _samples(tiny_data, 1))
+    entries = {}
+    for name, cfg in {"on": base, "off": apply_overrides(base, {"use_feature_cache": False}),
+                      "small": apply_overrides(base, {"feature_cache": str(tmp_path / "small"),
+                                                      "feature_cache_max_gb": 1e-12})}.items():
+        source = build_feature_source(cfg, extractor, CPU, LOG)
+        assert (source.cache is None) == (name == "off")
+        source.features(dataset, keep_masks=True, desc="test")
+        entries[name] = len(cache_entries(Path(cfg.feature_cache)))
+    assert entries["on"] == len(dataset) and entries["small"] == 0  # written, then trimmed to the bound
 
 
 @covers("amp", "tf32", "compile_flow")

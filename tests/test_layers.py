@@ -19,7 +19,7 @@ RANKS = {
     "predict": 6, "api": 6, "export": 6, "reevaluate": 6,
     "runner": 5,
     "run_groups": 5,
-    "cli_main": 6, "benchmark": 6, "summarize": 6, "sweep": 7,
+    "cli_main": 6, "benchmark": 6, "summarize": 6, "cache": 6, "sweep": 7,
 }
 CONFIG_FREE = ("data", "utils", "distributed", "extractors", "models", "trainer", "evaluation")  # take plain values
 

@@ -117,9 +117,18 @@ def test_ablations_take_every_preset_of_the_config(tmp_path: Path) -> None:
     assert all("--seed 4 " in line and "--experiment_name " in line for line in lines)
 
 
+def test_feature_cache_is_passed_to_every_run(tmp_path: Path) -> None:
+    cache = tmp_path / "shared cache"
+    done, _, _ = sweep(tmp_path, "ablations", DRY_RUN="1", FEATURE_CACHE=str(cache))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == len(PRESETS) and all(f"--feature_cache '{cache}'" in line for line in lines)
+    done, _, _ = sweep(tmp_path, "main", DRY_RUN="1")
+    assert "--feature_cache" not in done.stdout  # unset: each run uses the default location
+
+
 def test_bad_variables_are_refused(tmp_path: Path) -> None:
-    for variables in ({"GPUS": "zero"}, {"PRESETS": "full wo_nothing"}, {"FEATURE_CACHE": "/tmp/cache"},
-                      {"EXTRA": "--num_epochs 2 --seed=3"}):
+    for variables in ({"GPUS": "zero"}, {"PRESETS": "full wo_nothing"}, {"EXTRA": "--num_epochs 2 --seed=3"}):
         done, log_dir, _ = sweep(tmp_path, "all", **variables)
         assert done.returncode == 2 and done.stderr.startswith("error:"), (variables, done.stderr)
         assert not log_dir.exists()

@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the runs' experiment folders go here (default: benchmark_runs/ beside the JSON)")
     p.add_argument("--label", default="", help="free text stored in the JSON (e.g. 'before', 'after')")
     p.add_argument("--progress", action="store_true", help="show progress bars")
+    p.add_argument("--feature_cache", default=None, metavar="DIR",
+                   help="the runs read and store backbone features in this feature cache (default: no cache, every "
+                        "image decoded and extracted)")
+    p.add_argument("--warm_cache", action="store_true",
+                   help="empty the feature cache (--feature_cache, default: feature_cache/ beside --data_path), run "
+                        "cold, then again warm; report both")
     return p
 
 
@@ -101,7 +107,9 @@ def resolve_config(args: argparse.Namespace, classes: list[str], dataset: str, l
     overrides: dict[str, Any] = {"dataset": dataset, "data_path": str(args.data_path), "task_classes": classes,
                                  "device": args.device, "amp": bool(args.amp), "tf32": bool(args.tf32),
                                  "compile_flow": bool(args.compile_flow), "log_dir": str(log_dir),
-                                 "experiment_name": "benchmark"}
+                                 "experiment_name": "benchmark", "use_feature_cache": bool(args.feature_cache)}
+    if args.feature_cache:
+        overrides["feature_cache"] = str(args.feature_cache)
     for item in args.set:
         if "=" not in item:
             raise SystemExit(f"error: --set {item}: use KEY=VALUE")
@@ -151,7 +159,7 @@ def ratios(result: dict) -> dict[str, Optional[float]]:
             steady / same["train_images_per_s"] if steady else None,
         "e2e_over_serial_limit_backbone_plus_flow_fp32": e2e / serial,
         "e2e_over_flow_infer_limit_fp32": e2e / ref32["infer_images_per_s"],
-        "extraction_over_backbone_limit": run["extraction_images_per_s"] / backbone,
+        "decode_extraction_over_backbone_limit": (run["decode_extraction_images_per_s"] or 0.0) / backbone,
     }
 
 
@@ -199,8 +207,12 @@ def summary_lines(result: dict) -> list[str]:
     if run:
         phases = ", ".join(f"{k} {v:.1f}s" for k, v in run["phases_s"].items())
         lines.append(f"run total {run['run_total_s']:.1f}s ({phases})")
-        lines.append(f"training {run['training']['images_per_s']:.0f} img/s | decode {run['decode_images_per_s']:.0f} "
-                     f"img/s | extraction {run['extraction_images_per_s']:.0f} img/s | e2e inference "
+        cache = run["feature_cache"]
+        lines.append(f"decode + extraction {run['decode_extraction_s']:.2f}s = {_rate(run['decode_extraction_images_per_s'])}"
+                     f" img/s ({cache['images_from_cache']} image(s) from the feature cache {cache['folder']}, "
+                     f"{cache['images_extracted']} decoded and extracted)")
+        lines.append(f"training {run['training']['images_per_s']:.0f} img/s | decode {_rate(run['decode_images_per_s'])} "
+                     f"img/s | extraction {_rate(run['extraction_images_per_s'])} img/s | e2e inference "
                      f"{run['inference_e2e']['images_per_s']:.0f} img/s (x{run['inference_e2e']['last_over_first_ms_per_image']:.2f}"
                      f" ms/img from 1 to {len(run['tasks'])} tasks)")
         pred = run.get("predict")
@@ -225,6 +237,12 @@ def summary_lines(result: dict) -> list[str]:
             lines.append("compile caches: " + ", ".join(f"{k} {v}" for k, v in run["compile_cache"].items()))
         lines.append(f"parameters: shared {run['parameters']['shared']:,}, per task "
                      f"{run['parameters']['per_task'][0]:,}, total {run['parameters']['total_after_each_task'][-1]:,}")
+    warm = result.get("warm_cache")
+    if warm:
+        lines.append(f"warm cache: run total {warm['cold_run_total_s']:.1f}s cold -> {warm['warm_run_total_s']:.1f}s warm "
+                     f"({100 * warm['run_total_saved_fraction']:.1f}% shorter), decode + extraction "
+                     f"{warm['cold_decode_extraction_s']:.2f}s -> {warm['warm_decode_extraction_s']:.2f}s, final "
+                     f"results identical: {warm['final_results_identical']}")
     for seed, m in (result.get("final_routed_mean_by_seed") or {}).items():
         lines.append(f"final routed mean (seed {seed}): " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
     for key, value in (result.get("ratios") or {}).items():
@@ -237,6 +255,8 @@ def summary_lines(result: dict) -> list[str]:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.warm_cache and not args.feature_cache:
+        args.feature_cache = str(Path(args.data_path).parent / "feature_cache")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     classes, dataset, data_info = prepare_data(args)
@@ -269,8 +289,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if not args.skip_run:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [config.seed]
         for seed in seeds:
-            run = timed_run(dataclasses.replace(config, seed=seed), args.weights, e2e_images=args.e2e_images,
-                            e2e_batch=args.e2e_batch, progress=args.progress, echo=_echo)
+            if args.warm_cache:
+                run, result["warm_cache"] = warm_cache_runs(dataclasses.replace(config, seed=seed), args.weights, args)
+            else:
+                run = timed_run(dataclasses.replace(config, seed=seed), args.weights, e2e_images=args.e2e_images,
+                                e2e_batch=args.e2e_batch, progress=args.progress, echo=_echo)
             result.setdefault("run", run)
             result.setdefault("final_routed_mean_by_seed", {})[seed] = run["metrics"]["final_routed_mean"]
             if run["metrics"]["final_oracle_mean"] is not None:
@@ -282,6 +305,27 @@ def main(argv: Optional[list[str]] = None) -> dict:
     path.write_text(json.dumps(result, indent=1, default=str))
     print(f"wrote {path}")
     return result
+
+
+def _rate(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
+
+
+def warm_cache_runs(config: AblationConfig, weights: str, args: argparse.Namespace) -> tuple[dict, dict]:
+    """``--warm_cache``: the run with its feature cache folder emptied first (cold), then again (warm)."""
+    from moleflow.cache import clear
+    clear(Path(config.feature_cache))
+    runs = [timed_run(config, weights, e2e_images=args.e2e_images, e2e_batch=args.e2e_batch, progress=args.progress,
+                      echo=_echo) for _ in ("cold", "warm")]
+    cold, warm = runs
+    files = [(Path(r["experiment"]) / "final_results.csv").read_bytes() for r in runs]
+    return cold, {"cold_run_total_s": cold["run_total_s"], "warm_run_total_s": warm["run_total_s"],
+                  "run_total_saved_fraction": 1.0 - warm["run_total_s"] / cold["run_total_s"],
+                  "cold_decode_extraction_s": cold["decode_extraction_s"],
+                  "warm_decode_extraction_s": warm["decode_extraction_s"],
+                  "cold_decode_extraction_images_per_s": cold["decode_extraction_images_per_s"],
+                  "warm_images_from_cache": warm["feature_cache"]["images_from_cache"],
+                  "final_results_identical": files[0] == files[1], "warm_run": warm}
 
 
 def _echo(line: str) -> None:

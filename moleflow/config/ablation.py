@@ -45,6 +45,10 @@ class AblationConfig:
     feature_dim: int = 0
     feature_strides: list[int] = field(default_factory=lambda: [4, 8, 16])
     feature_pooling: str = "avg"
+    # --- feature cache (the backbone's output per image, reused by later runs) ---
+    use_feature_cache: bool = True
+    feature_cache: Optional[str] = None
+    feature_cache_max_gb: float = 40.0
     # --- flow ---
     num_coupling_layers: int = 6
     dia_n_blocks: int = 2
@@ -148,6 +152,8 @@ class AblationConfig:
         for flag, value in (("grad_clip", self.grad_clip), ("clamp_alpha", self.clamp_alpha),
                             ("dia_hidden_ratio", self.dia_hidden_ratio), ("slow_lr_ratio", self.slow_lr_ratio)):
             _check(value > 0, f"--{flag} {value} must be > 0")
+        _check(self.feature_cache_max_gb > 0,
+               f"--feature_cache_max_gb {self.feature_cache_max_gb} must be > 0 (use --no_feature_cache for no cache)")
         _check(self.resize_mode in ("crop", "squash"),
                f"--resize_mode {self.resize_mode!r}: use crop (shorter side, centre crop) or squash (whole image)")
         _check(self.anomaly_score in ANOMALY_SCORES,

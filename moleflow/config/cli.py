@@ -122,6 +122,8 @@ _DEPENDS_ON: dict[str, tuple[str, Any]] = {
     "compile_ahead": ("compile_flow", True),
     "memory_size": ("anomaly_score", ("memory", "fused")),
     "memory_weight": ("anomaly_score", "fused"),
+    "feature_cache": ("use_feature_cache", True),
+    "feature_cache_max_gb": ("use_feature_cache", True),
 }
 
 

@@ -34,6 +34,13 @@ HELP: dict[str, str] = {
                        "the stride-8 one",
     "feature_pooling": "unfold: each stage's 3x3 neighbourhood vectors pooled to D, stages averaged (paper); "
                        "avg: each channel's 3x3 mean, stages concatenated, then pooled to D",
+    # --- feature cache ---
+    "use_feature_cache": "keep the backbone's features of every image (not augmented ones) on disk and read them in "
+                         "later runs instead of decoding and extracting (README: Feature cache)",
+    "feature_cache": "feature cache folder (default: $MOLEFLOW_CACHE_DIR, else $XDG_CACHE_HOME/moleflow/features, "
+                     "else ~/.cache/moleflow/features); shared safely by concurrent runs",
+    "feature_cache_max_gb": "largest size of the feature cache folder in GB (1e9 bytes); past it the least recently "
+                            "used entries are deleted after a run stores new ones",
     # --- flow ---
     "num_coupling_layers": "number of shared MoLE affine coupling blocks",
     "dia_n_blocks": "number of per-task DIA coupling blocks after the shared ones",
@@ -98,7 +105,8 @@ HELP: dict[str, str] = {
     "experiment_name": "first part of the experiment folder's name (an extended --resume run adds _ext)",
     "seed": "seed of every random draw (same seed + data on the CPU = same bytes)",
     "device": "where the flow runs, one of auto (CUDA if present), cpu, cuda, cuda:N",
-    "num_workers": "image-decoding worker processes (0: a thread pool in this process)",
+    "num_workers": "image-decoding worker processes, started once per run and overlapped with the backbone (0: one "
+                   "per CPU this process may use, at most 16)",
     "amp": "on CUDA, bf16 autocast and channels-last for the frozen backbone (no effect on the CPU, says so)",
     "tf32": "on CUDA, TF32 float32 matrix products in the flow (routing stays full float32; no effect on the "
             "CPU, says so)",
@@ -132,6 +140,8 @@ METAVARS: dict[str, str] = {
     "log_dir": "DIR",
     "resume": "DIR",
     "backbone_weights": "FILE",
+    "feature_cache": "DIR",
+    "feature_cache_max_gb": "GB",
     "backbone_name": "NAME",
     "experiment_name": "NAME",
 }

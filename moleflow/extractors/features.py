@@ -1,9 +1,10 @@
-"""Run the frozen backbone once over a dataset and keep the features (the backbone never trains).
+"""``FeatureSet`` and the plain path: the frozen backbone run over a dataset's items in order.
 
-Images are decoded by a small thread pool (PIL releases the GIL while it decodes and resizes),
-so a run decodes each image once and in parallel without worker processes; the decoded images
-stay in the dataset's own cache. A dataset that augments draws from torch's global generator,
-so it is read in order on the calling thread (the draws must not depend on thread timing).
+A run takes this path for augmenting datasets (``source.py`` takes every other one): their draws come
+from torch's global generator, so they are read in order on the calling thread (the draws must not
+depend on thread timing); ``decode_all`` decodes the images once, on a small thread pool, into the
+dataset's own cache, so later epochs only augment. ``iter_batches`` also serves plain datasets with a
+thread pool.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torch.utils.data import default_collate
 from tqdm import tqdm
 
@@ -56,22 +57,17 @@ def decode_threads() -> int:
     return max(1, min(MAX_DECODE_THREADS, cpus))
 
 
-def iter_batches(dataset: Dataset, batch_size: int, num_workers: int = 0, threads: Optional[int] = None,
+def iter_batches(dataset: Dataset, batch_size: int, threads: Optional[int] = None,
                  pin_memory: bool = False) -> Iterator[dict]:
     """Yield the dataset's items in order, collated into batches.
 
     Args:
         dataset: items are dicts of tensors and ints (AnomalyDataset).
         batch_size: items per batch.
-        num_workers: > 0: a DataLoader with that many worker processes; 0: a thread pool
-            (or the calling thread alone for an augmenting dataset).
-        threads: thread-pool size; default :func:`decode_threads`.
+        threads: thread-pool size; default :func:`decode_threads` (an augmenting dataset: the
+            calling thread alone).
         pin_memory: collate into page-locked memory (faster, asynchronous copies to a GPU).
     """
-    if num_workers > 0:
-        yield from DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                              pin_memory=pin_memory)
-        return
     threads = decode_threads() if threads is None else threads
     n = len(dataset)
     if threads <= 1 or getattr(dataset, "augment", False):
@@ -112,8 +108,7 @@ def decode_all(dataset: Dataset, threads: Optional[int] = None) -> int:
 
 @torch.no_grad()
 def extract_features(extractor: nn.Module, dataset: Dataset, batch_size: int, device: torch.device,
-                     keep_masks: bool, desc: str = "extract",
-                     num_workers: int = 0, progress: bool = True) -> FeatureSet:
+                     keep_masks: bool, desc: str = "extract", progress: bool = True) -> FeatureSet:
     """Run ``extractor`` over ``dataset`` (items: dict with image, mask, label).
 
     Args:
@@ -123,13 +118,12 @@ def extract_features(extractor: nn.Module, dataset: Dataset, batch_size: int, de
         device: where the backbone runs and the features are kept.
         keep_masks: keep the masks (test sets) or drop them (training sets).
         desc: progress-bar label.
-        num_workers: DataLoader worker processes; 0 decodes with a thread pool in this process.
         progress: show a tqdm bar.
     """
     pin = device.type == "cuda"
     patches, labels, masks = [], [], []
     total = -(-len(dataset) // batch_size)
-    for batch in tqdm(iter_batches(dataset, batch_size, num_workers, pin_memory=pin), total=total, desc=desc,
+    for batch in tqdm(iter_batches(dataset, batch_size, pin_memory=pin), total=total, desc=desc,
                       leave=False, disable=not progress):
         feats = extractor(batch["image"].to(device, non_blocking=True))
         patches.append(feats.float())

@@ -1,0 +1,235 @@
+"""The feature cache: the frozen backbone's output per image, kept on disk between runs.
+
+An entry is one image: its patch features ``(H, W, D)`` float32, exactly the tensor the extractor
+returned, and its resized ground-truth mask when the image has one. Its name is the SHA-256 of
+everything that changes those bytes: the backbone's fingerprint (name, a hash of its weights, the
+feature settings, ``D``, autocast, device type, torch version), the image size and resize mode, and
+the image's (and mask's) absolute path, size and modification time. A file that changed has a new
+key, so its old entry is never found again (and ages out). Features of augmented images are never
+stored.
+
+Layout: ``ROOT/<fingerprint>/backbone.json`` (what the fingerprint stands for) and
+``ROOT/<fingerprint>/<k[:2]>/<k>.feat``. A file: 8-byte magic, 4-byte header length, a JSON header
+(key, shape, CRC-32 of the payload), then the raw float32 features and uint8 mask. Entries are
+written to a temporary file and renamed into place, so concurrent runs never see half an entry; an
+entry that does not check out (truncated, wrong key, wrong CRC) is deleted and recomputed with a
+warning. Reading an entry refreshes its time; past ``max_bytes`` the least recently used go.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from moleflow.data.base import Sample
+
+FORMAT = 1
+MAGIC = b"MFFEAT01"
+SUFFIX = ".feat"
+DESCRIPTION = "backbone.json"
+ENV_VAR = "MOLEFLOW_CACHE_DIR"
+STALE_TEMP_S = 3600.0  # a temporary file older than this was left by a killed writer
+
+
+def default_cache_dir() -> Path:
+    """``$MOLEFLOW_CACHE_DIR``, else ``$XDG_CACHE_HOME/moleflow/features``, else
+    ``~/.cache/moleflow/features``."""
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "moleflow" / "features"
+
+
+def weights_digest(module: nn.Module) -> str:
+    """SHA-256 of a module's state dict (names, dtypes, shapes, bytes), on whatever device it is."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{data.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(data.view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def _file_identity(path: Path) -> list[Any]:
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+@dataclass
+class Entry:
+    """What a cache entry gives back: features ``(H, W, D)`` and the mask ``(S, S)`` uint8 or None."""
+
+    patches: Tensor
+    mask: Optional[Tensor]
+
+
+class FeatureCache:
+    """Per-image backbone outputs under ``root`` for one backbone ``identity``.
+
+    Args:
+        root: the cache folder (shared by every backbone and run).
+        identity: what makes the backbone's output (JSON-able; ``weights_digest`` among it).
+        max_bytes: the size the whole folder is brought under after a run stored new entries.
+        warn: where a corrupt entry or a failed write is reported (one line each).
+    """
+
+    def __init__(self, root: Path, identity: dict[str, Any], max_bytes: int,
+                 warn: Callable[[str], None]) -> None:
+        self.root = Path(root)
+        self.identity = identity
+        self.fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+        self.folder = self.root / self.fingerprint
+        self.max_bytes = max_bytes
+        self.warn = warn
+        self.writable = True
+        self.folder.mkdir(parents=True, exist_ok=True)  # OSError: the caller says what to do
+        description = self.folder / DESCRIPTION
+        if not description.is_file():
+            _atomic_write(description, json.dumps({"format": FORMAT, **identity}, indent=1).encode())
+        probe = tempfile.NamedTemporaryFile(dir=self.folder, prefix=".probe", delete=True)
+        probe.close()
+
+    def key(self, sample: Sample, img_size: int, resize_mode: str) -> str:
+        """The entry name of ``sample`` at ``img_size`` / ``resize_mode`` (OSError: file not readable)."""
+        parts = {"format": FORMAT, "backbone": self.fingerprint, "img_size": img_size, "resize_mode": resize_mode,
+                 "image": _file_identity(Path(sample.image_path)),
+                 "mask": _file_identity(Path(sample.mask_path)) if sample.mask_path is not None else None}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+    def path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}{SUFFIX}"
+
+    def read(self, key: str, out: Tensor) -> Optional[Entry]:
+        """The entry ``key`` with its features read into ``out`` ``(H, W, D)`` float32 (CPU), or
+        None when absent; a corrupt entry is deleted, reported and None."""
+        path = self.path(key)
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+        except FileNotFoundError:
+            return None
+        try:
+            header, payload = _parse(data, key)
+            shape = tuple(header["shape"])
+            if shape != tuple(out.shape):
+                raise ValueError(f"features of shape {shape}, expected {tuple(out.shape)}")
+            size = out.numel() * 4
+            out.numpy().reshape(-1).view(np.uint8)[:] = np.frombuffer(payload[:size], dtype=np.uint8)
+            mask = None
+            if header["mask"] is not None:
+                side = header["mask"]
+                mask = torch.from_numpy(np.frombuffer(payload[size:], dtype=np.uint8).reshape(side, side).copy())
+        except (ValueError, KeyError, TypeError, struct.error) as error:
+            self.warn(f"warning: feature cache entry {path} is corrupt ({error}); deleted, the image is extracted again")
+            _remove(path)
+            return None
+        _touch(path)
+        return Entry(out, mask)
+
+    def write(self, key: str, patches: Tensor, mask: Optional[Tensor]) -> None:
+        """Store ``patches`` ``(H, W, D)`` float32 and ``mask`` ``(S, S)`` uint8 or None as entry ``key``
+        (atomically; a failed write is reported once and turns writing off for this cache)."""
+        if not self.writable:
+            return
+        payload = patches.detach().cpu().contiguous().numpy().tobytes()
+        if mask is not None:
+            payload += mask.cpu().contiguous().numpy().astype(np.uint8).tobytes()
+        header = json.dumps({"key": key, "shape": list(patches.shape), "dtype": "float32",
+                             "mask": int(mask.shape[-1]) if mask is not None else None,
+                             "crc32": zlib.crc32(payload)}).encode()
+        try:
+            _atomic_write(self.path(key), MAGIC + struct.pack("<I", len(header)) + header + payload)
+        except OSError as error:
+            self.writable = False
+            self.warn(f"warning: cannot write to the feature cache {self.folder} ({error}); this run stores no more "
+                      f"features there (free space, or pass --feature_cache DIR or --no_feature_cache)")
+
+    def trim(self) -> int:
+        """Delete the least recently used entries until the folder is under ``max_bytes``; returns its size."""
+        entries = sorted(cache_entries(self.root), key=lambda e: e[1])  # oldest first
+        total = sum(size for _, _, size in entries)
+        for path, _, size in entries:
+            if total <= self.max_bytes:
+                break
+            _remove(path)
+            total -= size
+        return total
+
+
+def cache_entries(root: Path) -> list[tuple[Path, float, int]]:
+    """Every entry under ``root``: (path, time of last use, bytes)."""
+    found = []
+    for folder in backbone_folders(root):
+        for sub in os.scandir(folder):
+            if not sub.is_dir():
+                continue
+            for item in os.scandir(sub.path):
+                if item.name.endswith(SUFFIX):
+                    try:
+                        stat = item.stat()
+                    except FileNotFoundError:  # deleted by another run meanwhile
+                        continue
+                    found.append((Path(item.path), stat.st_mtime, stat.st_size))
+    return found
+
+
+def backbone_folders(root: Path) -> list[Path]:
+    """The backbone folders of a cache root (those holding a ``backbone.json``)."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p / DESCRIPTION).is_file())
+
+
+def _parse(data: bytes, key: str) -> tuple[dict, bytes]:
+    """Header and payload of an entry file; ValueError when it does not check out."""
+    if data[:8] != MAGIC:
+        raise ValueError("not a feature cache entry")
+    (length,) = struct.unpack("<I", data[8:12])
+    header = json.loads(data[12:12 + length].decode())
+    payload = data[12 + length:]
+    if header["key"] != key:
+        raise ValueError("its key does not match its name")
+    expected = 4 * int(np.prod(header["shape"])) + (header["mask"] or 0) ** 2
+    if len(payload) != expected:
+        raise ValueError(f"{len(payload)} payload bytes, expected {expected}")
+    if zlib.crc32(payload) != header["crc32"]:
+        raise ValueError("CRC-32 mismatch")
+    return header, payload
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    try:
+        with handle:
+            handle.write(data)
+        os.replace(handle.name, path)
+    except BaseException:
+        _remove(Path(handle.name))
+        raise
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:  # read-only cache or deleted meanwhile: the time is only a hint for eviction
+        pass
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,181 @@
+"""Where a run's features come from: the feature cache, else decoding and the frozen backbone.
+
+``FeatureSource.features(dataset, ...)`` gives the same ``FeatureSet`` as extracting every image:
+cached images are read (threads; reading releases the GIL), the others are decoded by worker
+processes (``decoding.py``) while the backbone runs on the batches already decoded; the uint8
+images go to the device and are normalised there, with the arithmetic of ``AnomalyDataset``
+(true divisions), so the backbone sees the same floats. New features are written to the cache by
+a few threads while extraction goes on. An augmenting dataset draws its augmentations from torch's
+global generator in item order: it is decoded and extracted as before (``features.py``) and never
+cached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from moleflow.data.dataset import IMAGENET_MEAN, IMAGENET_STD, AnomalyDataset
+from moleflow.extractors.base import FeatureExtractor
+from moleflow.extractors.cache import FeatureCache
+from moleflow.extractors.decoding import CHUNK, available_cpus, decoded_chunks
+from moleflow.extractors.features import FeatureSet, decode_all, extract_features
+
+Phase = Callable[[str], ContextManager[None]]
+WRITERS = 4  # threads writing cache entries while extraction goes on
+
+
+@dataclass
+class FeatureCount:
+    """Images whose features came from the cache and images decoded and extracted."""
+
+    cached: int = 0
+    extracted: int = 0
+
+    def add(self, other: "FeatureCount") -> None:
+        self.cached += other.cached
+        self.extracted += other.extracted
+
+
+def _no_phase(name: str) -> ContextManager[None]:
+    return contextlib.nullcontext()
+
+
+class FeatureSource:
+    """The features of datasets, from ``cache`` (None: no cache) or from ``extractor``.
+
+    Args:
+        extractor: the frozen backbone (on ``device``).
+        device: where the backbone runs and the features are kept.
+        batch_size: images per backbone pass.
+        workers: decoding worker processes (0: decode in this process).
+        cache: the feature cache, or None.
+        progress: tqdm bars.
+    """
+
+    def __init__(self, extractor: FeatureExtractor, device: torch.device, batch_size: int, workers: int,
+                 cache: Optional[FeatureCache] = None, progress: bool = False) -> None:
+        self.extractor, self.device, self.batch_size = extractor, device, batch_size
+        self.workers, self.cache, self.progress = workers, cache, progress
+        self.total = FeatureCount()
+        self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self._std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        self._scale = torch.tensor(255.0, device=device)
+
+    def features(self, dataset: AnomalyDataset, keep_masks: bool, desc: str,
+                 phase: Phase = _no_phase) -> tuple[FeatureSet, FeatureCount]:
+        """The ``FeatureSet`` of ``dataset`` and how many images came from the cache.
+
+        ``phase`` is told ``data_decode`` (reading the cache) and ``feature_extraction`` (decoding
+        overlapped with the backbone) around the work.
+        """
+        if dataset.augment:
+            with phase("data_decode"):
+                decode_all(dataset)
+            with phase("feature_extraction"):
+                feats = extract_features(self.extractor, dataset, self.batch_size, self.device, keep_masks,
+                                         desc=desc, progress=self.progress)
+            count = FeatureCount(extracted=len(dataset))
+        else:
+            feats, count = self._features(dataset, keep_masks, desc, phase)
+        self.total.add(count)
+        return feats, count
+
+    def _features(self, dataset: AnomalyDataset, keep_masks: bool, desc: str,
+                  phase: Phase) -> tuple[FeatureSet, FeatureCount]:
+        n, size = len(dataset), dataset.img_size
+        (h, w), dim = self.extractor.grid_size(), self.extractor.feature_dim
+        masks = torch.zeros(n, size, size, dtype=torch.uint8) if keep_masks else None
+        keys: list[Optional[str]] = [None] * n
+        found = [False] * n
+        with phase("data_decode"):  # features read instead of images decoded
+            host = torch.empty(0)
+            if self.cache is not None:
+                host = torch.empty(n, h, w, dim, pin_memory=self.device.type == "cuda")
+                keys = [self._key(dataset, i) for i in range(n)]
+                found = self._read(keys, host, masks)
+        patches = torch.empty(n, h, w, dim, device=self.device)
+        with phase("feature_extraction"):
+            hits = [i for i in range(n) if found[i]]
+            if hits:
+                index = torch.tensor(hits)
+                patches[index.to(self.device)] = host[index].to(self.device, non_blocking=True)
+            missing = [i for i in range(n) if not found[i]]
+            if missing:
+                self._extract(dataset, missing, patches, masks, keys, desc)
+        labels = torch.tensor([s.label for s in dataset.samples], dtype=torch.long)  # also a shard of a dataset
+        feats = FeatureSet(patches=patches, router=patches.mean(dim=(1, 2)), labels=labels, masks=masks)
+        return feats, FeatureCount(cached=len(hits), extracted=len(missing))
+
+    def _key(self, dataset: AnomalyDataset, index: int) -> Optional[str]:
+        try:
+            return self.cache.key(dataset.samples[index], dataset.img_size, dataset.resize_mode)
+        except OSError:  # the file is checked later, where it is decoded
+            return None
+
+    def _read(self, keys: list[Optional[str]], host: Tensor, masks: Optional[Tensor]) -> list[bool]:
+        """Read the cached entries into ``host`` (and ``masks``); which indices were found."""
+        def one(i: int) -> bool:
+            entry = self.cache.read(keys[i], host[i]) if keys[i] is not None else None
+            if entry is not None and masks is not None and entry.mask is not None:
+                masks[i] = entry.mask
+            return entry is not None
+
+        with ThreadPoolExecutor(max_workers=max(1, min(16, available_cpus()))) as pool:
+            return list(pool.map(one, range(len(keys))))
+
+    @torch.no_grad()
+    def _extract(self, dataset: AnomalyDataset, indices: list[int], patches: Tensor, masks: Optional[Tensor],
+                 keys: list[Optional[str]], desc: str) -> None:
+        """Decode and extract the images ``indices`` of ``dataset`` into ``patches`` (and ``masks``),
+        writing each new entry to the cache."""
+        samples = [dataset.samples[i] for i in indices]
+        workers = self.workers if len(samples) > 2 * CHUNK else 0  # a few images: worker start-up costs more
+        chunks = decoded_chunks(samples, dataset.img_size, dataset.resize_mode, workers)
+        writer = ThreadPoolExecutor(max_workers=WRITERS) if self.cache is not None else None
+        writes: list[Future] = []
+        pending: list[tuple[np.ndarray, Optional[np.ndarray]]] = []  # decoded, not yet extracted
+        done = 0
+        bar = tqdm(total=len(indices), desc=desc, leave=False, disable=not self.progress)
+        try:
+            for images, chunk_masks in chunks:
+                pending.extend(zip(images, chunk_masks))
+                while len(pending) >= self.batch_size or (pending and done + len(pending) == len(indices)):
+                    batch, pending = pending[:self.batch_size], pending[self.batch_size:]
+                    at = indices[done:done + len(batch)]
+                    feats = self._run(np.stack([image for image, _ in batch]))
+                    patches[torch.tensor(at, device=self.device)] = feats
+                    batch_masks = [None if mask is None else torch.from_numpy(mask) for _, mask in batch]
+                    if masks is not None:
+                        for i, mask in zip(at, batch_masks):
+                            if mask is not None:
+                                masks[i] = mask
+                    if writer is not None:
+                        host = feats.cpu()
+                        writes += [writer.submit(self.cache.write, keys[i], host[j], batch_masks[j])
+                                   for j, i in enumerate(at) if keys[i] is not None]
+                    done += len(batch)
+                    bar.update(len(batch))
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.shutdown(wait=True)
+        for future in writes:
+            future.result()
+        if writes:
+            self.cache.trim()
+
+    def _run(self, images: np.ndarray) -> Tensor:
+        """uint8 ``(B, S, S, 3)`` -> features ``(B, H, W, D)`` on the device."""
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+        if self.device.type == "cuda":
+            x = x.pin_memory()
+        x = x.to(self.device, non_blocking=True).float().div_(self._scale)
+        return self.extractor((x - self._mean) / self._std)

@@ -1,0 +1,209 @@
+"""The feature cache: a later run reads what an earlier one extracted, with identical results;
+corrupt, stale and concurrent entries; ``python -m moleflow.cache``; the decoding path."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, only_experiment, tiny_flags
+from moleflow.build import build_backbone, build_dataset
+from moleflow.cli_main import main
+from moleflow.config.ablation import AblationConfig, apply_overrides
+from moleflow.data import load_class_split
+from moleflow.extractors.cache import FeatureCache, cache_entries
+from moleflow.extractors.features import extract_features
+from moleflow.extractors.source import FeatureSource
+
+CPU = torch.device("cpu")
+COUNT = re.compile(r"(.+): (\d+) image\(s\) from the feature cache, (\d+) extracted")
+
+
+def _run(tiny_data: Path, log_dir: Path, *extra: str) -> Path:
+    assert main([*tiny_flags(tiny_data, log_dir, classes=("fabric", "tile"), epochs=1), "--quiet", *extra]) == 0
+    return only_experiment(log_dir)
+
+
+def _counts(run: Path) -> dict[str, tuple[int, int]]:
+    """training.log: what -> (images from the cache, images extracted)."""
+    found = {}
+    for line in (run / "training.log").read_text().splitlines():
+        match = COUNT.search(line.split(" | ", 1)[-1])
+        if match:
+            found[match.group(1)] = (int(match.group(2)), int(match.group(3)))
+    return found
+
+
+@pytest.fixture(scope="module")
+def cached_runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A run that fills a fresh cache, a second run on it, and a run without the cache."""
+    root = tmp_path_factory.mktemp("cached_runs")
+    cache = str(root / "cache")
+    return {"cache": root / "cache",
+            "first": _run(tiny_data, root / "first", "--feature_cache", cache),
+            "second": _run(tiny_data, root / "second", "--feature_cache", cache),
+            "none": _run(tiny_data, root / "none", "--no_feature_cache")}
+
+
+def test_a_second_run_reads_every_image_from_the_cache_with_identical_results(cached_runs: dict) -> None:
+    first, second, none = _counts(cached_runs["first"]), _counts(cached_runs["second"]), _counts(cached_runs["none"])
+    assert set(first) == set(second) == set(none) == {
+        "task 0 features", "task 0 held-out features", "fabric test features",
+        "task 1 features", "task 1 held-out features", "tile test features"}
+    assert all(cached == 0 and extracted > 0 for cached, extracted in first.values())
+    assert all(extracted == 0 and cached == first[what][1] for what, (cached, extracted) in second.items())
+    assert none == first
+    results = [(cached_runs[r] / "final_results.csv").read_bytes() for r in ("first", "second", "none")]
+    assert results[0] == results[1] == results[2]
+    assert len(cache_entries(cached_runs["cache"])) == sum(extracted for _, extracted in first.values())
+
+
+def _tiny(tmp_path: Path, tiny_data: Path) -> tuple[AblationConfig, torch.nn.Module, list]:
+    cfg = apply_overrides(AblationConfig(), {"backbone_name": "efficientnet_lite0", "img_size": 64, "feature_dim": 8,
+                                             "batch_size": 4, "feature_cache": str(tmp_path / "cache")})
+    return cfg, build_backbone(cfg, CPU, weights="random"), load_class_split("folder", tiny_data, "fabric").test
+
+
+def _source(cfg: AblationConfig, extractor: torch.nn.Module, warnings: list[str]) -> FeatureSource:
+    cache = FeatureCache(Path(cfg.feature_cache), {"test": 1}, 10**9, warn=warnings.append)
+    return FeatureSource(extractor, CPU, cfg.batch_size, workers=0, cache=cache)
+
+
+def test_the_pipeline_gives_the_features_and_masks_of_the_plain_extraction(tiny_data: Path, tmp_path: Path) -> None:
+    cfg, extractor, samples = _tiny(tmp_path, tiny_data)
+    dataset = build_dataset(cfg, samples)
+    plain = extract_features(extractor, dataset, cfg.batch_size, CPU, keep_masks=True, progress=False)
+    warnings: list[str] = []
+    for expected_cached in (0, len(samples)):  # extracted (and stored), then read back
+        feats, count = _source(cfg, extractor, warnings).features(build_dataset(cfg, samples), True, "test")
+        assert (count.cached, count.extracted) == (expected_cached, len(samples) - expected_cached)
+        for name in ("patches", "router", "labels", "masks"):
+            assert torch.equal(getattr(feats, name), getattr(plain, name)), name
+        assert feats.patches.dtype == plain.patches.dtype and feats.masks.dtype == plain.masks.dtype
+    assert plain.masks.any() and warnings == []
+
+
+def test_a_corrupt_entry_is_reported_and_extracted_again(tiny_data: Path, tmp_path: Path) -> None:
+    cfg, extractor, samples = _tiny(tmp_path, tiny_data)
+    warnings: list[str] = []
+    first, _ = _source(cfg, extractor, warnings).features(build_dataset(cfg, samples), True, "test")
+    paths = sorted(p for p, _, _ in cache_entries(tmp_path / "cache"))
+    data = bytearray(paths[0].read_bytes())
+    data[-5] ^= 0xFF                                        # a flipped byte in the payload
+    paths[0].write_bytes(bytes(data))
+    paths[1].write_bytes(paths[1].read_bytes()[:100])       # a truncated file
+    paths[2].write_bytes(b"not an entry at all")
+    again, count = _source(cfg, extractor, warnings).features(build_dataset(cfg, samples), True, "test")
+    assert (count.cached, count.extracted) == (len(samples) - 3, 3)
+    assert len(warnings) == 3 and all("is corrupt" in w and "extracted again" in w for w in warnings)
+    assert torch.equal(again.patches, first.patches) and torch.equal(again.masks, first.masks)
+    _, count = _source(cfg, extractor, warnings).features(build_dataset(cfg, samples), True, "test")
+    assert count.cached == len(samples) and len(warnings) == 3  # rewritten whole
+
+
+def test_a_changed_file_is_not_read_from_the_cache(tiny_data: Path, tmp_path: Path) -> None:
+    cfg, extractor, samples = _tiny(tmp_path, tiny_data)
+    copy = tmp_path / "data"
+    subprocess.run(["cp", "-r", str(tiny_data), str(copy)], check=True)
+    samples = load_class_split("folder", copy, "fabric").test
+    warnings: list[str] = []
+    _source(cfg, extractor, warnings).features(build_dataset(cfg, samples), True, "test")
+    image = samples[0].image_path
+    stat = image.stat()
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))           # touched
+    defect = next(s for s in samples if s.mask_path is not None)
+    defect.mask_path.write_bytes(defect.mask_path.read_bytes() + b"\0")         # mask file grew
+    _, count = _source(cfg, extractor, warnings).features(build_dataset(cfg, samples), True, "test")
+    assert count.extracted == 2 and count.cached == len(samples) - 2 and warnings == []
+
+
+def test_concurrent_writers_never_leave_a_partial_entry(tmp_path: Path) -> None:
+    warnings: list[str] = []
+    caches = [FeatureCache(tmp_path, {"test": 1}, 10**9, warn=warnings.append) for _ in range(4)]
+    key = "ab" * 32
+    values = [torch.full((4, 4, 64), float(i)) for i in range(4)]
+    stop = threading.Event()
+    seen: list[float] = []
+
+    def write(i: int) -> None:
+        for _ in range(50):
+            caches[i].write(key, values[i], torch.ones(8, 8, dtype=torch.uint8))
+
+    def read() -> None:
+        while not stop.is_set():
+            entry = caches[0].read(key, torch.empty(4, 4, 64))
+            if entry is not None:
+                seen.append(float(entry.patches[0, 0, 0]))
+                assert torch.equal(entry.patches, values[int(seen[-1])]) and int(entry.mask.sum()) == 64
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    writers = [threading.Thread(target=write, args=(i,)) for i in range(4)]
+    for thread in writers:
+        thread.start()
+    for thread in writers:
+        thread.join()
+    stop.set()
+    reader.join()
+    assert warnings == [] and seen
+    files = sorted(p.name for p in (tmp_path / caches[0].fingerprint).rglob("*") if p.is_file())
+    assert files == sorted(["backbone.json", f"{key}.feat"])  # no temporary file left
+
+
+def test_least_recently_used_entries_go_first(tmp_path: Path) -> None:
+    cache = FeatureCache(tmp_path, {"test": 1}, 10**9, warn=print)
+    for i, key in enumerate(("a" * 64, "b" * 64, "c" * 64)):
+        cache.write(key, torch.zeros(2, 2, 8), None)
+        os.utime(cache.path(key), (1000.0 + i, 1000.0 + i))
+    assert cache.read("a" * 64, torch.empty(2, 2, 8)) is not None  # used now: the newest
+    size = cache.path("a" * 64).stat().st_size
+    cache.max_bytes = 2 * size
+    assert cache.trim() == 2 * size
+    assert {p.name[0] for p, _, _ in cache_entries(tmp_path)} == {"a", "c"}
+
+
+def test_an_unwritable_cache_folder_warns_and_the_run_goes_on(tiny_data: Path, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("a file, not a folder")
+    flags = [*tiny_flags(tiny_data, tmp_path / "logs", classes=("fabric",), epochs=1),
+             "--feature_cache", str(tmp_path / "file" / "cache")]
+    done = subprocess.run([sys.executable, str(REPO / "run_moleflow.py"), *flags, "--quiet"], cwd=REPO,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [ln for ln in done.stderr.splitlines() if "feature cache" in ln]
+    assert len(lines) == 1 and str(tmp_path / "file" / "cache") in lines[0] and "--no_feature_cache" in lines[0]
+
+
+def test_the_cache_command_reports_and_clears(cached_runs: dict) -> None:
+    def cache_cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "moleflow.cache", *args], cwd=REPO, capture_output=True,
+                              text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+
+    root = cached_runs["cache"]
+    count = len(cache_entries(root))
+    info = cache_cli("--info", str(root))
+    assert info.returncode == 0 and f"{root}: {count} image(s)" in info.stdout
+    assert "efficientnet_lite0" in info.stdout and "MB per image" in info.stdout
+    cleared = cache_cli("--clear", str(root))
+    assert cleared.returncode == 0 and "cleared" in cleared.stdout and cache_entries(root) == []
+    missing = cache_cli("--info", str(root / "nowhere"))
+    assert missing.returncode == 2 and missing.stderr.startswith("error:")
+    default = cache_cli("--info")
+    assert default.returncode == 0 and os.environ["MOLEFLOW_CACHE_DIR"] in default.stdout
+
+
+def test_augmented_features_are_never_stored(tiny_data: Path, tmp_path: Path) -> None:
+    run = _run(tiny_data, tmp_path / "aug", "--feature_cache", str(tmp_path / "cache"), "--use_augmentation",
+               "--num_epochs", "2", "--task_classes", "fabric")
+    lines = [COUNT.search(line).groups() for line in (run / "training.log").read_text().splitlines()
+             if COUNT.search(line)]
+    train = [int(extracted) for what, _, extracted in lines if what.endswith("task 0 features")]
+    assert len(train) == 2  # the plain features, then the second epoch's augmented ones
+    others = sum(int(extracted) for what, _, extracted in lines if not what.endswith("task 0 features"))
+    assert len(cache_entries(tmp_path / "cache")) == train[0] + others  # augmented images: not stored
