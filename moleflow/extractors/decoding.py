@@ -38,8 +38,9 @@ def available_cpus() -> int:
 
 
 def decode_workers(requested: int) -> int:
-    """Worker processes for ``--num_workers requested`` (0 = one per CPU, at most 16)."""
-    return requested if requested > 0 else max(1, min(MAX_WORKERS, available_cpus()))
+    """Worker processes for ``--num_workers requested``: that many, at most 16 (0: none, the images
+    are decoded on a thread pool of this process first, then extracted)."""
+    return max(0, min(MAX_WORKERS, requested))
 
 
 def shared_pool(workers: int) -> ProcessPoolExecutor:

@@ -76,7 +76,7 @@ class FeatureSource:
         ``phase`` is told ``data_decode`` (reading the cache) and ``feature_extraction`` (decoding
         overlapped with the backbone) around the work.
         """
-        if dataset.augment:
+        if dataset.augment or (self.cache is None and not self.workers):
             with phase("data_decode"):
                 decode_all(dataset)
             with phase("feature_extraction"):
@@ -137,6 +137,9 @@ class FeatureSource:
         """Decode and extract the images ``indices`` of ``dataset`` into ``patches`` (and ``masks``),
         writing each new entry to the cache."""
         samples = [dataset.samples[i] for i in indices]
+        if not self.workers:  # no worker processes: the images on a thread pool, then the backbone
+            self._extract_in_process(dataset, indices, patches, masks, keys, desc)
+            return
         workers = self.workers if len(samples) > 2 * CHUNK else 0  # a few images: worker start-up costs more
         chunks = decoded_chunks(samples, dataset.img_size, dataset.resize_mode, workers)
         writer = ThreadPoolExecutor(max_workers=WRITERS) if self.cache is not None else None
@@ -171,6 +174,29 @@ class FeatureSource:
             future.result()
         if writes:
             self.cache.trim()
+
+    def _extract_in_process(self, dataset: AnomalyDataset, indices: list[int], patches: Tensor,
+                            masks: Optional[Tensor], keys: list[Optional[str]], desc: str) -> None:
+        """``_extract`` without worker processes: ``decode_all`` and ``extract_features`` over the
+        images ``indices``, then their cache entries written."""
+        part = AnomalyDataset([dataset.samples[i] for i in indices], dataset.img_size,
+                              resize_mode=dataset.resize_mode)
+        decode_all(part)
+        feats = extract_features(self.extractor, part, self.batch_size, self.device, keep_masks=True, desc=desc,
+                                 progress=self.progress)
+        at = torch.tensor(indices)
+        patches[at.to(self.device)] = feats.patches
+        if masks is not None:
+            masks[at] = feats.masks
+        if self.cache is None:
+            return
+        host = feats.patches.cpu()
+        with ThreadPoolExecutor(max_workers=WRITERS) as writer:
+            writes = [writer.submit(self.cache.write, keys[i], host[j], feats.masks[j] if dataset.samples[i].mask_path
+                                    else None) for j, i in enumerate(indices) if keys[i] is not None]
+        for future in writes:
+            future.result()
+        self.cache.trim()
 
     def _run(self, images: np.ndarray) -> Tensor:
         """uint8 ``(B, S, S, 3)`` -> features ``(B, H, W, D)`` on the device."""
