@@ -9,7 +9,6 @@ thread pool.
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from torch.utils.data import default_collate
 from tqdm import tqdm
+
+from moleflow.extractors.decoding import available_cpus
 
 MAX_DECODE_THREADS = 16
 
@@ -50,11 +51,7 @@ class FeatureSet:
 
 def decode_threads() -> int:
     """Threads used to decode images: the CPUs this process may use, at most 16."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(MAX_DECODE_THREADS, cpus))
+    return max(1, min(MAX_DECODE_THREADS, available_cpus()))
 
 
 def iter_batches(dataset: Dataset, batch_size: int, threads: Optional[int] = None,
