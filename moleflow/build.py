@@ -118,9 +118,10 @@ def build_feature_cache(config: AblationConfig, extractor: FeatureExtractor, dev
 def build_feature_source(config: AblationConfig, extractor: FeatureExtractor, device: torch.device,
                          log: logging.Logger, progress: bool = False, images: int = 0) -> FeatureSource:
     """Features from the cache (if on), else decoded (on a thread pool, or by ``--num_workers``
-    processes) and extracted; with more than a few ``images`` to come, the processes start now."""
+    processes) and extracted; with more than a few ``images`` to come, the processes start now. New
+    cache entries are written in the background: the caller flushes the source at the end."""
     cache = build_feature_cache(config, extractor, device, log)
     workers = decode_workers(config.num_workers)
     if workers and images > 2 * CHUNK:
         start_workers(workers)
-    return FeatureSource(extractor, device, config.batch_size, workers, cache, progress)
+    return FeatureSource(extractor, device, config.batch_size, workers, cache, progress, background=True)

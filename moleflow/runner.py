@@ -278,6 +278,7 @@ class Run:
             with fusion(fuse, self.log):
                 return self._execute()
         except KeyboardInterrupt:
+            self.source.flush()  # the features extracted so far stay usable by the next run
             self.log.info(f"interrupted after {self.done} finished task(s); continue with "
                           f"python run_moleflow.py --resume {self.exp_dir}")
             close_logger(self.log)
@@ -330,12 +331,15 @@ class Run:
 
     def finish(self, history: bool = True) -> RunResult:
         """The final routed (and oracle) evaluation and every file of the run (``report.write_final``);
-        ``history=False`` leaves out the accuracy matrices (a re-evaluation)."""
+        ``history=False`` leaves out the accuracy matrices (a re-evaluation). New feature-cache entries,
+        written meanwhile, are all on disk when it returns."""
         last = len(self.tasks) - 1
         routed = self.evaluate_seen(last, oracle=False, keep_maps=self.config.run_diagnostics)
         oracle = self.evaluate_seen(last, oracle=True) if self.config.eval_oracle else None
         with self.clock.phase("output"):
-            return distributed.on_writer(lambda: write_final(self, routed, oracle, history))
+            result = distributed.on_writer(lambda: write_final(self, routed, oracle, history))
+            self.source.flush()
+        return result
 
 
 def _percent_or_oracle(value: float) -> str:

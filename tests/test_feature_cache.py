@@ -90,6 +90,22 @@ def test_the_pipeline_gives_the_features_and_masks_of_the_plain_extraction(tiny_
     assert plain.masks.any() and warnings == []
 
 
+def test_background_writes_are_all_on_disk_after_flush(tiny_data: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from moleflow.extractors import source as source_module
+    monkeypatch.setattr(source_module, "PENDING_BYTES", 1)  # every write waited for but the newest
+    cfg, extractor, samples = _tiny(tmp_path, tiny_data)
+    warnings: list[str] = []
+    cache = FeatureCache(Path(cfg.feature_cache), {"test": 1}, 10**9, warn=warnings.append)
+    background = FeatureSource(extractor, CPU, cfg.batch_size, workers=0, cache=cache, background=True)
+    first, _ = background.features(build_dataset(cfg, samples), True, "test")
+    background.flush()
+    assert len(cache_entries(tmp_path / "cache")) == len(samples)
+    again, count = _source(cfg, extractor, warnings).features(build_dataset(cfg, samples), True, "test")
+    assert count.cached == len(samples) and warnings == []
+    assert torch.equal(again.patches, first.patches) and torch.equal(again.masks, first.masks)
+
+
 def test_a_corrupt_entry_is_reported_and_extracted_again(tiny_data: Path, tmp_path: Path) -> None:
     cfg, extractor, samples = _tiny(tmp_path, tiny_data)
     warnings: list[str] = []

@@ -375,6 +375,7 @@ def test_feature_cache_settings_say_where_and_how_much(tiny_data: Path, tmp_path
         source = build_feature_source(cfg, extractor, CPU, LOG)
         assert (source.cache is None) == (name == "off")
         source.features(dataset, keep_masks=True, desc="test")
+        source.flush()  # a run's source writes in the background; the run flushes it at the end
         entries[name] = len(cache_entries(Path(cfg.feature_cache)))
     assert entries["on"] == len(dataset) and entries["small"] == 0  # written, then trimmed to the bound
 

@@ -13,6 +13,7 @@ cached.
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Optional
@@ -30,6 +31,7 @@ from moleflow.extractors.features import FeatureSet, decode_all, extract_feature
 
 Phase = Callable[[str], ContextManager[None]]
 WRITERS = 4  # threads writing cache entries while extraction goes on
+PENDING_BYTES = 4 << 30  # host copies of features waiting to be written, at most (background writes)
 
 
 @dataclass
@@ -58,13 +60,19 @@ class FeatureSource:
         workers: decoding worker processes (0: decode in this process).
         cache: the feature cache, or None.
         progress: tqdm bars.
+        background: new cache entries are written while the caller goes on (training), up to
+            ``PENDING_BYTES`` of them waiting; ``flush()`` waits for them. False: each ``features``
+            call returns once its entries are written.
     """
 
     def __init__(self, extractor: FeatureExtractor, device: torch.device, batch_size: int, workers: int,
-                 cache: Optional[FeatureCache] = None, progress: bool = False) -> None:
+                 cache: Optional[FeatureCache] = None, progress: bool = False, background: bool = False) -> None:
         self.extractor, self.device, self.batch_size = extractor, device, batch_size
-        self.workers, self.cache, self.progress = workers, cache, progress
+        self.workers, self.cache, self.progress, self.background = workers, cache, progress, background
         self.total = FeatureCount()
+        self._writer: Optional[ThreadPoolExecutor] = None
+        self._writes: deque[tuple[Future, int]] = deque()  # (write, its bytes), oldest first
+        self._pending_bytes = 0
         self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
         self._scale = torch.tensor(255.0, device=device)
@@ -142,8 +150,6 @@ class FeatureSource:
             return
         workers = self.workers if len(samples) > 2 * CHUNK else 0  # a few images: worker start-up costs more
         chunks = decoded_chunks(samples, dataset.img_size, dataset.resize_mode, workers)
-        writer = ThreadPoolExecutor(max_workers=WRITERS) if self.cache is not None else None
-        writes: list[Future] = []
         pending: list[tuple[np.ndarray, Optional[np.ndarray]]] = []  # decoded, not yet extracted
         done = 0
         bar = tqdm(total=len(indices), desc=desc, leave=False, disable=not self.progress)
@@ -160,20 +166,13 @@ class FeatureSource:
                         for i, mask in zip(at, batch_masks):
                             if mask is not None:
                                 masks[i] = mask
-                    if writer is not None:
-                        host = feats.cpu()
-                        writes += [writer.submit(self.cache.write, keys[i], host[j], batch_masks[j])
-                                   for j, i in enumerate(at) if keys[i] is not None]
+                    self._store([keys[i] for i in at], feats, batch_masks)
                     done += len(batch)
                     bar.update(len(batch))
         finally:
             bar.close()
-            if writer is not None:
-                writer.shutdown(wait=True)
-        for future in writes:
-            future.result()
-        if writes:
-            self.cache.trim()
+        if not self.background:
+            self.flush()
 
     def _extract_in_process(self, dataset: AnomalyDataset, indices: list[int], patches: Tensor,
                             masks: Optional[Tensor], keys: list[Optional[str]], desc: str) -> None:
@@ -188,14 +187,37 @@ class FeatureSource:
         patches[at.to(self.device)] = feats.patches
         if masks is not None:
             masks[at] = feats.masks
+        self._store([keys[i] for i in indices], feats.patches,
+                    [mask if sample.mask_path else None for sample, mask in zip(part.samples, feats.masks)])
+        if not self.background:
+            self.flush()
+
+    def _store(self, keys: list[Optional[str]], feats: Tensor, masks: list[Optional[Tensor]]) -> None:
+        """Queue the cache entries of ``feats`` (one per image; a None key is not stored)."""
         if self.cache is None:
             return
-        host = feats.patches.cpu()
-        with ThreadPoolExecutor(max_workers=WRITERS) as writer:
-            writes = [writer.submit(self.cache.write, keys[i], host[j], feats.masks[j] if dataset.samples[i].mask_path
-                                    else None) for j, i in enumerate(indices) if keys[i] is not None]
-        for future in writes:
-            future.result()
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="cache-write")
+        host = feats.cpu()
+        for key, patches, mask in zip(keys, host, masks):
+            if key is not None:
+                size = patches.numel() * patches.element_size()
+                self._writes.append((self._writer.submit(self.cache.write, key, patches, mask), size))
+                self._pending_bytes += size
+        while self._pending_bytes > PENDING_BYTES:  # bound the host memory held by waiting writes
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        future, size = self._writes.popleft()
+        future.result()
+        self._pending_bytes -= size
+
+    def flush(self) -> None:
+        """Wait for every queued cache entry, then keep the cache under its bound."""
+        if not self._writes:
+            return
+        while self._writes:
+            self._wait_oldest()
         self.cache.trim()
 
     def _run(self, images: np.ndarray) -> Tensor:
