@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -49,3 +51,21 @@ def only_experiment(log_dir: Path) -> Path:
     dirs = [p for p in log_dir.iterdir() if p.is_dir()]
     assert len(dirs) == 1, dirs
     return dirs[0]
+
+
+def kill_when_logged(flags: list[str], log_dir: Path, text: str, env: dict | None = None) -> Path:
+    """Start ``python run_moleflow.py FLAGS``, SIGKILL it once its training.log (under ``log_dir``)
+    holds ``text``, and return its experiment folder (the run must still be going by then)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    proc = subprocess.Popen([sys.executable, str(REPO / "run_moleflow.py"), *flags], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        logs = list(log_dir.glob("*/training.log"))
+        if logs and text in logs[0].read_text():
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed; raise its epochs"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return only_experiment(log_dir)

@@ -7,17 +7,15 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, only_experiment, run_cli, tiny_flags
+from conftest import REPO, kill_when_logged, only_experiment, run_cli, tiny_flags
 from moleflow import distributed
 from moleflow.models.loss import moleflow_loss
 
@@ -92,19 +90,8 @@ def test_one_process_is_the_plain_run(plain_run, tiny_data, tmp_path):
 
 def test_resume_under_torchrun(plain_run, tiny_data, tmp_path):
     """A plain run killed during task 1, continued by 2 processes: the plain run's results."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(REPO / "run_moleflow.py"), *tiny_flags(tiny_data, tmp_path, epochs=3)],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        logs = list(tmp_path.glob("*/training.log"))
-        if logs and "=== task 1: tile ===" in logs[0].read_text():
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run finished before it could be stopped"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    exp = only_experiment(tmp_path)
+    exp = kill_when_logged(tiny_flags(tiny_data, tmp_path, epochs=3), tmp_path, "=== task 1: tile ===",
+                           env={"OMP_NUM_THREADS": "1"})
     assert not (exp / "final_results.csv").exists()
     resumed = torchrun(2, ["--resume", str(exp)])
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import csv
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, only_experiment, run_cli, tiny_flags
+from conftest import kill_when_logged, only_experiment, run_cli, tiny_flags
 from moleflow.cli_main import main
 
 THREE = ("fabric", "tile", "nut")
@@ -42,25 +37,7 @@ def test_same_seed_same_bytes(reference_run, tiny_data, tmp_path):
 
 
 def test_sigkill_during_task_2_then_resume_matches(reference_run, tiny_data, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    flags = tiny_flags(tiny_data, tmp_path, classes=THREE, epochs=6)
-    proc = subprocess.Popen([sys.executable, str(REPO / "run_moleflow.py"), *flags], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    log = None
-    while time.time() < deadline:
-        dirs = [p for p in tmp_path.iterdir() if p.is_dir()]
-        if dirs and (dirs[0] / "training.log").is_file():
-            log = dirs[0] / "training.log"
-            if "task 2 epoch 1/" in log.read_text():
-                break
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed; raise its epochs"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    exp = only_experiment(tmp_path)
+    exp = kill_when_logged(tiny_flags(tiny_data, tmp_path, classes=THREE, epochs=6), tmp_path, "task 2 epoch 1/")
     assert not (exp / "final_results.csv").exists()
     resumed = run_cli(["--resume", str(exp)])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
