@@ -116,12 +116,28 @@ def test_a_corrupt_entry_is_reported_and_extracted_again(tiny_data: Path, tmp_pa
     paths[0].write_bytes(bytes(data))
     paths[1].write_bytes(paths[1].read_bytes()[:100])       # a truncated file
     paths[2].write_bytes(b"not an entry at all")
+    data = bytearray(paths[3].read_bytes())
+    data[len(data) // 2] ^= 0x01                            # one flipped bit among the features
+    paths[3].write_bytes(bytes(data))
     again, count = _source(cfg, extractor, warnings).features(build_dataset(cfg, samples), True, "test")
-    assert (count.cached, count.extracted) == (len(samples) - 3, 3)
-    assert len(warnings) == 3 and all("is corrupt" in w and "extracted again" in w for w in warnings)
+    assert (count.cached, count.extracted) == (len(samples) - 4, 4)
+    assert len(warnings) == 4 and all("is corrupt" in w and "extracted again" in w for w in warnings)
     assert torch.equal(again.patches, first.patches) and torch.equal(again.masks, first.masks)
     _, count = _source(cfg, extractor, warnings).features(build_dataset(cfg, samples), True, "test")
-    assert count.cached == len(samples) and len(warnings) == 3  # rewritten whole
+    assert count.cached == len(samples) and len(warnings) == 4  # rewritten whole
+
+
+def test_an_entry_with_bytes_added_or_changed_is_not_read(tmp_path: Path) -> None:
+    warnings: list[str] = []
+    cache = FeatureCache(tmp_path, {"test": 1}, 10**9, warn=warnings.append)
+    features, mask = torch.randn(3, 3, 16), torch.randint(0, 2, (8, 8), dtype=torch.uint8)
+    for key, change in (("a" * 64, lambda data: data + b"\0"), ("b" * 64, lambda data: data[:-1] + b"\7")):
+        cache.write(key, features, mask)
+        entry = cache.read(key, torch.empty(3, 3, 16))
+        assert torch.equal(entry.patches, features) and torch.equal(entry.mask, mask)
+        cache.path(key).write_bytes(change(cache.path(key).read_bytes()))
+        assert cache.read(key, torch.empty(3, 3, 16)) is None and not cache.path(key).exists()
+    assert len(warnings) == 2 and "mask bytes" in warnings[0] and "CRC-32" in warnings[1]
 
 
 def test_a_changed_file_is_not_read_from_the_cache(tiny_data: Path, tmp_path: Path) -> None:

@@ -111,26 +111,36 @@ class FeatureCache:
         return self.folder / key[:2] / f"{key}{SUFFIX}"
 
     def read(self, key: str, out: Tensor) -> Optional[Entry]:
-        """The entry ``key`` with its features read into ``out`` ``(H, W, D)`` float32 (CPU), or
-        None when absent; a corrupt entry is deleted, reported and None."""
+        """The entry ``key`` with its features read into ``out`` ``(H, W, D)`` float32 (CPU, contiguous),
+        or None when absent; a corrupt entry is deleted, reported and None.
+
+        The features go from the file straight into ``out``'s memory and are checked there (no
+        intermediate copies; reading and the CRC release the GIL, so threads read in parallel).
+        """
         path = self.path(key)
         try:
-            with open(path, "rb") as handle:
-                data = handle.read()
+            handle = open(path, "rb", buffering=0)
         except FileNotFoundError:
             return None
         try:
-            header, payload = _parse(data, key)
-            shape = tuple(header["shape"])
-            if shape != tuple(out.shape):
-                raise ValueError(f"features of shape {shape}, expected {tuple(out.shape)}")
-            size = out.numel() * 4
-            out.numpy().reshape(-1).view(np.uint8)[:] = np.frombuffer(payload[:size], dtype=np.uint8)
+            with handle:
+                header = _read_header(handle, key)
+                shape = tuple(header["shape"])
+                if shape != tuple(out.shape):
+                    raise ValueError(f"features of shape {shape}, expected {tuple(out.shape)}")
+                features = memoryview(out.numpy()).cast("B")
+                if _read_into(handle, features) != len(features):
+                    raise ValueError("truncated features")
+                side = header["mask"] or 0
+                mask_bytes = handle.read(side * side + 1)  # one byte more shows trailing data
+                if len(mask_bytes) != side * side:
+                    raise ValueError(f"{len(mask_bytes)} mask bytes, expected {side * side}")
+                if zlib.crc32(mask_bytes, zlib.crc32(features)) != header["crc32"]:
+                    raise ValueError("CRC-32 mismatch")
             mask = None
             if header["mask"] is not None:
-                side = header["mask"]
-                mask = torch.from_numpy(np.frombuffer(payload[size:], dtype=np.uint8).reshape(side, side).copy())
-        except (ValueError, KeyError, TypeError, struct.error) as error:
+                mask = torch.frombuffer(bytearray(mask_bytes), dtype=torch.uint8).view(side, side)
+        except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as error:
             self.warn(f"warning: feature cache entry {path} is corrupt ({error}); deleted, the image is extracted again")
             _remove(path)
             return None
@@ -142,14 +152,13 @@ class FeatureCache:
         (atomically; a failed write is reported once and turns writing off for this cache)."""
         if not self.writable:
             return
-        payload = patches.detach().cpu().contiguous().numpy().tobytes()
-        if mask is not None:
-            payload += mask.cpu().contiguous().numpy().astype(np.uint8).tobytes()
+        features = memoryview(patches.detach().cpu().contiguous().numpy()).cast("B")  # no copy on the CPU
+        mask_bytes = b"" if mask is None else mask.cpu().contiguous().numpy().astype(np.uint8).tobytes()
         header = json.dumps({"key": key, "shape": list(patches.shape), "dtype": "float32",
                              "mask": int(mask.shape[-1]) if mask is not None else None,
-                             "crc32": zlib.crc32(payload)}).encode()
+                             "crc32": zlib.crc32(mask_bytes, zlib.crc32(features))}).encode()
         try:
-            _atomic_write(self.path(key), MAGIC + struct.pack("<I", len(header)) + header + payload)
+            _atomic_write(self.path(key), MAGIC + struct.pack("<I", len(header)) + header, features, mask_bytes)
         except OSError as error:
             self.writable = False
             self.warn(f"warning: cannot write to the feature cache {self.folder} ({error}); this run stores no more "
@@ -191,30 +200,42 @@ def backbone_folders(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and (p / DESCRIPTION).is_file())
 
 
-def _parse(data: bytes, key: str) -> tuple[dict, bytes]:
-    """Header and payload of an entry file; ValueError when it does not check out."""
-    if data[:8] != MAGIC:
+def _read_header(handle: Any, key: str) -> dict:
+    """The JSON header of an open entry file (left positioned at the payload); ValueError when it
+    does not check out."""
+    start = handle.read(12)
+    if len(start) != 12 or start[:8] != MAGIC:
         raise ValueError("not a feature cache entry")
-    (length,) = struct.unpack("<I", data[8:12])
-    header = json.loads(data[12:12 + length].decode())
-    payload = data[12 + length:]
+    (length,) = struct.unpack("<I", start[8:12])
+    raw = handle.read(length)
+    if len(raw) != length:
+        raise ValueError("truncated header")
+    header = json.loads(raw.decode())
     if header["key"] != key:
         raise ValueError("its key does not match its name")
-    expected = 4 * int(np.prod(header["shape"])) + (header["mask"] or 0) ** 2
-    if len(payload) != expected:
-        raise ValueError(f"{len(payload)} payload bytes, expected {expected}")
-    if zlib.crc32(payload) != header["crc32"]:
-        raise ValueError("CRC-32 mismatch")
-    return header, payload
+    return header
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
+def _read_into(handle: Any, view: memoryview) -> int:
+    """Fill ``view`` from ``handle`` (a raw file: a read may return less than asked); bytes read."""
+    done = 0
+    while done < len(view):
+        got = handle.readinto(view[done:])
+        if not got:
+            break
+        done += got
+    return done
+
+
+def _atomic_write(path: Path, *parts: Any) -> None:
+    """Write ``parts`` (bytes-like) one after the other to a temporary file beside ``path``, then
+    rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
     try:
         with handle:
-            handle.write(data)
+            for data in parts:
+                handle.write(data)
         os.replace(handle.name, path)
     except BaseException:
         _remove(Path(handle.name))

@@ -107,12 +107,13 @@ class FeatureSource:
             host = torch.empty(0)
             if self.cache is not None:
                 host = torch.empty(n, h, w, dim, pin_memory=self.device.type == "cuda")
-                keys = [self._key(dataset, i) for i in range(n)]
-                found = self._read(keys, host, masks)
+                keys, found = self._read(dataset, host, masks)
         patches = torch.empty(n, h, w, dim, device=self.device)
         with phase("feature_extraction"):
             hits = [i for i in range(n) if found[i]]
-            if hits:
+            if len(hits) == n:  # the usual warm case: one copy of the whole block
+                patches.copy_(host, non_blocking=True)
+            elif hits:
                 index = torch.tensor(hits)
                 patches[index.to(self.device)] = host[index].to(self.device, non_blocking=True)
             missing = [i for i in range(n) if not found[i]]
@@ -122,22 +123,23 @@ class FeatureSource:
         feats = FeatureSet(patches=patches, router=patches.mean(dim=(1, 2)), labels=labels, masks=masks)
         return feats, FeatureCount(cached=len(hits), extracted=len(missing))
 
-    def _key(self, dataset: AnomalyDataset, index: int) -> Optional[str]:
-        try:
-            return self.cache.key(dataset.samples[index], dataset.img_size, dataset.resize_mode)
-        except OSError:  # the file is checked later, where it is decoded
-            return None
-
-    def _read(self, keys: list[Optional[str]], host: Tensor, masks: Optional[Tensor]) -> list[bool]:
-        """Read the cached entries into ``host`` (and ``masks``); which indices were found."""
-        def one(i: int) -> bool:
-            entry = self.cache.read(keys[i], host[i]) if keys[i] is not None else None
+    def _read(self, dataset: AnomalyDataset, host: Tensor,
+              masks: Optional[Tensor]) -> tuple[list[Optional[str]], list[bool]]:
+        """The cache keys of ``dataset``'s images (None: the file is not readable; it is reported where
+        it is decoded) and which were found, read into ``host`` (and ``masks``), on a thread pool."""
+        def one(i: int) -> tuple[Optional[str], bool]:
+            try:
+                key = self.cache.key(dataset.samples[i], dataset.img_size, dataset.resize_mode)
+            except OSError:
+                return None, False
+            entry = self.cache.read(key, host[i])
             if entry is not None and masks is not None and entry.mask is not None:
                 masks[i] = entry.mask
-            return entry is not None
+            return key, entry is not None
 
         with ThreadPoolExecutor(max_workers=max(1, min(16, available_cpus()))) as pool:
-            return list(pool.map(one, range(len(keys))))
+            keys, found = zip(*pool.map(one, range(len(dataset)))) if len(dataset) else ((), ())
+        return list(keys), list(found)
 
     @torch.no_grad()
     def _extract(self, dataset: AnomalyDataset, indices: list[int], patches: Tensor, masks: Optional[Tensor],
