@@ -93,7 +93,7 @@ def test_the_pipeline_gives_the_features_and_masks_of_the_plain_extraction(tiny_
 def test_background_writes_are_all_on_disk_after_flush(tiny_data: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from moleflow.extractors import source as source_module
-    monkeypatch.setattr(source_module, "PENDING_BYTES", 1)  # every write waited for but the newest
+    monkeypatch.setattr(source_module, "pending_limit", lambda: 1)  # every write waited for but the newest
     cfg, extractor, samples = _tiny(tmp_path, tiny_data)
     warnings: list[str] = []
     cache = FeatureCache(Path(cfg.feature_cache), {"test": 1}, 10**9, warn=warnings.append)
@@ -104,6 +104,24 @@ def test_background_writes_are_all_on_disk_after_flush(tiny_data: Path, tmp_path
     again, count = _source(cfg, extractor, warnings).features(build_dataset(cfg, samples), True, "test")
     assert count.cached == len(samples) and warnings == []
     assert torch.equal(again.patches, first.patches) and torch.equal(again.masks, first.masks)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cached_features_reach_the_gpu_through_the_staging_blocks_unchanged(tiny_data: Path, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from moleflow.extractors import source as source_module
+    cfg, extractor, samples = _tiny(tmp_path, tiny_data)
+    warnings: list[str] = []
+    first, _ = _source(cfg, extractor, warnings).features(build_dataset(cfg, samples), True, "test")
+    paths = sorted(p for p, _, _ in cache_entries(tmp_path / "cache"))
+    paths[0].unlink()                                       # one image not in the cache: extracted on the GPU
+    monkeypatch.setattr(source_module, "STAGING_BYTES", 2 * first.patches[0].numel() * 4)  # blocks of 2 rows
+    cache = FeatureCache(Path(cfg.feature_cache), {"test": 1}, 10**9, warn=warnings.append)
+    gpu = FeatureSource(extractor.to("cuda"), torch.device("cuda"), cfg.batch_size, workers=0, cache=cache)
+    again, count = gpu.features(build_dataset(cfg, samples), True, "test")
+    assert (count.cached, count.extracted) == (len(samples) - 1, 1) and warnings == []
+    read = [i for i in range(len(samples)) if not torch.equal(again.patches[i].cpu(), first.patches[i])]
+    assert len(read) <= 1 and torch.equal(again.masks, first.masks)  # every cached row bit-identical
 
 
 def test_a_corrupt_entry_is_reported_and_extracted_again(tiny_data: Path, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ cached.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from moleflow.extractors.features import FeatureSet, decode_all, extract_feature
 
 Phase = Callable[[str], ContextManager[None]]
 WRITERS = 4  # threads writing cache entries while extraction goes on
-PENDING_BYTES = 4 << 30  # host copies of features waiting to be written, at most (background writes)
+STAGING_BYTES = 256 << 20  # each of the two pinned blocks that cached features pass through to a GPU
 
 
 @dataclass
@@ -44,6 +45,16 @@ class FeatureCount:
     def add(self, other: "FeatureCount") -> None:
         self.cached += other.cached
         self.extracted += other.extracted
+
+
+def pending_limit() -> int:
+    """Bytes of features that may wait in host memory for their cache write (background writes): a
+    quarter of the host's memory, at most 16 GB, so training goes on while a slow disk catches up."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        memory = 16 << 30
+    return max(1 << 30, min(16 << 30, memory // 4))
 
 
 def _no_phase(name: str) -> ContextManager[None]:
@@ -61,7 +72,7 @@ class FeatureSource:
         cache: the feature cache, or None.
         progress: tqdm bars.
         background: new cache entries are written while the caller goes on (training), up to
-            ``PENDING_BYTES`` of them waiting; ``flush()`` waits for them. False: each ``features``
+            ``pending_limit()`` bytes of them waiting; ``flush()`` waits for them. False: each ``features``
             call returns once its entries are written.
     """
 
@@ -73,6 +84,9 @@ class FeatureSource:
         self._writer: Optional[ThreadPoolExecutor] = None
         self._writes: deque[tuple[Future, int]] = deque()  # (write, its bytes), oldest first
         self._pending_bytes = 0
+        self._pending_limit = pending_limit()
+        self._staging: Optional[list[Tensor]] = None
+        self._uploaded: list[Optional[torch.cuda.Event]] = [None, None]
         self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
         self._scale = torch.tensor(255.0, device=device)
@@ -103,19 +117,12 @@ class FeatureSource:
         masks = torch.zeros(n, size, size, dtype=torch.uint8) if keep_masks else None
         keys: list[Optional[str]] = [None] * n
         found = [False] * n
-        with phase("data_decode"):  # features read instead of images decoded
-            host = torch.empty(0)
-            if self.cache is not None:
-                host = torch.empty(n, h, w, dim, pin_memory=self.device.type == "cuda")
-                keys, found = self._read(dataset, host, masks)
         patches = torch.empty(n, h, w, dim, device=self.device)
+        with phase("data_decode"):  # features read instead of images decoded
+            if self.cache is not None:
+                keys, found = self._read(dataset, patches, masks)
         with phase("feature_extraction"):
             hits = [i for i in range(n) if found[i]]
-            if len(hits) == n:  # the usual warm case: one copy of the whole block
-                patches.copy_(host, non_blocking=True)
-            elif hits:
-                index = torch.tensor(hits)
-                patches[index.to(self.device)] = host[index].to(self.device, non_blocking=True)
             missing = [i for i in range(n) if not found[i]]
             if missing:
                 self._extract(dataset, missing, patches, masks, keys, desc)
@@ -123,23 +130,68 @@ class FeatureSource:
         feats = FeatureSet(patches=patches, router=patches.mean(dim=(1, 2)), labels=labels, masks=masks)
         return feats, FeatureCount(cached=len(hits), extracted=len(missing))
 
-    def _read(self, dataset: AnomalyDataset, host: Tensor,
+    def _read(self, dataset: AnomalyDataset, patches: Tensor,
               masks: Optional[Tensor]) -> tuple[list[Optional[str]], list[bool]]:
         """The cache keys of ``dataset``'s images (None: the file is not readable; it is reported where
-        it is decoded) and which were found, read into ``host`` (and ``masks``), on a thread pool."""
-        def one(i: int) -> tuple[Optional[str], bool]:
-            try:
-                key = self.cache.key(dataset.samples[i], dataset.img_size, dataset.resize_mode)
-            except OSError:
-                return None, False
-            entry = self.cache.read(key, host[i])
-            if entry is not None and masks is not None and entry.mask is not None:
-                masks[i] = entry.mask
-            return key, entry is not None
+        it is decoded) and which entries were found, read into ``patches`` (and ``masks``).
 
+        Threads read the entries (reading and checking release the GIL). On the CPU they read straight
+        into ``patches``; on a GPU into two pinned staging blocks in turn, each copied to the device while
+        the other fills (pinning memory is slow: the blocks are made once per source, not per set).
+        """
+        n = len(dataset)
         with ThreadPoolExecutor(max_workers=max(1, min(16, available_cpus()))) as pool:
-            keys, found = zip(*pool.map(one, range(len(dataset)))) if len(dataset) else ((), ())
-        return list(keys), list(found)
+            keyed = list(pool.map(lambda i: self._key(dataset, i), range(n)))
+            keys = [key for key, _ in keyed]
+            found = [False] * n
+            if not any(present for _, present in keyed):
+                return keys, found
+            rows = n if patches.device.type == "cpu" else self._staging_rows(patches)
+            for turn, start in enumerate(range(0, n, rows)):
+                stop = min(n, start + rows)
+                block = patches[start:stop] if patches.device.type == "cpu" else self._stage(turn % 2, patches)
+
+                def one(i: int, block: Tensor = block, start: int = start) -> bool:
+                    entry = self.cache.read(keys[i], block[i - start]) if keyed[i][1] else None
+                    if entry is not None and masks is not None and entry.mask is not None:
+                        masks[i] = entry.mask
+                    return entry is not None
+
+                found[start:stop] = pool.map(one, range(start, stop))
+                if patches.device.type != "cpu":
+                    self._upload(turn % 2, block[:stop - start], patches, start, found[start:stop])
+        return keys, found
+
+    def _key(self, dataset: AnomalyDataset, index: int) -> tuple[Optional[str], bool]:
+        """The cache key of image ``index`` and whether its entry file is there."""
+        try:
+            key = self.cache.key(dataset.samples[index], dataset.img_size, dataset.resize_mode)
+        except OSError:
+            return None, False
+        return key, self.cache.path(key).is_file()
+
+    def _staging_rows(self, patches: Tensor) -> int:
+        return max(1, STAGING_BYTES // (patches[0].numel() * patches.element_size()))
+
+    def _stage(self, which: int, patches: Tensor) -> Tensor:
+        """Pinned staging block ``which`` (0 or 1) shaped like rows of ``patches``, free to refill."""
+        rows, shape = self._staging_rows(patches), tuple(patches.shape[1:])
+        if self._staging is None or tuple(self._staging[0].shape[1:]) != shape:
+            self._staging = [torch.empty(rows, *shape, dtype=patches.dtype, pin_memory=True) for _ in range(2)]
+            self._uploaded = [None, None]
+        if self._uploaded[which] is not None:
+            self._uploaded[which].synchronize()  # its last copy to the device is done
+        return self._staging[which]
+
+    def _upload(self, which: int, block: Tensor, patches: Tensor, start: int, found: list[bool]) -> None:
+        """Copy the found rows of staging ``block`` to ``patches[start:]`` without waiting for it."""
+        if all(found):
+            patches[start:start + len(block)].copy_(block, non_blocking=True)
+        else:
+            for j in (j for j, hit in enumerate(found) if hit):
+                patches[start + j].copy_(block[j], non_blocking=True)
+        self._uploaded[which] = torch.cuda.Event()
+        self._uploaded[which].record()
 
     @torch.no_grad()
     def _extract(self, dataset: AnomalyDataset, indices: list[int], patches: Tensor, masks: Optional[Tensor],
@@ -206,7 +258,7 @@ class FeatureSource:
                 size = patches.numel() * patches.element_size()
                 self._writes.append((self._writer.submit(self.cache.write, key, patches, mask), size))
                 self._pending_bytes += size
-        while self._pending_bytes > PENDING_BYTES:  # bound the host memory held by waiting writes
+        while self._pending_bytes > self._pending_limit:  # bound the host memory held by waiting writes
             self._wait_oldest()
 
     def _wait_oldest(self) -> None:
