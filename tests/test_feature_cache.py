@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from moleflow.build import build_backbone, build_dataset
 from moleflow.cli_main import main
 from moleflow.config.ablation import AblationConfig, apply_overrides
 from moleflow.data import load_class_split
-from moleflow.extractors.cache import FeatureCache, cache_entries
+from moleflow.extractors.cache import STALE_TEMP_S, FeatureCache, cache_entries
 from moleflow.extractors.features import extract_features
 from moleflow.extractors.source import FeatureSource
 
@@ -217,6 +218,17 @@ def test_least_recently_used_entries_go_first(tmp_path: Path) -> None:
     cache.max_bytes = 2 * size
     assert cache.trim() == 2 * size
     assert {p.name[0] for p, _, _ in cache_entries(tmp_path)} == {"a", "c"}
+
+
+def test_temporary_files_left_by_a_killed_writer_are_removed_once_stale(tmp_path: Path) -> None:
+    cache = FeatureCache(tmp_path, {"test": 1}, 10**9, warn=print)
+    cache.write("c" * 64, torch.randn(2, 2, 8), None)
+    stale, fresh = cache.folder / "cc" / ".old.feat.x.tmp", cache.folder / "cc" / ".new.feat.y.tmp"
+    stale.write_bytes(b"half an entry")
+    fresh.write_bytes(b"being written")
+    os.utime(stale, (0, time.time() - STALE_TEMP_S - 1))
+    cache.trim()
+    assert not stale.exists() and fresh.exists() and cache.path("c" * 64).exists()
 
 
 def test_an_unwritable_cache_folder_warns_and_the_run_goes_on(tiny_data: Path, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ import json
 import os
 import struct
 import tempfile
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,7 +166,9 @@ class FeatureCache:
                       f"features there (free space, or pass --feature_cache DIR or --no_feature_cache)")
 
     def trim(self) -> int:
-        """Delete the least recently used entries until the folder is under ``max_bytes``; returns its size."""
+        """Delete temporary files left by killed writers (older than ``STALE_TEMP_S``), then the least
+        recently used entries until the folder is under ``max_bytes``; returns its size."""
+        remove_stale_temps(self.root)
         entries = sorted(cache_entries(self.root), key=lambda e: e[1])  # oldest first
         total = sum(size for _, _, size in entries)
         for path, _, size in entries:
@@ -191,6 +194,26 @@ def cache_entries(root: Path) -> list[tuple[Path, float, int]]:
                         continue
                     found.append((Path(item.path), stat.st_mtime, stat.st_size))
     return found
+
+
+def remove_stale_temps(root: Path, now: Optional[float] = None) -> int:
+    """Delete the temporary files under ``root``'s backbone folders that no writer has touched for
+    ``STALE_TEMP_S`` (a run killed mid-write leaves one); returns how many."""
+    limit = (time.time() if now is None else now) - STALE_TEMP_S
+    removed = 0
+    for folder in backbone_folders(root):
+        for sub in os.scandir(folder):
+            if not sub.is_dir():
+                continue
+            for item in os.scandir(sub.path):
+                if item.name.startswith(".") and item.name.endswith(".tmp"):
+                    try:
+                        if item.stat().st_mtime < limit:
+                            _remove(Path(item.path))
+                            removed += 1
+                    except FileNotFoundError:  # renamed into place or removed meanwhile
+                        continue
+    return removed
 
 
 def backbone_folders(root: Path) -> list[Path]:
