@@ -135,14 +135,15 @@ class FeatureSource:
         """The cache keys of ``dataset``'s images (None: the file is not readable; it is reported where
         it is decoded) and which entries were found, read into ``patches`` (and ``masks``).
 
-        Threads read the entries (reading and checking release the GIL). On the CPU they read straight
-        into ``patches``; on a GPU into two pinned staging blocks in turn, each copied to the device while
-        the other fills (pinning memory is slow: the blocks are made once per source, not per set).
+        The keys are made in this thread (hashing on threads fights over the GIL and is slower); threads
+        read the entries (reading and checking release the GIL). On the CPU they read straight into
+        ``patches``; on a GPU into two pinned staging blocks in turn, each copied to the device while the
+        other fills (pinning memory is slow: the blocks are made once per source, not per set).
         """
         n = len(dataset)
+        keyed = [self._key(dataset, i) for i in range(n)]
+        keys = [key for key, _ in keyed]
         with ThreadPoolExecutor(max_workers=max(1, min(16, available_cpus()))) as pool:
-            keyed = list(pool.map(lambda i: self._key(dataset, i), range(n)))
-            keys = [key for key, _ in keyed]
             found = [False] * n
             if not any(present for _, present in keyed):
                 return keys, found
