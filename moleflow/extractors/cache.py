@@ -27,7 +27,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -181,39 +181,31 @@ class FeatureCache:
 
 def cache_entries(root: Path) -> list[tuple[Path, float, int]]:
     """Every entry under ``root``: (path, time of last use, bytes)."""
-    found = []
+    return [(path, stat.st_mtime, stat.st_size) for path, stat in _files(root, lambda name: name.endswith(SUFFIX))]
+
+
+def remove_stale_temps(root: Path) -> None:
+    """Delete the temporary files under ``root`` that no writer has touched for ``STALE_TEMP_S`` (a run
+    killed mid-write leaves one)."""
+    limit = time.time() - STALE_TEMP_S
+    for path, stat in _files(root, lambda name: name.startswith(".") and name.endswith(".tmp")):
+        if stat.st_mtime < limit:
+            _remove(path)
+
+
+def _files(root: Path, wanted: Callable[[str], bool]) -> Iterator[tuple[Path, os.stat_result]]:
+    """The files in the entry folders of ``root``'s backbone folders whose name is ``wanted``, with their
+    stat (a file gone meanwhile, deleted or renamed by another run, is left out)."""
     for folder in backbone_folders(root):
         for sub in os.scandir(folder):
             if not sub.is_dir():
                 continue
             for item in os.scandir(sub.path):
-                if item.name.endswith(SUFFIX):
+                if wanted(item.name):
                     try:
-                        stat = item.stat()
-                    except FileNotFoundError:  # deleted by another run meanwhile
+                        yield Path(item.path), item.stat()
+                    except FileNotFoundError:
                         continue
-                    found.append((Path(item.path), stat.st_mtime, stat.st_size))
-    return found
-
-
-def remove_stale_temps(root: Path, now: Optional[float] = None) -> int:
-    """Delete the temporary files under ``root``'s backbone folders that no writer has touched for
-    ``STALE_TEMP_S`` (a run killed mid-write leaves one); returns how many."""
-    limit = (time.time() if now is None else now) - STALE_TEMP_S
-    removed = 0
-    for folder in backbone_folders(root):
-        for sub in os.scandir(folder):
-            if not sub.is_dir():
-                continue
-            for item in os.scandir(sub.path):
-                if item.name.startswith(".") and item.name.endswith(".tmp"):
-                    try:
-                        if item.stat().st_mtime < limit:
-                            _remove(Path(item.path))
-                            removed += 1
-                    except FileNotFoundError:  # renamed into place or removed meanwhile
-                        continue
-    return removed
 
 
 def backbone_folders(root: Path) -> list[Path]:

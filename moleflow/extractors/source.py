@@ -143,14 +143,15 @@ class FeatureSource:
         n = len(dataset)
         keyed = [self._key(dataset, i) for i in range(n)]
         keys = [key for key, _ in keyed]
+        found = [False] * n
+        if not any(present for _, present in keyed):
+            return keys, found
+        direct = patches.device.type == "cpu"
+        rows = n if direct else self._staging_rows(patches)
         with ThreadPoolExecutor(max_workers=max(1, min(16, available_cpus()))) as pool:
-            found = [False] * n
-            if not any(present for _, present in keyed):
-                return keys, found
-            rows = n if patches.device.type == "cpu" else self._staging_rows(patches)
             for turn, start in enumerate(range(0, n, rows)):
                 stop = min(n, start + rows)
-                block = patches[start:stop] if patches.device.type == "cpu" else self._stage(turn % 2, patches)
+                block = patches[start:stop] if direct else self._stage(turn % 2, patches)
 
                 def one(i: int, block: Tensor = block, start: int = start) -> bool:
                     entry = self.cache.read(keys[i], block[i - start]) if keyed[i][1] else None
@@ -159,7 +160,7 @@ class FeatureSource:
                     return entry is not None
 
                 found[start:stop] = pool.map(one, range(start, stop))
-                if patches.device.type != "cpu":
+                if not direct:
                     self._upload(turn % 2, block[:stop - start], patches, start, found[start:stop])
         return keys, found
 
