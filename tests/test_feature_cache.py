@@ -3,8 +3,10 @@ corrupt, stale and concurrent entries; ``python -m moleflow.cache``; the decodin
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -19,7 +21,7 @@ from moleflow.build import build_backbone, build_dataset
 from moleflow.cli_main import main
 from moleflow.config.ablation import AblationConfig, apply_overrides
 from moleflow.data import load_class_split
-from moleflow.extractors.cache import STALE_TEMP_S, FeatureCache, cache_entries
+from moleflow.extractors.cache import STALE_TEMP_S, TOUCH_S, FeatureCache, cache_entries
 from moleflow.extractors.features import extract_features
 from moleflow.extractors.source import FeatureSource
 
@@ -156,7 +158,7 @@ def test_an_entry_with_bytes_added_or_changed_is_not_read(tmp_path: Path) -> Non
         assert torch.equal(entry.patches, features) and torch.equal(entry.mask, mask)
         cache.path(key).write_bytes(change(cache.path(key).read_bytes()))
         assert cache.read(key, torch.empty(3, 3, 16)) is None and not cache.path(key).exists()
-    assert len(warnings) == 2 and "mask bytes" in warnings[0] and "CRC-32" in warnings[1]
+    assert len(warnings) == 2 and "mask bytes" in warnings[0] and "checksum" in warnings[1]
 
 
 def test_a_changed_file_is_not_read_from_the_cache(tiny_data: Path, tmp_path: Path) -> None:
@@ -218,6 +220,31 @@ def test_least_recently_used_entries_go_first(tmp_path: Path) -> None:
     cache.max_bytes = 2 * size
     assert cache.trim() == 2 * size
     assert {p.name[0] for p, _, _ in cache_entries(tmp_path)} == {"a", "c"}
+
+
+def test_a_read_refreshes_only_an_old_entrys_time(tmp_path: Path) -> None:
+    cache = FeatureCache(tmp_path, {"test": 1}, 10**9, warn=print)
+    for key, age in (("a" * 64, 10.0), ("b" * 64, TOUCH_S + 10.0)):
+        cache.write(key, torch.zeros(2, 2, 8), None)
+        then = time.time() - age
+        os.utime(cache.path(key), (then, then))
+        assert cache.read(key, torch.empty(2, 2, 8)) is not None
+        assert (cache.path(key).stat().st_mtime == then) == (age < TOUCH_S)
+
+
+def test_keys_name_the_real_file_behind_links(tiny_data: Path, tmp_path: Path) -> None:
+    cache = FeatureCache(tmp_path / "cache", {"test": 1}, 10**9, warn=print)
+    real = load_class_split("folder", tiny_data, "fabric").test[0]
+    (tmp_path / "linked").symlink_to(real.image_path.parent, target_is_directory=True)
+    (tmp_path / "file.png").symlink_to(real.image_path)
+    other = tmp_path / "other.png"
+    shutil.copy2(real.image_path, other)  # same bytes, size and time, another file
+    key = lambda path: cache.key(dataclasses.replace(real, image_path=path, mask_path=None), 64, "crop")
+    assert key(real.image_path) == key(tmp_path / "linked" / real.image_path.name) == key(tmp_path / "file.png")
+    assert key(other) != key(real.image_path)
+    (tmp_path / "file.png").unlink()
+    (tmp_path / "file.png").symlink_to(other)
+    assert key(tmp_path / "file.png") == key(other)
 
 
 def test_temporary_files_left_by_a_killed_writer_are_removed_once_stale(tmp_path: Path) -> None:

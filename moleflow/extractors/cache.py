@@ -10,10 +10,11 @@ stored.
 
 Layout: ``ROOT/<fingerprint>/backbone.json`` (what the fingerprint stands for) and
 ``ROOT/<fingerprint>/<k[:2]>/<k>.feat``. A file: 8-byte magic, 4-byte header length, a JSON header
-(key, shape, CRC-32 of the payload), then the raw float32 features and uint8 mask. Entries are
-written to a temporary file and renamed into place, so concurrent runs never see half an entry; an
-entry that does not check out (truncated, wrong key, wrong CRC) is deleted and recomputed with a
-warning. Reading an entry refreshes its time; past ``max_bytes`` the least recently used go.
+(key, shape, XXH3-64 checksum of the payload), then the raw float32 features and uint8 mask.
+Entries are written to a temporary file and renamed into place, so concurrent runs never see half an
+entry; an entry that does not check out (truncated, wrong key, wrong checksum) is deleted and
+recomputed with a warning. Reading an entry refreshes its time when it is older than ``TOUCH_S``;
+past ``max_bytes`` the least recently used go.
 """
 
 from __future__ import annotations
@@ -24,23 +25,25 @@ import os
 import struct
 import tempfile
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISLNK
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
+import xxhash
 from torch import Tensor, nn
 
 from moleflow.data.base import Sample
 
-FORMAT = 1
-MAGIC = b"MFFEAT01"
+FORMAT = 2  # 2: XXH3-64 checksums (1: CRC-32)
+MAGIC = b"MFFEAT02"
 SUFFIX = ".feat"
 DESCRIPTION = "backbone.json"
 ENV_VAR = "MOLEFLOW_CACHE_DIR"
 STALE_TEMP_S = 3600.0  # a temporary file older than this was left by a killed writer
+TOUCH_S = 600.0  # a read entry's time is refreshed when older than this (the eviction order's grain)
 
 
 def default_cache_dir() -> Path:
@@ -62,9 +65,32 @@ def weights_digest(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _file_identity(path: Path) -> list[Any]:
-    stat = path.stat()
-    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+class _Identities:
+    """``[real path, size, mtime_ns]`` of image files, with one ``lstat`` per file: each folder's real
+    path is resolved once (a file that is itself a link is resolved in full)."""
+
+    def __init__(self) -> None:
+        self._folders: dict[str, str] = {}
+
+    def __call__(self, path: str) -> list[Any]:
+        folder, name = os.path.split(os.path.abspath(path))
+        stat = os.lstat(os.path.join(folder, name))
+        if S_ISLNK(stat.st_mode):
+            real = os.path.realpath(path)
+            stat = os.stat(real)
+        else:
+            if folder not in self._folders:
+                self._folders[folder] = os.path.realpath(folder)
+            real = os.path.join(self._folders[folder], name)
+        return [real, stat.st_size, stat.st_mtime_ns]
+
+
+def _checksum(*parts: Any) -> int:
+    """XXH3-64 of the bytes-like ``parts`` one after the other (releases the GIL on large parts)."""
+    digest = xxhash.xxh3_64()
+    for data in parts:
+        digest.update(data)
+    return digest.intdigest()
 
 
 @dataclass
@@ -94,6 +120,7 @@ class FeatureCache:
         self.max_bytes = max_bytes
         self.warn = warn
         self.writable = True
+        self._identity = _Identities()
         self.folder.mkdir(parents=True, exist_ok=True)  # OSError: the caller says what to do
         description = self.folder / DESCRIPTION
         if not description.is_file():
@@ -104,8 +131,8 @@ class FeatureCache:
     def key(self, sample: Sample, img_size: int, resize_mode: str) -> str:
         """The entry name of ``sample`` at ``img_size`` / ``resize_mode`` (OSError: file not readable)."""
         parts = {"format": FORMAT, "backbone": self.fingerprint, "img_size": img_size, "resize_mode": resize_mode,
-                 "image": _file_identity(Path(sample.image_path)),
-                 "mask": _file_identity(Path(sample.mask_path)) if sample.mask_path is not None else None}
+                 "image": self._identity(str(sample.image_path)),
+                 "mask": self._identity(str(sample.mask_path)) if sample.mask_path is not None else None}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
     def path(self, key: str) -> Path:
@@ -116,7 +143,7 @@ class FeatureCache:
         or None when absent; a corrupt entry is deleted, reported and None.
 
         The features go from the file straight into ``out``'s memory and are checked there (no
-        intermediate copies; reading and the CRC release the GIL, so threads read in parallel).
+        intermediate copies; reading and the checksum release the GIL, so threads read in parallel).
         """
         path = self.path(key)
         try:
@@ -136,8 +163,9 @@ class FeatureCache:
                 mask_bytes = handle.read(side * side + 1)  # one byte more shows trailing data
                 if len(mask_bytes) != side * side:
                     raise ValueError(f"{len(mask_bytes)} mask bytes, expected {side * side}")
-                if zlib.crc32(mask_bytes, zlib.crc32(features)) != header["crc32"]:
-                    raise ValueError("CRC-32 mismatch")
+                if _checksum(features, mask_bytes) != header["xxh3"]:
+                    raise ValueError("checksum mismatch")
+                touch = time.time() - os.fstat(handle.fileno()).st_mtime > TOUCH_S
             mask = None
             if header["mask"] is not None:
                 mask = torch.frombuffer(bytearray(mask_bytes), dtype=torch.uint8).view(side, side)
@@ -145,7 +173,8 @@ class FeatureCache:
             self.warn(f"warning: feature cache entry {path} is corrupt ({error}); deleted, the image is extracted again")
             _remove(path)
             return None
-        _touch(path)
+        if touch:
+            _touch(path)
         return Entry(out, mask)
 
     def write(self, key: str, patches: Tensor, mask: Optional[Tensor]) -> None:
@@ -157,7 +186,7 @@ class FeatureCache:
         mask_bytes = b"" if mask is None else mask.cpu().contiguous().numpy().astype(np.uint8).tobytes()
         header = json.dumps({"key": key, "shape": list(patches.shape), "dtype": "float32",
                              "mask": int(mask.shape[-1]) if mask is not None else None,
-                             "crc32": zlib.crc32(mask_bytes, zlib.crc32(features))}).encode()
+                             "xxh3": _checksum(features, mask_bytes)}).encode()
         try:
             _atomic_write(self.path(key), MAGIC + struct.pack("<I", len(header)) + header, features, mask_bytes)
         except OSError as error:
