@@ -82,6 +82,7 @@ class FeatureSource:
         self.workers, self.cache, self.progress, self.background = workers, cache, progress, background
         self.total = FeatureCount()
         self._writer: Optional[ThreadPoolExecutor] = None
+        self._reader: Optional[ThreadPoolExecutor] = None
         self._writes: deque[tuple[Future, int]] = deque()  # (write, its bytes), oldest first
         self._pending_bytes = 0
         self._pending_limit = pending_limit()
@@ -135,34 +136,53 @@ class FeatureSource:
         """The cache keys of ``dataset``'s images (None: the file is not readable; it is reported where
         it is decoded) and which entries were found, read into ``patches`` (and ``masks``).
 
-        The keys are made in this thread (hashing on threads fights over the GIL and is slower); threads
-        read the entries (reading and checking release the GIL). On the CPU they read straight into
-        ``patches``; on a GPU into two pinned staging blocks in turn, each copied to the device while the
-        other fills (pinning memory is slow: the blocks are made once per source, not per set).
+        The keys are made in this thread (hashing on threads fights over the GIL) while reader threads
+        read the entries already keyed (reading and checking release the GIL). On the CPU they read
+        straight into ``patches``; on a GPU into two pinned staging blocks in turn: while one block's
+        reads go on, the block before it is copied to the device (pinning memory is slow: the blocks
+        are made once per source, and only once an entry is found).
         """
         n = len(dataset)
-        keyed = [self._key(dataset, i) for i in range(n)]
-        keys = [key for key, _ in keyed]
-        found = [False] * n
-        if not any(present for _, present in keyed):
-            return keys, found
+        keys: list[Optional[str]] = [None] * n
+        reads: list[Optional[Future]] = [None] * n
         direct = patches.device.type == "cpu"
         rows = n if direct else self._staging_rows(patches)
-        with ThreadPoolExecutor(max_workers=max(1, min(16, available_cpus()))) as pool:
-            for turn, start in enumerate(range(0, n, rows)):
-                stop = min(n, start + rows)
-                block = patches[start:stop] if direct else self._stage(turn % 2, patches)
+        before: Optional[tuple[int, int, int]] = None  # (turn, start, stop) of the block being read
+        for turn, start in enumerate(range(0, n, rows)):
+            stop, block = min(n, start + rows), None
+            for i in range(start, stop):
+                keys[i], present = self._key(dataset, i)
+                if not present:
+                    continue
+                if block is None:
+                    block = patches[start:stop] if direct else self._stage(turn % 2, patches)
+                reads[i] = self._readers().submit(self._read_one, keys[i], block[i - start], masks, i)
+            if before is not None:
+                self._finish(*before, reads, patches, direct)
+            before = (turn, start, stop) if block is not None else None
+        if before is not None:
+            self._finish(*before, reads, patches, direct)
+        return keys, [read is not None and read.result() for read in reads]
 
-                def one(i: int, block: Tensor = block, start: int = start) -> bool:
-                    entry = self.cache.read(keys[i], block[i - start]) if keyed[i][1] else None
-                    if entry is not None and masks is not None and entry.mask is not None:
-                        masks[i] = entry.mask
-                    return entry is not None
+    def _read_one(self, key: str, out: Tensor, masks: Optional[Tensor], index: int) -> bool:
+        entry = self.cache.read(key, out)
+        if entry is not None and masks is not None and entry.mask is not None:
+            masks[index] = entry.mask
+        return entry is not None
 
-                found[start:stop] = pool.map(one, range(start, stop))
-                if not direct:
-                    self._upload(turn % 2, block[:stop - start], patches, start, found[start:stop])
-        return keys, found
+    def _finish(self, turn: int, start: int, stop: int, reads: list[Optional[Future]], patches: Tensor,
+                direct: bool) -> None:
+        """Wait for the reads of rows ``start:stop``; on a GPU, copy the found ones from their staging
+        block to ``patches`` without waiting for the copy."""
+        found = [read is not None and read.result() for read in reads[start:stop]]
+        if not direct:
+            self._upload(turn % 2, self._staging[turn % 2][:stop - start], patches, start, found)
+
+    def _readers(self) -> ThreadPoolExecutor:
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(max_workers=max(1, min(16, available_cpus())),
+                                              thread_name_prefix="cache-read")
+        return self._reader
 
     def _key(self, dataset: AnomalyDataset, index: int) -> tuple[Optional[str], bool]:
         """The cache key of image ``index`` and whether its entry file is there."""
