@@ -40,9 +40,16 @@ def tiny_flags(data: Path, log_dir: Path, classes=("fabric", "tile"), epochs: in
             "--log_dir", str(log_dir)]
 
 
+def repo_env(**extra: str) -> dict[str, str]:
+    """This process's environment with the repository first on ``PYTHONPATH`` (what it held stays:
+    packages installed under a path of their own), plus ``extra``."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def run_cli(args: list[str], cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``python run_moleflow.py ARGS`` as a user would."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = repo_env()
     return subprocess.run([sys.executable, str(REPO / "run_moleflow.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -56,7 +63,7 @@ def only_experiment(log_dir: Path) -> Path:
 def kill_when_logged(flags: list[str], log_dir: Path, text: str, env: dict | None = None) -> Path:
     """Start ``python run_moleflow.py FLAGS``, SIGKILL it once its training.log (under ``log_dir``)
     holds ``text``, and return its experiment folder (the run must still be going by then)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    env = repo_env(**(env or {}))
     proc = subprocess.Popen([sys.executable, str(REPO / "run_moleflow.py"), *flags], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, only_experiment, run_cli, tiny_flags
+from conftest import REPO, only_experiment, repo_env, run_cli, tiny_flags
 from moleflow.cli_main import main
 from moleflow.config.ablation import PRESETS, AblationConfig, ConfigError, config_fields
 from moleflow.config.cli import HELP, build_parser, parse_config
@@ -54,7 +54,7 @@ def _no_experiment(log_dir: Path) -> None:
 def oracle_2_1_run(tiny_data, tmp_path_factory):
     """wo_router (oracle), 2-1 scenario, a flag the preset makes moot; stdout/stderr not terminals."""
     log_dir = tmp_path_factory.mktemp("oracle")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = repo_env()
     args = [*tiny_flags(tiny_data, log_dir, classes=THREE, epochs=1), "--cl_scenario", "2-1",
             "--ablation_preset", "wo_router", "--use_mahalanobis"]
     raw = subprocess.run([sys.executable, str(REPO / "run_moleflow.py"), *args], cwd=REPO, env=env,
@@ -307,7 +307,7 @@ def test_visa_without_task_classes_names_the_visa_files(tmp_path, capsys):
 # ---------------------------------------------------------------- a fast start and honest --help
 
 def _imports(args: list[str]) -> tuple[subprocess.CompletedProcess, set[str]]:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = repo_env()
     proc = subprocess.run([sys.executable, "-X", "importtime", str(REPO / "run_moleflow.py"), *args], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=120)
     modules = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}

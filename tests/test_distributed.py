@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, kill_when_logged, only_experiment, run_cli, tiny_flags
+from conftest import REPO, kill_when_logged, only_experiment, repo_env, run_cli, tiny_flags
 from moleflow import distributed
 from moleflow.models.loss import moleflow_loss
 
@@ -31,7 +31,7 @@ def _free_port() -> int:
 
 def torchrun(nproc: int, args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run --nproc_per_node NPROC run_moleflow.py ARGS`` on the CPU."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+    env = {**repo_env(), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "CUDA_VISIBLE_DEVICES": ""}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(REPO / "run_moleflow.py"), *args]

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, only_experiment, tiny_flags
+from conftest import REPO, only_experiment, repo_env, tiny_flags
 from moleflow.build import build_backbone, build_dataset
 from moleflow.cli_main import main
 from moleflow.config.ablation import AblationConfig, apply_overrides
 from moleflow.data import load_class_split
-from moleflow.extractors.cache import STALE_TEMP_S, TOUCH_S, FeatureCache, cache_entries
+from moleflow.extractors.cache import STALE_TEMP_S, TOUCH_S, FeatureCache, _read_fully, cache_entries
 from moleflow.extractors.features import extract_features
 from moleflow.extractors.source import FeatureSource
 
@@ -222,6 +222,24 @@ def test_least_recently_used_entries_go_first(tmp_path: Path) -> None:
     assert {p.name[0] for p, _, _ in cache_entries(tmp_path)} == {"a", "c"}
 
 
+def test_vectored_reads_fill_every_view_across_short_reads() -> None:
+    read_end, write_end = os.pipe()  # a pipe returns what has arrived: short reads
+
+    def feed() -> None:
+        for chunk in (b"abc", b"defgh", b"ijklmnop"):
+            os.write(write_end, chunk)
+            time.sleep(0.05)
+        os.close(write_end)
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    first, second = bytearray(4), bytearray(6)
+    assert _read_fully(read_end, [memoryview(first), memoryview(second)]) == 10
+    writer.join()
+    assert (bytes(first), bytes(second), os.read(read_end, 10)) == (b"abcd", b"efghij", b"klmnop")
+    os.close(read_end)
+
+
 def test_a_read_refreshes_only_an_old_entrys_time(tmp_path: Path) -> None:
     cache = FeatureCache(tmp_path, {"test": 1}, 10**9, warn=print)
     for key, age in (("a" * 64, 10.0), ("b" * 64, TOUCH_S + 10.0)):
@@ -263,7 +281,7 @@ def test_an_unwritable_cache_folder_warns_and_the_run_goes_on(tiny_data: Path, t
     flags = [*tiny_flags(tiny_data, tmp_path / "logs", classes=("fabric",), epochs=1),
              "--feature_cache", str(tmp_path / "file" / "cache")]
     done = subprocess.run([sys.executable, str(REPO / "run_moleflow.py"), *flags, "--quiet"], cwd=REPO,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=600)
+                          capture_output=True, text=True, env=repo_env(), timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = [ln for ln in done.stderr.splitlines() if "feature cache" in ln]
     assert len(lines) == 1 and str(tmp_path / "file" / "cache") in lines[0] and "--no_feature_cache" in lines[0]
@@ -272,7 +290,7 @@ def test_an_unwritable_cache_folder_warns_and_the_run_goes_on(tiny_data: Path, t
 def test_the_cache_command_reports_and_clears(cached_runs: dict) -> None:
     def cache_cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "moleflow.cache", *args], cwd=REPO, capture_output=True,
-                              text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+                              text=True, env=repo_env(), timeout=120)
 
     root = cached_runs["cache"]
     count = len(cache_entries(root))

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import MINI_MVTEC, REPO, run_cli, tiny_flags
+from conftest import MINI_MVTEC, REPO, repo_env, run_cli, tiny_flags
 from moleflow.cli_main import main as train_main
 
 SCORE_TOLERANCE = 1e-4  # the same images batched differently: float summation order only
@@ -31,8 +31,7 @@ def _rows(path: Path) -> list[dict]:
 
 
 def _module(name: str, args: list[str], cwd: Path = REPO, env_path: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)} if env_path else {k: v for k, v in os.environ.items()
-                                                                     if k != "PYTHONPATH"}
+    env = repo_env() if env_path else {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     return subprocess.run([sys.executable, "-m", name, *args] if name else [sys.executable, *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 

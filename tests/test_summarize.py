@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import REPO, repo_env
 from moleflow import summarize
 
-REPO = Path(__file__).resolve().parents[1]
 COLUMNS = ["task_id", "class_name", "routing_acc", "img_auroc", "pixel_auroc", "img_ap", "pixel_ap", "aupro"]
 METRICS = COLUMNS[2:]
 
@@ -190,7 +190,7 @@ def test_files_go_next_to_the_runs_not_into_the_cwd(tmp_path: Path) -> None:
     runs = [write_run(logs / f"full_s{s}_20260101_000000", seed=s) for s in (0, 1)]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = repo_env()
     for _ in range(2):  # a second summary of the same second does not overwrite the first
         done = subprocess.run([sys.executable, "-m", "moleflow.summarize", *map(str, runs)], cwd=elsewhere,
                               env=env, capture_output=True, text=True, timeout=120)
@@ -210,7 +210,7 @@ def test_files_go_next_to_the_runs_not_into_the_cwd(tmp_path: Path) -> None:
 def test_missing_file_is_a_one_line_error(tmp_path: Path) -> None:
     a = write_run(tmp_path / "run_a", seed=0)
     (tmp_path / "empty").mkdir()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = repo_env()
     for broken, missing in ((tmp_path / "empty", "config.json"), (tmp_path / "nocont", "continual_summary.csv")):
         if missing == "continual_summary.csv":
             write_run(broken, seed=1)

@@ -9,8 +9,9 @@ key, so its old entry is never found again (and ages out). Features of augmented
 stored.
 
 Layout: ``ROOT/<fingerprint>/backbone.json`` (what the fingerprint stands for) and
-``ROOT/<fingerprint>/<k[:2]>/<k>.feat``. A file: 8-byte magic, 4-byte header length, a JSON header
-(key, shape, XXH3-64 checksum of the payload), then the raw float32 features and uint8 mask.
+``ROOT/<fingerprint>/<k[:2]>/<k>.feat``. A file: a ``PREFIX``-byte head (8-byte magic, 4-byte header
+length, a JSON header: key, shape, XXH3-64 checksum of the payload; padded with spaces), then the raw
+float32 features and uint8 mask. The fixed head lets one vectored read fill it and the features.
 Entries are written to a temporary file and renamed into place, so concurrent runs never see half an
 entry; an entry that does not check out (truncated, wrong key, wrong checksum) is deleted and
 recomputed with a warning. Reading an entry refreshes its time when it is older than ``TOUCH_S``;
@@ -39,6 +40,7 @@ from moleflow.data.base import Sample
 
 FORMAT = 2  # 2: XXH3-64 checksums (1: CRC-32)
 MAGIC = b"MFFEAT02"
+PREFIX = 256  # bytes of the head: magic, header length, JSON header, padding
 SUFFIX = ".feat"
 DESCRIPTION = "backbone.json"
 ENV_VAR = "MOLEFLOW_CACHE_DIR"
@@ -142,39 +144,42 @@ class FeatureCache:
         """The entry ``key`` with its features read into ``out`` ``(H, W, D)`` float32 (CPU, contiguous),
         or None when absent; a corrupt entry is deleted, reported and None.
 
-        The features go from the file straight into ``out``'s memory and are checked there (no
-        intermediate copies; reading and the checksum release the GIL, so threads read in parallel).
+        One vectored read fills the head and ``out``'s memory (no intermediate copies), a second one
+        the mask; reading and the checksum release the GIL, so threads read in parallel.
         """
         path = self.path(key)
         try:
-            handle = open(path, "rb", buffering=0)
+            fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             return None
         try:
-            with handle:
-                header = _read_header(handle, key)
-                shape = tuple(header["shape"])
-                if shape != tuple(out.shape):
-                    raise ValueError(f"features of shape {shape}, expected {tuple(out.shape)}")
+            try:
+                head = bytearray(PREFIX)
                 features = memoryview(out.numpy()).cast("B")
-                if _read_into(handle, features) != len(features):
+                done = _read_fully(fd, [memoryview(head), features])
+                header = _parse_head(head, done, key)
+                if tuple(header["shape"]) != tuple(out.shape):
+                    raise ValueError(f"features of shape {tuple(header['shape'])}, expected {tuple(out.shape)}")
+                if done != PREFIX + len(features):
                     raise ValueError("truncated features")
                 side = header["mask"] or 0
-                mask_bytes = handle.read(side * side + 1)  # one byte more shows trailing data
+                mask_bytes = os.read(fd, side * side + 1)  # one byte more shows trailing data
                 if len(mask_bytes) != side * side:
                     raise ValueError(f"{len(mask_bytes)} mask bytes, expected {side * side}")
                 if _checksum(features, mask_bytes) != header["xxh3"]:
                     raise ValueError("checksum mismatch")
-                touch = time.time() - os.fstat(handle.fileno()).st_mtime > TOUCH_S
-            mask = None
-            if header["mask"] is not None:
-                mask = torch.frombuffer(bytearray(mask_bytes), dtype=torch.uint8).view(side, side)
+                stale = time.time() - os.fstat(fd).st_mtime > TOUCH_S
+            finally:
+                os.close(fd)
         except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as error:
             self.warn(f"warning: feature cache entry {path} is corrupt ({error}); deleted, the image is extracted again")
             _remove(path)
             return None
-        if touch:
+        if stale:
             _touch(path)
+        mask = None
+        if header["mask"] is not None:
+            mask = torch.frombuffer(bytearray(mask_bytes), dtype=torch.uint8).view(side, side)
         return Entry(out, mask)
 
     def write(self, key: str, patches: Tensor, mask: Optional[Tensor]) -> None:
@@ -187,8 +192,11 @@ class FeatureCache:
         header = json.dumps({"key": key, "shape": list(patches.shape), "dtype": "float32",
                              "mask": int(mask.shape[-1]) if mask is not None else None,
                              "xxh3": _checksum(features, mask_bytes)}).encode()
+        head = MAGIC + struct.pack("<I", len(header)) + header
+        if len(head) > PREFIX:
+            raise ValueError(f"a feature cache header of {len(head)} bytes does not fit in {PREFIX}")
         try:
-            _atomic_write(self.path(key), MAGIC + struct.pack("<I", len(header)) + header, features, mask_bytes)
+            _atomic_write(self.path(key), head.ljust(PREFIX, b" "), features, mask_bytes)
         except OSError as error:
             self.writable = False
             self.warn(f"warning: cannot write to the feature cache {self.folder} ({error}); this run stores no more "
@@ -244,30 +252,33 @@ def backbone_folders(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and (p / DESCRIPTION).is_file())
 
 
-def _read_header(handle: Any, key: str) -> dict:
-    """The JSON header of an open entry file (left positioned at the payload); ValueError when it
+def _parse_head(head: bytearray, got: int, key: str) -> dict:
+    """The JSON header in an entry's head (``got`` bytes of the file were read); ValueError when it
     does not check out."""
-    start = handle.read(12)
-    if len(start) != 12 or start[:8] != MAGIC:
+    if got < 12 or head[:8] != MAGIC:
         raise ValueError("not a feature cache entry")
-    (length,) = struct.unpack("<I", start[8:12])
-    raw = handle.read(length)
-    if len(raw) != length:
+    (length,) = struct.unpack("<I", head[8:12])
+    if 12 + length > min(got, PREFIX):
         raise ValueError("truncated header")
-    header = json.loads(raw.decode())
+    header = json.loads(head[12:12 + length].decode())
     if header["key"] != key:
         raise ValueError("its key does not match its name")
     return header
 
 
-def _read_into(handle: Any, view: memoryview) -> int:
-    """Fill ``view`` from ``handle`` (a raw file: a read may return less than asked); bytes read."""
+def _read_fully(fd: int, views: list[memoryview]) -> int:
+    """Fill ``views`` one after the other from ``fd`` (a read may return less than asked); bytes read."""
     done = 0
-    while done < len(view):
-        got = handle.readinto(view[done:])
+    while views:
+        got = os.readv(fd, views)
         if not got:
             break
         done += got
+        while views and got >= len(views[0]):
+            got -= len(views[0])
+            views = views[1:]
+        if views and got:
+            views[0] = views[0][got:]
     return done
 
 
