@@ -75,8 +75,9 @@ class _Identities:
         self._folders: dict[str, str] = {}
 
     def __call__(self, path: str) -> list[Any]:
-        folder, name = os.path.split(os.path.abspath(path))
-        stat = os.lstat(os.path.join(folder, name))
+        full = os.path.abspath(path)
+        folder, name = os.path.split(full)
+        stat = os.lstat(full)
         if S_ISLNK(stat.st_mode):
             real = os.path.realpath(path)
             stat = os.stat(real)

@@ -27,8 +27,8 @@ from tqdm import tqdm
 from moleflow.data.dataset import IMAGENET_MEAN, IMAGENET_STD, AnomalyDataset
 from moleflow.extractors.base import FeatureExtractor
 from moleflow.extractors.cache import FeatureCache
-from moleflow.extractors.decoding import CHUNK, available_cpus, decoded_chunks
-from moleflow.extractors.features import FeatureSet, decode_all, extract_features
+from moleflow.extractors.decoding import CHUNK, decoded_chunks
+from moleflow.extractors.features import FeatureSet, decode_all, decode_threads, extract_features
 
 Phase = Callable[[str], ContextManager[None]]
 WRITERS = 4  # threads writing cache entries while extraction goes on
@@ -180,8 +180,7 @@ class FeatureSource:
 
     def _readers(self) -> ThreadPoolExecutor:
         if self._reader is None:
-            self._reader = ThreadPoolExecutor(max_workers=max(1, min(16, available_cpus())),
-                                              thread_name_prefix="cache-read")
+            self._reader = ThreadPoolExecutor(max_workers=decode_threads(), thread_name_prefix="cache-read")
         return self._reader
 
     def _key(self, dataset: AnomalyDataset, index: int) -> tuple[Optional[str], bool]:
