@@ -102,7 +102,7 @@ def build_feature_cache(config: AblationConfig, extractor: FeatureExtractor, dev
                 "feature_dim": extractor.feature_dim, "grid": list(extractor.grid_size()),
                 "feature_strides": list(config.feature_strides), "feature_pooling": config.feature_pooling,
                 "amp": bool(extractor.amp and device.type == "cuda"), "device": device.type,
-                "torch": torch.__version__}
+                "torch": torch.__version__, "stored": _row_name(extractor.stored_row(device))}
     try:
         cache = FeatureCache(root, identity, int(config.feature_cache_max_gb * 1e9), warn=log.warning)
         entries = cache_entries(root)
@@ -113,6 +113,12 @@ def build_feature_cache(config: AblationConfig, extractor: FeatureExtractor, dev
         log.warning(f"warning: the feature cache {root} cannot be written ({error}); this run extracts every image "
                     "(pass --feature_cache DIR with a writable folder, or --no_feature_cache)")
         return None
+
+
+def _row_name(row: tuple[tuple[int, ...], torch.dtype]) -> str:
+    """What a cache entry holds, e.g. ``bfloat16 (602112,)``."""
+    shape, dtype = row
+    return f"{str(dtype).removeprefix('torch.')} {tuple(shape)}"
 
 
 def build_feature_source(config: AblationConfig, extractor: FeatureExtractor, device: torch.device,

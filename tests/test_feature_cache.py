@@ -127,6 +127,40 @@ def test_cached_features_reach_the_gpu_through_the_staging_blocks_unchanged(tiny
     assert len(read) <= 1 and torch.equal(again.masks, first.masks)  # every cached row bit-identical
 
 
+def test_stored_stage_maps_pool_to_the_same_features_whatever_their_neighbours(tiny_data: Path,
+                                                                              tmp_path: Path) -> None:
+    cfg, extractor, samples = _tiny(tmp_path, tiny_data)
+    images = torch.stack([build_dataset(cfg, samples)[i]["image"] for i in range(len(samples))])
+    features = extractor.from_stored(extractor.stored(images))
+    extractor.store_maps = True                             # what amp on a GPU does: the maps are kept
+    rows = extractor.stored(images)
+    (width,), dtype = extractor.stored_row(CPU)
+    assert rows.shape == (len(samples), width) and rows.dtype == dtype
+    pooled = extractor.from_stored(rows)
+    torch.testing.assert_close(pooled, features, rtol=0, atol=1e-5)
+    assert torch.equal(extractor(images), pooled)
+    alone = torch.cat([extractor.from_stored(rows[i:i + 1]) for i in range(len(rows))])
+    reversed_order = extractor.from_stored(rows.flip(0)).flip(0)
+    assert torch.equal(alone, pooled) and torch.equal(reversed_order, pooled)
+
+
+def test_a_cache_of_stage_maps_gives_the_features_of_the_plain_extraction(tiny_data: Path, tmp_path: Path) -> None:
+    cfg, extractor, samples = _tiny(tmp_path, tiny_data)
+    extractor.store_maps = True
+    plain = extract_features(extractor, build_dataset(cfg, samples), cfg.batch_size, CPU, keep_masks=True,
+                             progress=False)
+    warnings: list[str] = []
+    for expected_cached in (0, len(samples)):  # maps extracted and stored, then read back and pooled
+        feats, count = _source(cfg, extractor, warnings).features(build_dataset(cfg, samples), True, "test")
+        assert (count.cached, count.extracted) == (expected_cached, len(samples) - expected_cached)
+        assert torch.equal(feats.patches, plain.patches) and torch.equal(feats.masks, plain.masks)
+    (width,), _ = extractor.stored_row(CPU)
+    assert all(size > 4 * width for _, _, size in cache_entries(tmp_path / "cache")) and warnings == []
+    extractor.store_maps = False                            # features expected, maps found: not used
+    _, count = _source(cfg, extractor, warnings).features(build_dataset(cfg, samples), True, "test")
+    assert count.extracted == len(samples) and len(warnings) == len(samples) and "expected float32" in warnings[0]
+
+
 def test_a_corrupt_entry_is_reported_and_extracted_again(tiny_data: Path, tmp_path: Path) -> None:
     cfg, extractor, samples = _tiny(tmp_path, tiny_data)
     warnings: list[str] = []

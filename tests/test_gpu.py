@@ -165,3 +165,23 @@ def test_amp_window_pooling_on_gpu_equals_unfold_and_pool(channels: int) -> None
     pooled = channel_pool(F.unfold(x, 3, padding=1).transpose(1, 2), 768)  # (B, h*w, D)
     expected = pooled.reshape(x.shape[0], *grid, 768)
     torch.testing.assert_close(got.double().cpu(), expected, rtol=0, atol=2e-6)
+
+
+def test_amp_stage_maps_pool_to_the_same_features_whatever_their_neighbours() -> None:
+    """With amp on a GPU the cache keeps bfloat16 stage maps and pools them on reading: an image's
+    features are bit-identical whichever images share its pooling chunk, and equal to the features of
+    the unchunked pooling up to float32 rounding."""
+    from moleflow.extractors.cnn_extractor import CNNPatchCoreExtractor
+    extractor = CNNPatchCoreExtractor("wide_resnet50_2", 768, 224, weights="random", amp=True).cuda()
+    images = torch.randn(40, 3, 224, 224, generator=torch.Generator().manual_seed(0)).cuda()
+    rows = extractor.stored(images)
+    assert extractor.keeps_maps(images.device) and rows.dtype == torch.bfloat16
+    assert rows.shape == (40, extractor.stored_row(images.device)[0][0])
+    pooled = extractor.from_stored(rows)
+    alone = torch.cat([extractor.from_stored(rows[i:i + 1]) for i in range(len(rows))])
+    shifted = extractor.from_stored(rows[3:])
+    assert torch.equal(alone, pooled) and torch.equal(shifted, pooled[3:])
+    assert torch.equal(extractor(images), pooled)
+    with torch.inference_mode(), extractor._autocast(images):
+        unchunked = extractor._extract(images).float()
+    torch.testing.assert_close(pooled, unchunked, rtol=1e-5, atol=1e-5)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 ImgSize = Union[int, tuple[int, int]]
 AUTO_FEATURE_DIM_MAX = 768  # D of the main configuration; ``feature_dim = 0`` never goes above it
+POOL_CHUNK = 16  # images per pooling call when stored stage maps become features
 
 
 def auto_feature_dim(width: int) -> int:
@@ -122,6 +123,25 @@ class FeatureExtractor(nn.Module):
         """Compute ``(B, H', W', D)`` features; called under inference mode."""
         raise NotImplementedError
 
+    def keeps_maps(self, device: torch.device) -> bool:
+        """Whether :meth:`stored` gives the backbone's stage maps rather than the features on ``device``
+        (a subclass whose maps are smaller than its features says so)."""
+        return False
+
+    def stored_row(self, device: torch.device) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of one image's :meth:`stored` row on ``device``: the features
+        ``(H', W', D)`` float32, unless :meth:`keeps_maps`."""
+        return (*self._grid, self.feature_dim), torch.float32
+
+    def _maps_rows(self, images: Tensor) -> Tensor:
+        """``(B, ...)`` stage maps, flattened per image; only for a subclass that :meth:`keeps_maps`."""
+        raise NotImplementedError
+
+    def _pool_rows(self, rows: Tensor) -> Tensor:
+        """Rows of :meth:`_maps_rows` -> ``(B, H', W', D)`` float32; only for a subclass that
+        :meth:`keeps_maps`."""
+        raise NotImplementedError
+
     @contextlib.contextmanager
     def _autocast(self, images: Tensor) -> Iterator[None]:
         """bfloat16 autocast on CUDA when ``amp`` is set; a no-op otherwise."""
@@ -132,7 +152,7 @@ class FeatureExtractor(nn.Module):
             yield
 
     def forward(self, images: Tensor) -> Tensor:
-        """Extract patch features.
+        """Extract patch features: ``from_stored(stored(images))``.
 
         Args:
             images: ``(B, 3, S_h, S_w)`` ImageNet-normalised images, ``(S_h, S_w) == img_size``.
@@ -144,12 +164,33 @@ class FeatureExtractor(nn.Module):
         Raises:
             ValueError: If ``images`` does not have the expected shape.
         """
+        return self.from_stored(self.stored(images))
+
+    def stored(self, images: Tensor) -> Tensor:
+        """What the feature cache keeps of ``images``: one row per image, shaped and typed as
+        :meth:`stored_row` says (the features, or the stage maps when :meth:`keeps_maps`)."""
         if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != self.img_size:
             raise ValueError(
                 f"expected images of shape (B, 3, {self.img_size[0]}, {self.img_size[1]}), "
                 f"got {tuple(images.shape)}"
             )
         with torch.inference_mode(), self._autocast(images):
-            feats = self._extract(images)
+            rows = self._maps_rows(images) if self.keeps_maps(images.device) else self._extract(images).float()
         # clone outside inference mode -> a normal tensor that autograd may save for backward
-        return feats.float().clone()
+        return rows.clone()
+
+    @torch.no_grad()
+    def from_stored(self, rows: Tensor) -> Tensor:
+        """The features of :meth:`stored` rows. Stage maps are pooled in chunks of exactly
+        ``POOL_CHUNK`` images (the last padded with zeros), so an image's features never depend on
+        which images were pooled beside it (cuDNN picks its kernels by shape)."""
+        if not self.keeps_maps(rows.device):
+            return rows
+        out = torch.empty(rows.shape[0], *self._grid, self.feature_dim, device=rows.device)
+        for start in range(0, rows.shape[0], POOL_CHUNK):
+            chunk = rows[start:start + POOL_CHUNK]
+            n = chunk.shape[0]
+            if n < POOL_CHUNK:
+                chunk = torch.cat([chunk, chunk.new_zeros(POOL_CHUNK - n, *chunk.shape[1:])])
+            out[start:start + n] = self._pool_rows(chunk)[:n]
+        return out

@@ -1,7 +1,8 @@
 """The feature cache: the frozen backbone's output per image, kept on disk between runs.
 
-An entry is one image: its patch features ``(H, W, D)`` float32, exactly the tensor the extractor
-returned, and its resized ground-truth mask when the image has one. Its name is the SHA-256 of
+An entry is one image: the extractor's stored row (``FeatureExtractor.stored``: the patch features
+``(H, W, D)`` float32, or, with ``amp`` on a GPU, a CNN's bfloat16 stage maps, half the bytes, which
+``from_stored`` pools), and its resized ground-truth mask when the image has one. Its name is the SHA-256 of
 everything that changes those bytes: the backbone's fingerprint (name, a hash of its weights, the
 feature settings, ``D``, autocast, device type, torch version), the image size and resize mode, and
 the image's (and mask's) absolute path, size and modification time. A file that changed has a new
@@ -10,8 +11,8 @@ stored.
 
 Layout: ``ROOT/<fingerprint>/backbone.json`` (what the fingerprint stands for) and
 ``ROOT/<fingerprint>/<k[:2]>/<k>.feat``. A file: a ``PREFIX``-byte head (8-byte magic, 4-byte header
-length, a JSON header: key, shape, XXH3-64 checksum of the payload; padded with spaces), then the raw
-float32 features and uint8 mask. The fixed head lets one vectored read fill it and the features.
+length, a JSON header: key, shape, dtype, XXH3-64 checksum of the payload; padded with spaces), then
+the raw row and the uint8 mask. The fixed head lets one vectored read fill it and the features.
 Entries are written to a temporary file and renamed into place, so concurrent runs never see half an
 entry; an entry that does not check out (truncated, wrong key, wrong checksum) is deleted and
 recomputed with a warning. Reading an entry refreshes its time when it is older than ``TOUCH_S``;
@@ -88,6 +89,15 @@ class _Identities:
         return [real, stat.st_size, stat.st_mtime_ns]
 
 
+def _bytes(tensor: Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor of any dtype, without a copy."""
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def _dtype_name(tensor: Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
 def _checksum(*parts: Any) -> int:
     """XXH3-64 of the bytes-like ``parts`` one after the other (releases the GIL on large parts)."""
     digest = xxhash.xxh3_64()
@@ -98,7 +108,8 @@ def _checksum(*parts: Any) -> int:
 
 @dataclass
 class Entry:
-    """What a cache entry gives back: features ``(H, W, D)`` and the mask ``(S, S)`` uint8 or None."""
+    """What a cache entry gives back: its row (see ``FeatureCache.read``) and the mask ``(S, S)`` uint8 or
+    None."""
 
     patches: Tensor
     mask: Optional[Tensor]
@@ -142,8 +153,8 @@ class FeatureCache:
         return self.folder / key[:2] / f"{key}{SUFFIX}"
 
     def read(self, key: str, out: Tensor) -> Optional[Entry]:
-        """The entry ``key`` with its features read into ``out`` ``(H, W, D)`` float32 (CPU, contiguous),
-        or None when absent; a corrupt entry is deleted, reported and None.
+        """The entry ``key`` with its row read into ``out`` (CPU, contiguous; its shape and dtype must be
+        the entry's), or None when absent; a corrupt entry is deleted, reported and None.
 
         One vectored read fills the head and ``out``'s memory (no intermediate copies), a second one
         the mask; reading and the checksum release the GIL, so threads read in parallel.
@@ -156,11 +167,12 @@ class FeatureCache:
         try:
             try:
                 head = bytearray(PREFIX)
-                features = memoryview(out.numpy()).cast("B")
+                features = _bytes(out)
                 done = _read_fully(fd, [memoryview(head), features])
                 header = _parse_head(head, done, key)
-                if tuple(header["shape"]) != tuple(out.shape):
-                    raise ValueError(f"features of shape {tuple(header['shape'])}, expected {tuple(out.shape)}")
+                if tuple(header["shape"]) != tuple(out.shape) or header["dtype"] != _dtype_name(out):
+                    raise ValueError(f"{header['dtype']} rows of shape {tuple(header['shape'])}, expected "
+                                     f"{_dtype_name(out)} {tuple(out.shape)}")
                 if done != PREFIX + len(features):
                     raise ValueError("truncated features")
                 side = header["mask"] or 0
@@ -184,13 +196,14 @@ class FeatureCache:
         return Entry(out, mask)
 
     def write(self, key: str, patches: Tensor, mask: Optional[Tensor]) -> None:
-        """Store ``patches`` ``(H, W, D)`` float32 and ``mask`` ``(S, S)`` uint8 or None as entry ``key``
+        """Store the row ``patches`` (any shape and dtype) and ``mask`` ``(S, S)`` uint8 or None as entry ``key``
         (atomically; a failed write is reported once and turns writing off for this cache)."""
         if not self.writable:
             return
-        features = memoryview(patches.detach().cpu().contiguous().numpy()).cast("B")  # no copy on the CPU
+        row = patches.detach().cpu().contiguous()
+        features = _bytes(row)  # no copy on the CPU
         mask_bytes = b"" if mask is None else mask.cpu().contiguous().numpy().astype(np.uint8).tobytes()
-        header = json.dumps({"key": key, "shape": list(patches.shape), "dtype": "float32",
+        header = json.dumps({"key": key, "shape": list(row.shape), "dtype": _dtype_name(row),
                              "mask": int(mask.shape[-1]) if mask is not None else None,
                              "xxh3": _checksum(features, mask_bytes)}).encode()
         head = MAGIC + struct.pack("<I", len(header)) + header

@@ -135,6 +135,8 @@ class CNNPatchCoreExtractor(FeatureExtractor):
         stage_sizes = [sizes[i] for i in indices]
         on_grid = [sizes[i] for i in indices if all_reductions[i] == GRID_REDUCTION]
         self._grid = on_grid[0] if on_grid else max(stage_sizes, key=lambda hw: hw[0] * hw[1])
+        self._stage_sizes = stage_sizes
+        self.store_maps: Optional[bool] = None
         self._channels_last = False
         self._freeze()
 
@@ -145,15 +147,44 @@ class CNNPatchCoreExtractor(FeatureExtractor):
             return [sum(self.channels)]
         return [c * 9 for c in self.channels]
 
-    def _extract(self, images: Tensor) -> Tensor:
-        """``(B, 3, S_h, S_w)`` -> ``(B, H', W', D)``; see the module docstring."""
+    def keeps_maps(self, device: torch.device) -> bool:
+        """The cache keeps the stage maps when they are bfloat16 (``amp`` on CUDA): half the bytes of
+        the float32 features (``store_maps`` True/False forces the choice)."""
+        return self.store_maps if self.store_maps is not None else self.amp and device.type == "cuda"
+
+    def stored_row(self, device: torch.device) -> tuple[tuple[int, ...], torch.dtype]:
+        if not self.keeps_maps(device):
+            return super().stored_row(device)
+        width = sum(h * w * c for (h, w), c in zip(self._stage_sizes, self.channels))
+        return (width,), torch.bfloat16 if self.amp and device.type == "cuda" else torch.float32
+
+    def _stage_maps(self, images: Tensor) -> list[Tensor]:
         if self.amp and images.is_cuda:
             if not self._channels_last:
                 with torch.inference_mode(False):  # parameters must stay ordinary tensors
                     self.backbone.to(memory_format=torch.channels_last)
                 self._channels_last = True
             images = images.contiguous(memory_format=torch.channels_last)
-        maps = self.backbone(images)
+        return self.backbone(images)
+
+    def _extract(self, images: Tensor) -> Tensor:
+        """``(B, 3, S_h, S_w)`` -> ``(B, H', W', D)``; see the module docstring."""
+        return self._pool_maps(self._stage_maps(images))
+
+    def _maps_rows(self, images: Tensor) -> Tensor:
+        """The stage maps channels-last (``(h, w, C)`` each), one flat row per image."""
+        dtype = self.stored_row(images.device)[1]
+        maps = [m.permute(0, 2, 3, 1).reshape(m.shape[0], -1) for m in self._stage_maps(images)]
+        return torch.cat(maps, dim=1).to(dtype)
+
+    def _pool_rows(self, rows: Tensor) -> Tensor:
+        maps, at = [], 0
+        for (h, w), c in zip(self._stage_sizes, self.channels):
+            maps.append(rows[:, at:at + h * w * c].view(-1, h, w, c).permute(0, 3, 1, 2))
+            at += h * w * c
+        return self._pool_maps(maps)
+
+    def _pool_maps(self, maps: Sequence[Tensor]) -> Tensor:
         if self.pooling == "avg":
             return self.aggregate_avg(maps, self._grid, self.feature_dim)
         return self.aggregate(maps, self._grid, self.feature_dim)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -105,7 +105,8 @@ def decode_all(dataset: Dataset, threads: Optional[int] = None) -> int:
 
 @torch.no_grad()
 def extract_features(extractor: nn.Module, dataset: Dataset, batch_size: int, device: torch.device,
-                     keep_masks: bool, desc: str = "extract", progress: bool = True) -> FeatureSet:
+                     keep_masks: bool, desc: str = "extract", progress: bool = True,
+                     stored: Optional[Callable[[Tensor], None]] = None) -> FeatureSet:
     """Run ``extractor`` over ``dataset`` (items: dict with image, mask, label).
 
     Args:
@@ -116,14 +117,17 @@ def extract_features(extractor: nn.Module, dataset: Dataset, batch_size: int, de
         keep_masks: keep the masks (test sets) or drop them (training sets).
         desc: progress-bar label.
         progress: show a tqdm bar.
+        stored: called with each batch's stored rows (``extractor.stored``: what a cache keeps).
     """
     pin = device.type == "cuda"
     patches, labels, masks = [], [], []
     total = -(-len(dataset) // batch_size)
     for batch in tqdm(iter_batches(dataset, batch_size, pin_memory=pin), total=total, desc=desc,
                       leave=False, disable=not progress):
-        feats = extractor(batch["image"].to(device, non_blocking=True))
-        patches.append(feats.float())
+        rows = extractor.stored(batch["image"].to(device, non_blocking=True))
+        if stored is not None:
+            stored(rows)
+        patches.append(extractor.from_stored(rows))
         labels.append(torch.as_tensor(batch["label"]))
         if keep_masks:
             masks.append((batch["mask"][:, 0] > 0.5).to(torch.uint8))

@@ -145,8 +145,9 @@ class FeatureSource:
         n = len(dataset)
         keys: list[Optional[str]] = [None] * n
         reads: list[Optional[Future]] = [None] * n
-        direct = patches.device.type == "cpu"
-        rows = n if direct else self._staging_rows(patches)
+        shape, dtype = self.extractor.stored_row(self.device)
+        direct = patches.device.type == "cpu" and not self.extractor.keeps_maps(self.device)
+        rows = n if direct else self._staging_rows(shape, dtype)
         before: Optional[tuple[int, int, int]] = None  # (turn, start, stop) of the block being read
         for turn, start in enumerate(range(0, n, rows)):
             stop, block = min(n, start + rows), None
@@ -155,7 +156,7 @@ class FeatureSource:
                 if not present:
                     continue
                 if block is None:
-                    block = patches[start:stop] if direct else self._stage(turn % 2, patches)
+                    block = patches[start:stop] if direct else self._stage(turn % 2, shape, dtype)
                 reads[i] = self._readers().submit(self._read_one, keys[i], block[i - start], masks, i)
             if before is not None:
                 self._finish(*before, reads, patches, direct)
@@ -172,8 +173,9 @@ class FeatureSource:
 
     def _finish(self, turn: int, start: int, stop: int, reads: list[Optional[Future]], patches: Tensor,
                 direct: bool) -> None:
-        """Wait for the reads of rows ``start:stop``; on a GPU, copy the found ones from their staging
-        block to ``patches`` without waiting for the copy."""
+        """Wait for the reads of rows ``start:stop``; unless they were read straight into ``patches``,
+        copy the found ones from their staging block to the device (without waiting for the copy) and
+        make them features there."""
         found = [read is not None and read.result() for read in reads[start:stop]]
         if not direct:
             self._upload(turn % 2, self._staging[turn % 2][:stop - start], patches, start, found)
@@ -191,28 +193,32 @@ class FeatureSource:
             return None, False
         return key, self.cache.path(key).is_file()
 
-    def _staging_rows(self, patches: Tensor) -> int:
-        return max(1, STAGING_BYTES // (patches[0].numel() * patches.element_size()))
+    @staticmethod
+    def _staging_rows(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        return max(1, STAGING_BYTES // (int(np.prod(shape)) * dtype.itemsize))
 
-    def _stage(self, which: int, patches: Tensor) -> Tensor:
-        """Pinned staging block ``which`` (0 or 1) shaped like rows of ``patches``, free to refill."""
-        rows, shape = self._staging_rows(patches), tuple(patches.shape[1:])
-        if self._staging is None or tuple(self._staging[0].shape[1:]) != shape:
-            self._staging = [torch.empty(rows, *shape, dtype=patches.dtype, pin_memory=True) for _ in range(2)]
+    def _stage(self, which: int, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        """Staging block ``which`` (0 or 1) of stored rows, free to refill (pinned for a GPU)."""
+        if self._staging is None or tuple(self._staging[0].shape[1:]) != shape or self._staging[0].dtype != dtype:
+            rows, pin = self._staging_rows(shape, dtype), self.device.type == "cuda"
+            self._staging = [torch.empty(rows, *shape, dtype=dtype, pin_memory=pin) for _ in range(2)]
             self._uploaded = [None, None]
         if self._uploaded[which] is not None:
             self._uploaded[which].synchronize()  # its last copy to the device is done
         return self._staging[which]
 
     def _upload(self, which: int, block: Tensor, patches: Tensor, start: int, found: list[bool]) -> None:
-        """Copy the found rows of staging ``block`` to ``patches[start:]`` without waiting for it."""
+        """The features of the found rows of staging ``block`` into ``patches[start:]``, without waiting
+        for the copy to the device."""
+        rows = block.to(self.device, non_blocking=True)
         if all(found):
-            patches[start:start + len(block)].copy_(block, non_blocking=True)
+            patches[start:start + len(block)] = self.extractor.from_stored(rows)
         else:
-            for j in (j for j, hit in enumerate(found) if hit):
-                patches[start + j].copy_(block[j], non_blocking=True)
-        self._uploaded[which] = torch.cuda.Event()
-        self._uploaded[which].record()
+            hits = torch.tensor([j for j, hit in enumerate(found) if hit], device=self.device)
+            patches[start + hits] = self.extractor.from_stored(rows[hits])
+        if self.device.type == "cuda":
+            self._uploaded[which] = torch.cuda.Event()
+            self._uploaded[which].record()
 
     @torch.no_grad()
     def _extract(self, dataset: AnomalyDataset, indices: list[int], patches: Tensor, masks: Optional[Tensor],
@@ -234,14 +240,14 @@ class FeatureSource:
                 while len(pending) >= self.batch_size or (pending and done + len(pending) == len(indices)):
                     batch, pending = pending[:self.batch_size], pending[self.batch_size:]
                     at = indices[done:done + len(batch)]
-                    feats = self._run(np.stack([image for image, _ in batch]))
-                    patches[torch.tensor(at, device=self.device)] = feats
+                    rows = self._run(np.stack([image for image, _ in batch]))
+                    patches[torch.tensor(at, device=self.device)] = self.extractor.from_stored(rows)
                     batch_masks = [None if mask is None else torch.from_numpy(mask) for _, mask in batch]
                     if masks is not None:
                         for i, mask in zip(at, batch_masks):
                             if mask is not None:
                                 masks[i] = mask
-                    self._store([keys[i] for i in at], feats, batch_masks)
+                    self._store([keys[i] for i in at], rows, batch_masks)
                     done += len(batch)
                     bar.update(len(batch))
         finally:
@@ -256,28 +262,29 @@ class FeatureSource:
         part = AnomalyDataset([dataset.samples[i] for i in indices], dataset.img_size,
                               resize_mode=dataset.resize_mode)
         decode_all(part)
+        rows: list[Tensor] = []
         feats = extract_features(self.extractor, part, self.batch_size, self.device, keep_masks=True, desc=desc,
-                                 progress=self.progress)
+                                 progress=self.progress, stored=rows.append)
         at = torch.tensor(indices)
         patches[at.to(self.device)] = feats.patches
         if masks is not None:
             masks[at] = feats.masks
-        self._store([keys[i] for i in indices], feats.patches,
+        self._store([keys[i] for i in indices], torch.cat(rows),
                     [mask if sample.mask_path else None for sample, mask in zip(part.samples, feats.masks)])
         if not self.background:
             self.flush()
 
-    def _store(self, keys: list[Optional[str]], feats: Tensor, masks: list[Optional[Tensor]]) -> None:
-        """Queue the cache entries of ``feats`` (one per image; a None key is not stored)."""
+    def _store(self, keys: list[Optional[str]], rows: Tensor, masks: list[Optional[Tensor]]) -> None:
+        """Queue the cache entries of the stored ``rows`` (one per image; a None key is not stored)."""
         if self.cache is None:
             return
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="cache-write")
-        host = feats.cpu()
-        for key, patches, mask in zip(keys, host, masks):
+        host = rows.cpu()
+        for key, row, mask in zip(keys, host, masks):
             if key is not None:
-                size = patches.numel() * patches.element_size()
-                self._writes.append((self._writer.submit(self.cache.write, key, patches, mask), size))
+                size = row.numel() * row.element_size()
+                self._writes.append((self._writer.submit(self.cache.write, key, row, mask), size))
                 self._pending_bytes += size
         while self._pending_bytes > self._pending_limit:  # bound the host memory held by waiting writes
             self._wait_oldest()
@@ -296,9 +303,9 @@ class FeatureSource:
         self.cache.trim()
 
     def _run(self, images: np.ndarray) -> Tensor:
-        """uint8 ``(B, S, S, 3)`` -> features ``(B, H, W, D)`` on the device."""
+        """uint8 ``(B, S, S, 3)`` -> the extractor's stored rows on the device."""
         x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
         if self.device.type == "cuda":
             x = x.pin_memory()
         x = x.to(self.device, non_blocking=True).float().div_(self._scale)
-        return self.extractor((x - self._mean) / self._std)
+        return self.extractor.stored((x - self._mean) / self._std)
