@@ -4,8 +4,8 @@ D = 768, 224 px, random weights; with amp on a GPU its bfloat16 stage maps, else
 in a scratch cache, then the run's read path (``FeatureSource._read``) and its parts are timed
 (keys, reads without upload, bare reads, the XXH3-64 checksum, utime, host-to-device copies). Prints seconds and img/s.
 
-Usage: ``python benchmarks/cache_read_breakdown.py DATA SCRATCH_CACHE_DIR`` (on a GPU host; the CPU
-works, without the copies). The scratch folder is filled with 1.2 MB (GPU) or 2.4 MB per image: delete
+Usage: ``[ROWS=features] python benchmarks/cache_read_breakdown.py DATA SCRATCH_CACHE_DIR`` (on a GPU
+host; the CPU works, without the copies). The scratch folder is filled with 1.2 MB (GPU) or 2.4 MB per image: delete
 it after.
 """
 import os, sys, time
@@ -28,6 +28,7 @@ n = sum(len(d) for d in sets); print("images", n, "sets", len(sets))
 cache = FeatureCache(fc, {"diag": 1}, 10**13, warn=print)
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 extractor = CNNPatchCoreExtractor("wide_resnet50_2", 768, 224, weights="random", amp=True).to(dev)
+extractor.store_maps = False if os.environ.get("ROWS") == "features" else None  # ROWS=features: float32 features
 shape, dtype = extractor.stored_row(dev)
 feat = torch.randn(*shape).to(dtype)
 row_bytes = feat.numel() * feat.element_size()
@@ -61,8 +62,8 @@ def keys():
     with ThreadPoolExecutor(16) as pool:
         for d in sets:
             allkeys.extend(k for k, _ in pool.map(lambda i, d=d: source._key(d, i), range(len(d))))
-timed("keys + is_file, 16 threads", keys)
-timed("keys + is_file, one thread (the run's path)", lambda: [source._key(d, i) for d in sets for i in range(len(d))])
+timed("keys + stat, 16 threads", keys)
+timed("keys + stat, one thread (the run's path)", lambda: [source._key(d, i) for d in sets for i in range(len(d))])
 for threads in (16, 32):
     host = torch.empty(256, *shape, dtype=dtype, pin_memory=PIN)
     def reads():

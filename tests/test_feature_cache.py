@@ -186,13 +186,21 @@ def test_an_entry_with_bytes_added_or_changed_is_not_read(tmp_path: Path) -> Non
     warnings: list[str] = []
     cache = FeatureCache(tmp_path, {"test": 1}, 10**9, warn=warnings.append)
     features, mask = torch.randn(3, 3, 16), torch.randint(0, 2, (8, 8), dtype=torch.uint8)
-    for key, change in (("a" * 64, lambda data: data + b"\0"), ("b" * 64, lambda data: data[:-1] + b"\7")):
+    changes = (lambda data: data + b"\0", lambda data: data[:-1] + b"\7")
+    for n, (change, place) in enumerate([(c, p) for c in changes for p in (None, torch.zeros(8, 8, dtype=torch.uint8))]):
+        key = f"{n}" * 64                                   # the mask read into a given place, or on its own
         cache.write(key, features, mask)
-        entry = cache.read(key, torch.empty(3, 3, 16))
+        entry = cache.read(key, torch.empty(3, 3, 16), place)
         assert torch.equal(entry.patches, features) and torch.equal(entry.mask, mask)
+        assert place is None or torch.equal(place, mask)
         cache.path(key).write_bytes(change(cache.path(key).read_bytes()))
-        assert cache.read(key, torch.empty(3, 3, 16)) is None and not cache.path(key).exists()
-    assert len(warnings) == 2 and "mask bytes" in warnings[0] and "checksum" in warnings[1]
+        assert cache.read(key, torch.empty(3, 3, 16), place) is None and not cache.path(key).exists()
+    assert len(warnings) == 4 and all("mask bytes" in w for w in warnings[:2])
+    assert all("checksum" in w for w in warnings[2:])
+    cache.write("e" * 64, features, None)                   # no mask, though a place is given
+    place = torch.zeros(8, 8, dtype=torch.uint8)
+    entry = cache.read("e" * 64, torch.empty(3, 3, 16), place)
+    assert entry.mask is None and not place.any() and torch.equal(entry.patches, features) and len(warnings) == 4
 
 
 def test_a_changed_file_is_not_read_from_the_cache(tiny_data: Path, tmp_path: Path) -> None:

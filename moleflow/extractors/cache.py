@@ -102,7 +102,8 @@ def _checksum(*parts: Any) -> int:
     """XXH3-64 of the bytes-like ``parts`` one after the other (releases the GIL on large parts)."""
     digest = xxhash.xxh3_64()
     for data in parts:
-        digest.update(data)
+        if len(data):
+            digest.update(data)
     return digest.intdigest()
 
 
@@ -152,12 +153,18 @@ class FeatureCache:
     def path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}{SUFFIX}"
 
-    def read(self, key: str, out: Tensor) -> Optional[Entry]:
+    def read(self, key: str, out: Tensor, mask: Optional[Tensor] = None,
+             modified: Optional[float] = None) -> Optional[Entry]:
         """The entry ``key`` with its row read into ``out`` (CPU, contiguous; its shape and dtype must be
         the entry's), or None when absent; a corrupt entry is deleted, reported and None.
 
-        One vectored read fills the head and ``out``'s memory (no intermediate copies), a second one
-        the mask; reading and the checksum release the GIL, so threads read in parallel.
+        Args:
+            mask: where the entry's mask goes (contiguous uint8) when it has one of that size; else a
+                mask is read on its own. Left unspecified after a corrupt entry.
+            modified: the entry's modification time when the caller has it (else it is asked).
+
+        One vectored read fills the head, ``out`` and ``mask`` (no intermediate copies); reading and the
+        checksum release the GIL, so threads read in parallel.
         """
         path = self.path(key)
         try:
@@ -166,22 +173,26 @@ class FeatureCache:
             return None
         try:
             try:
-                head = bytearray(PREFIX)
+                head, extra = bytearray(PREFIX), bytearray(1)  # one byte more shows trailing data
                 features = _bytes(out)
-                done = _read_fully(fd, [memoryview(head), features])
+                spot = _bytes(mask) if mask is not None else memoryview(extra)[:0]
+                done = _read_fully(fd, [memoryview(head), features, spot, memoryview(extra)])
                 header = _parse_head(head, done, key)
                 if tuple(header["shape"]) != tuple(out.shape) or header["dtype"] != _dtype_name(out):
                     raise ValueError(f"{header['dtype']} rows of shape {tuple(header['shape'])}, expected "
                                      f"{_dtype_name(out)} {tuple(out.shape)}")
-                if done != PREFIX + len(features):
-                    raise ValueError("truncated features")
                 side = header["mask"] or 0
-                mask_bytes = os.read(fd, side * side + 1)  # one byte more shows trailing data
-                if len(mask_bytes) != side * side:
-                    raise ValueError(f"{len(mask_bytes)} mask bytes, expected {side * side}")
-                if _checksum(features, mask_bytes) != header["xxh3"]:
+                after = done - PREFIX - len(features)  # bytes read after the features
+                if after < 0:
+                    raise ValueError("truncated features")
+                if side and side * side != len(spot):  # no place of that size: the mask read on its own
+                    spot, mask = memoryview(os.pread(fd, side * side + 1, PREFIX + len(features))), None
+                    after = len(spot)
+                if after != side * side:
+                    raise ValueError(f"{after} mask bytes, expected {side * side}")
+                if _checksum(features, spot[:after]) != header["xxh3"]:
                     raise ValueError("checksum mismatch")
-                stale = time.time() - os.fstat(fd).st_mtime > TOUCH_S
+                stale = time.time() - (os.fstat(fd).st_mtime if modified is None else modified) > TOUCH_S
             finally:
                 os.close(fd)
         except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as error:
@@ -190,10 +201,9 @@ class FeatureCache:
             return None
         if stale:
             _touch(path)
-        mask = None
-        if header["mask"] is not None:
-            mask = torch.frombuffer(bytearray(mask_bytes), dtype=torch.uint8).view(side, side)
-        return Entry(out, mask)
+        if side and mask is None:
+            mask = torch.frombuffer(bytearray(spot), dtype=torch.uint8)
+        return Entry(out, mask.view(side, side) if side else None)
 
     def write(self, key: str, patches: Tensor, mask: Optional[Tensor]) -> None:
         """Store the row ``patches`` (any shape and dtype) and ``mask`` ``(S, S)`` uint8 or None as entry ``key``

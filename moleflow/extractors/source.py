@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from stat import S_ISREG
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -152,12 +153,12 @@ class FeatureSource:
         for turn, start in enumerate(range(0, n, rows)):
             stop, block = min(n, start + rows), None
             for i in range(start, stop):
-                keys[i], present = self._key(dataset, i)
-                if not present:
+                keys[i], modified = self._key(dataset, i)
+                if modified is None:
                     continue
                 if block is None:
                     block = patches[start:stop] if direct else self._stage(turn % 2, shape, dtype)
-                reads[i] = self._readers().submit(self._read_one, keys[i], block[i - start], masks, i)
+                reads[i] = self._readers().submit(self._read_one, keys[i], block[i - start], masks, i, modified)
             if before is not None:
                 self._finish(*before, reads, patches, direct)
             before = (turn, start, stop) if block is not None else None
@@ -165,10 +166,13 @@ class FeatureSource:
             self._finish(*before, reads, patches, direct)
         return keys, [read is not None and read.result() for read in reads]
 
-    def _read_one(self, key: str, out: Tensor, masks: Optional[Tensor], index: int) -> bool:
-        entry = self.cache.read(key, out)
-        if entry is not None and masks is not None and entry.mask is not None:
-            masks[index] = entry.mask
+    def _read_one(self, key: str, out: Tensor, masks: Optional[Tensor], index: int, modified: float) -> bool:
+        place = masks[index] if masks is not None else None
+        entry = self.cache.read(key, out, place, modified)
+        if place is not None and (entry is None or entry.mask is None):
+            place.zero_()  # a good image's mask, or what a corrupt entry left there
+        elif place is not None and entry.mask.data_ptr() != place.data_ptr():
+            place.copy_(entry.mask)
         return entry is not None
 
     def _finish(self, turn: int, start: int, stop: int, reads: list[Optional[Future]], patches: Tensor,
@@ -185,13 +189,17 @@ class FeatureSource:
             self._reader = ThreadPoolExecutor(max_workers=decode_threads(), thread_name_prefix="cache-read")
         return self._reader
 
-    def _key(self, dataset: AnomalyDataset, index: int) -> tuple[Optional[str], bool]:
-        """The cache key of image ``index`` and whether its entry file is there."""
+    def _key(self, dataset: AnomalyDataset, index: int) -> tuple[Optional[str], Optional[float]]:
+        """The cache key of image ``index`` and its entry's modification time (None: no entry)."""
         try:
             key = self.cache.key(dataset.samples[index], dataset.img_size, dataset.resize_mode)
         except OSError:
-            return None, False
-        return key, self.cache.path(key).is_file()
+            return None, None
+        try:
+            stat = os.stat(self.cache.path(key))
+        except OSError:
+            return key, None
+        return key, stat.st_mtime if S_ISREG(stat.st_mode) else None
 
     @staticmethod
     def _staging_rows(shape: tuple[int, ...], dtype: torch.dtype) -> int:
