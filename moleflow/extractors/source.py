@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-from stat import S_ISREG
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from stat import S_ISREG
 from typing import Callable, ContextManager, Optional
 
 import numpy as np
