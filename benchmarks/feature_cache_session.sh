@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Issue 19 figures in one device call (one H200 host, < 10 minutes), from the repository root; carry .whl
-# (FrEIA 0.2, timm 1.0.31). Writes $OUT/decode.log (decoding alone: the old thread pool vs the worker
-# processes, on the synthetic data) and $OUT/warm.json / warm.log (the benchmark cold, then with the cache warm).
-# EPOCHS (default 2) keeps the runs short: the decode + extraction figures do not depend on it.
+# (FrEIA 0.2, timm 1.0.31, xxhash). Writes $OUT/decode.log (decoding alone: the old thread pool vs the worker
+# processes, on the synthetic data), $OUT/warm.json / warm.log (the benchmark cold, then with the cache warm),
+# and, while time is left, $OUT/breakdown.log (the warm read path's parts) and $OUT/files.log (per-file vs
+# per-byte read cost on this host). EPOCHS (default 2) keeps the runs short: the decode + extraction figures
+# do not depend on it.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
+START=$(date +%s)
+left() { echo $(( 570 - $(date +%s) + START )); }
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
@@ -37,3 +41,10 @@ timeout 420 python3 -m moleflow.benchmark --weights random --data_path "$DATA" -
   > "$OUT/warm.log" 2>&1
 echo "exit $?" >> "$OUT/warm.log"
 python3 -m moleflow.cache --info /tmp/feature_cache >> "$OUT/warm.log" 2>&1
+rm -rf /tmp/feature_cache
+[ "$(left)" -gt 60 ] && timeout "$(left)" python3 benchmarks/cache_read_breakdown.py "$DATA" /tmp/fcdiag \
+  > "$OUT/breakdown.log" 2>&1
+rm -rf /tmp/fcdiag
+[ "$(left)" -gt 60 ] && timeout "$(left)" python3 benchmarks/file_read_cost.py /tmp/probe > "$OUT/files.log" 2>&1
+rm -rf /tmp/probe
+exit 0
