@@ -17,6 +17,7 @@ from moleflow.evaluation.evaluator import ScoreSettings
 from moleflow.extractors import FeatureExtractor, build_extractor
 from moleflow.extractors.cache import FeatureCache, cache_entries, default_cache_dir, weights_digest
 from moleflow.extractors.decoding import CHUNK, decode_workers, start_workers
+from moleflow.extractors.features import EXTRACT_CHUNK
 from moleflow.extractors.source import FeatureSource
 from moleflow.models.mole_nf import MoLESpatialAwareNF
 from moleflow.models.routing import PrototypeRouter
@@ -102,7 +103,8 @@ def build_feature_cache(config: AblationConfig, extractor: FeatureExtractor, dev
                 "feature_dim": extractor.feature_dim, "grid": list(extractor.grid_size()),
                 "feature_strides": list(config.feature_strides), "feature_pooling": config.feature_pooling,
                 "amp": bool(extractor.amp and device.type == "cuda"), "device": device.type,
-                "torch": torch.__version__, "stored": _row_name(extractor.stored_row(device))}
+                "torch": torch.__version__, "stored": _row_name(extractor.stored_row(device)),
+                "extract_chunk": EXTRACT_CHUNK}
     try:
         cache = FeatureCache(root, identity, int(config.feature_cache_max_gb * 1e9), warn=log.warning)
         entries = cache_entries(root)

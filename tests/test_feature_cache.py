@@ -127,6 +127,19 @@ def test_cached_features_reach_the_gpu_through_the_staging_blocks_unchanged(tiny
     assert len(read) <= 1 and torch.equal(again.masks, first.masks)  # every cached row bit-identical
 
 
+def test_an_images_features_do_not_depend_on_the_images_beside_it(tiny_data: Path, tmp_path: Path) -> None:
+    """Feature sets run the backbone on fixed chunks: any batch size, any subset, the same bits (so a
+    partly filled cache, another seed's held-out pick or another --batch_size change nothing)."""
+    cfg, extractor, samples = _tiny(tmp_path, tiny_data)
+    reference = extract_features(extractor, build_dataset(cfg, samples), 4, CPU, keep_masks=False, progress=False)
+    for batch_size in (1, 3, 5):
+        again = extract_features(extractor, build_dataset(cfg, samples), batch_size, CPU, keep_masks=False,
+                                 progress=False)
+        assert torch.equal(again.patches, reference.patches), batch_size
+    odd = extract_features(extractor, build_dataset(cfg, samples[1::2]), 4, CPU, keep_masks=False, progress=False)
+    assert torch.equal(odd.patches, reference.patches[1::2])
+
+
 def test_stored_stage_maps_pool_to_the_same_features_whatever_their_neighbours(tiny_data: Path,
                                                                               tmp_path: Path) -> None:
     cfg, extractor, samples = _tiny(tmp_path, tiny_data)
@@ -156,6 +169,10 @@ def test_a_cache_of_stage_maps_gives_the_features_of_the_plain_extraction(tiny_d
         assert torch.equal(feats.patches, plain.patches) and torch.equal(feats.masks, plain.masks)
     (width,), _ = extractor.stored_row(CPU)
     assert all(size > 4 * width for _, _, size in cache_entries(tmp_path / "cache")) and warnings == []
+    min(p for p, _, _ in cache_entries(tmp_path / "cache")).unlink()  # a block with one row missing
+    feats, count = _source(cfg, extractor, warnings).features(build_dataset(cfg, samples), True, "test")
+    assert (count.cached, count.extracted) == (len(samples) - 1, 1)
+    assert torch.equal(feats.patches, plain.patches) and torch.equal(feats.masks, plain.masks)
     extractor.store_maps = False                            # features expected, maps found: not used
     _, count = _source(cfg, extractor, warnings).features(build_dataset(cfg, samples), True, "test")
     assert count.extracted == len(samples) and len(warnings) == len(samples) and "expected float32" in warnings[0]

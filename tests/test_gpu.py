@@ -185,3 +185,15 @@ def test_amp_stage_maps_pool_to_the_same_features_whatever_their_neighbours() ->
     with torch.inference_mode(), extractor._autocast(images):
         unchunked = extractor._extract(images).float()
     torch.testing.assert_close(pooled, unchunked, rtol=1e-5, atol=1e-5)
+
+
+def test_amp_feature_sets_give_an_image_the_same_bits_in_any_batch() -> None:
+    """Feature sets run the backbone on fixed chunks of images: with amp on a GPU an image's stored
+    row does not depend on the images beside it."""
+    from moleflow.extractors.cnn_extractor import CNNPatchCoreExtractor
+    from moleflow.extractors.features import stored_rows
+    extractor = CNNPatchCoreExtractor("wide_resnet50_2", 768, 224, weights="random", amp=True).cuda()
+    images = torch.randn(40, 3, 224, 224, generator=torch.Generator().manual_seed(1)).cuda()
+    rows = stored_rows(extractor, images)
+    assert torch.equal(stored_rows(extractor, images[3:]), rows[3:])
+    assert torch.equal(stored_rows(extractor, images[::3]), rows[::3])

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from moleflow.extractors.decoding import available_cpus
 
 MAX_DECODE_THREADS = 16
+EXTRACT_CHUNK = 16  # images per backbone call in a feature set, whatever the batch size
 
 
 @dataclass
@@ -52,6 +53,21 @@ class FeatureSet:
 def decode_threads() -> int:
     """Threads used to decode images: the CPUs this process may use, at most 16."""
     return max(1, min(MAX_DECODE_THREADS, available_cpus()))
+
+
+def stored_rows(extractor: nn.Module, images: Tensor) -> Tensor:
+    """``extractor.stored(images)`` with the backbone run on chunks of exactly ``EXTRACT_CHUNK`` images
+    (the last padded with zeros): the kernels are picked by shape and no sample reads another's, so an
+    image's features never depend on which images share its batch (a run with the feature cache, a
+    partly filled one, another seed's held-out pick or another ``--batch_size`` gives the same bits)."""
+    rows = []
+    for start in range(0, images.shape[0], EXTRACT_CHUNK):
+        chunk = images[start:start + EXTRACT_CHUNK]
+        n = chunk.shape[0]
+        if n < EXTRACT_CHUNK:
+            chunk = torch.cat([chunk, chunk.new_zeros(EXTRACT_CHUNK - n, *chunk.shape[1:])])
+        rows.append(extractor.stored(chunk)[:n])
+    return torch.cat(rows)
 
 
 def iter_batches(dataset: Dataset, batch_size: int, threads: Optional[int] = None,
@@ -117,14 +133,14 @@ def extract_features(extractor: nn.Module, dataset: Dataset, batch_size: int, de
         keep_masks: keep the masks (test sets) or drop them (training sets).
         desc: progress-bar label.
         progress: show a tqdm bar.
-        stored: called with each batch's stored rows (``extractor.stored``: what a cache keeps).
+        stored: called with each batch's stored rows (:func:`stored_rows`: what a cache keeps).
     """
     pin = device.type == "cuda"
     patches, labels, masks = [], [], []
     total = -(-len(dataset) // batch_size)
     for batch in tqdm(iter_batches(dataset, batch_size, pin_memory=pin), total=total, desc=desc,
                       leave=False, disable=not progress):
-        rows = extractor.stored(batch["image"].to(device, non_blocking=True))
+        rows = stored_rows(extractor, batch["image"].to(device, non_blocking=True))
         if stored is not None:
             stored(rows)
         patches.append(extractor.from_stored(rows))

@@ -29,7 +29,7 @@ from moleflow.data.dataset import IMAGENET_MEAN, IMAGENET_STD, AnomalyDataset
 from moleflow.extractors.base import FeatureExtractor
 from moleflow.extractors.cache import FeatureCache
 from moleflow.extractors.decoding import CHUNK, decoded_chunks
-from moleflow.extractors.features import FeatureSet, decode_all, decode_threads, extract_features
+from moleflow.extractors.features import FeatureSet, decode_all, decode_threads, extract_features, stored_rows
 
 Phase = Callable[[str], ContextManager[None]]
 WRITERS = 4  # threads writing cache entries while extraction goes on
@@ -316,4 +316,4 @@ class FeatureSource:
         if self.device.type == "cuda":
             x = x.pin_memory()
         x = x.to(self.device, non_blocking=True).float().div_(self._scale)
-        return self.extractor.stored((x - self._mean) / self._std)
+        return stored_rows(self.extractor, (x - self._mean) / self._std)
