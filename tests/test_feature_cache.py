@@ -21,7 +21,7 @@ from moleflow.build import build_backbone, build_dataset
 from moleflow.cli_main import main
 from moleflow.config.ablation import AblationConfig, apply_overrides
 from moleflow.data import load_class_split
-from moleflow.extractors.cache import STALE_TEMP_S, TOUCH_S, FeatureCache, _read_fully, cache_entries
+from moleflow.extractors.cache import STALE_TEMP_S, TOUCH_S, FeatureCache, _atomic_write, _read_fully, cache_entries
 from moleflow.extractors.features import extract_features
 from moleflow.extractors.source import FeatureSource
 
@@ -297,6 +297,26 @@ def test_vectored_reads_fill_every_view_across_short_reads() -> None:
     writer.join()
     assert (bytes(first), bytes(second), os.read(read_end, 10)) == (b"abcd", b"efghij", b"klmnop")
     os.close(read_end)
+
+
+def test_vectored_writes_write_every_view_across_short_writes(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    real_writev, calls = os.writev, []
+
+    def short_writev(fd: int, views: list) -> int:  # takes at most 1,000 bytes, as a full disk queue may
+        calls.append(1)
+        taken, budget = [], 1000
+        for view in views:
+            taken.append(memoryview(view)[:budget])
+            budget -= len(taken[-1])
+        return real_writev(fd, [view for view in taken if len(view)])
+
+    monkeypatch.setattr(os, "writev", short_writev)
+    parts = [os.urandom(2_500), b"", os.urandom(1_001)]
+    entry = tmp_path / "new_folder" / "entry.feat"          # the folder is made on the first write
+    _atomic_write(entry, *parts)
+    assert entry.read_bytes() == b"".join(parts) and len(calls) == 4
+    assert [p.name for p in entry.parent.iterdir()] == ["entry.feat"]  # no temporary file left
 
 
 def test_a_read_refreshes_only_an_old_entrys_time(tmp_path: Path) -> None:
