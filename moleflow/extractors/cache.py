@@ -2,11 +2,11 @@
 
 An entry is one image: the extractor's stored row (``FeatureExtractor.stored``: the patch features
 ``(H, W, D)`` float32, or, with ``amp`` on a GPU, a CNN's bfloat16 stage maps, half the bytes, which
-``from_stored`` pools), and its resized ground-truth mask when the image has one. Its name is the SHA-256 of
-everything that changes those bytes: the backbone's fingerprint (name, a hash of its weights, the
-feature settings, ``D``, autocast, device type, torch version, what a row holds, the images per
-backbone call), the image size and resize mode, and
-the image's (and mask's) absolute path, size and modification time. A file that changed has a new
+``from_stored`` pools), and its resized ground-truth mask when the image has one. Its name is the
+SHA-256 of everything that changes those bytes: the backbone's fingerprint (name, a hash of its
+weights, the feature settings, ``D``, autocast, device type, torch version, what a row holds, the
+images per backbone call), the image size and resize mode, and the image's (and mask's) absolute
+path, size and modification time. A file that changed has a new
 key, so its old entry is never found again (and ages out). Features of augmented images are never
 stored.
 
