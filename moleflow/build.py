@@ -15,7 +15,7 @@ from moleflow.config.ablation import AblationConfig, ConfigError
 from moleflow.data import AnomalyDataset, Sample
 from moleflow.evaluation.evaluator import ScoreSettings
 from moleflow.extractors import FeatureExtractor, build_extractor
-from moleflow.extractors.cache import FeatureCache, cache_entries, default_cache_dir, weights_digest
+from moleflow.extractors.cache import FeatureCache, cache_entries, default_cache_dir, dtype_name, weights_digest
 from moleflow.extractors.decoding import CHUNK, decode_workers, start_workers
 from moleflow.extractors.features import EXTRACT_CHUNK
 from moleflow.extractors.source import FeatureSource
@@ -120,7 +120,7 @@ def build_feature_cache(config: AblationConfig, extractor: FeatureExtractor, dev
 def _row_name(row: tuple[tuple[int, ...], torch.dtype]) -> str:
     """What a cache entry holds, e.g. ``bfloat16 (602112,)``."""
     shape, dtype = row
-    return f"{str(dtype).removeprefix('torch.')} {tuple(shape)}"
+    return f"{dtype_name(dtype)} {tuple(shape)}"
 
 
 def build_feature_source(config: AblationConfig, extractor: FeatureExtractor, device: torch.device,

@@ -9,7 +9,7 @@ axis with no parameters, so no randomly initialised projection ever enters the f
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Union
+from typing import Callable, Iterator, Union
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,20 @@ def as_hw(img_size: ImgSize) -> tuple[int, int]:
     if len(hw) != 2 or not all(isinstance(s, int) and s > 0 for s in hw):
         raise ValueError(f"img_size must be a positive int or (height, width), got {img_size!r}")
     return int(hw[0]), int(hw[1])
+
+
+def by_chunks(fn: Callable[[Tensor], Tensor], x: Tensor, size: int) -> Tensor:
+    """``fn`` over the rows of ``x`` in chunks of exactly ``size`` (the last padded with zeros), the
+    results concatenated: the kernels see one shape (cuDNN and oneDNN pick theirs by shape) and no row
+    reads another, so a row's result never depends on the rows beside it."""
+    out = []
+    for start in range(0, max(1, x.shape[0]), size):
+        chunk = x[start:start + size]
+        n = chunk.shape[0]
+        if n < size:
+            chunk = torch.cat([chunk, chunk.new_zeros(size - n, *chunk.shape[1:])])
+        out.append(fn(chunk)[:n])
+    return torch.cat(out)
 
 
 def channel_pool(x: Tensor, out_dim: int) -> Tensor:
@@ -181,16 +195,8 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def from_stored(self, rows: Tensor) -> Tensor:
-        """The features of :meth:`stored` rows. Stage maps are pooled in chunks of exactly
-        ``POOL_CHUNK`` images (the last padded with zeros), so an image's features never depend on
-        which images were pooled beside it (cuDNN picks its kernels by shape)."""
+        """The features of :meth:`stored` rows. Stage maps are pooled :func:`by_chunks` of
+        ``POOL_CHUNK`` images, so an image's features never depend on which images were pooled beside it."""
         if not self.keeps_maps(rows.device):
             return rows
-        out = torch.empty(rows.shape[0], *self._grid, self.feature_dim, device=rows.device)
-        for start in range(0, rows.shape[0], POOL_CHUNK):
-            chunk = rows[start:start + POOL_CHUNK]
-            n = chunk.shape[0]
-            if n < POOL_CHUNK:
-                chunk = torch.cat([chunk, chunk.new_zeros(POOL_CHUNK - n, *chunk.shape[1:])])
-            out[start:start + n] = self._pool_rows(chunk)[:n]
-        return out
+        return by_chunks(self._pool_rows, rows, POOL_CHUNK)

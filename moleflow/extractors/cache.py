@@ -96,8 +96,9 @@ def _bytes(tensor: Tensor) -> memoryview:
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
-def _dtype_name(tensor: Tensor) -> str:
-    return str(tensor.dtype).removeprefix("torch.")
+def dtype_name(dtype: torch.dtype) -> str:
+    """``bfloat16`` for ``torch.bfloat16``."""
+    return str(dtype).removeprefix("torch.")
 
 
 def _checksum(*parts: Any) -> int:
@@ -180,9 +181,9 @@ class FeatureCache:
                 spot = _bytes(mask) if mask is not None else memoryview(extra)[:0]
                 done = _read_fully(fd, [memoryview(head), features, spot, memoryview(extra)])
                 header = _parse_head(head, done, key)
-                if tuple(header["shape"]) != tuple(out.shape) or header["dtype"] != _dtype_name(out):
+                if tuple(header["shape"]) != tuple(out.shape) or header["dtype"] != dtype_name(out.dtype):
                     raise ValueError(f"{header['dtype']} rows of shape {tuple(header['shape'])}, expected "
-                                     f"{_dtype_name(out)} {tuple(out.shape)}")
+                                     f"{dtype_name(out.dtype)} {tuple(out.shape)}")
                 side = header["mask"] or 0
                 after = done - PREFIX - len(features)  # bytes read after the features
                 if after < 0:
@@ -215,7 +216,7 @@ class FeatureCache:
         row = patches.detach().cpu().contiguous()
         features = _bytes(row)  # no copy on the CPU
         mask_bytes = b"" if mask is None else mask.cpu().contiguous().numpy().astype(np.uint8).tobytes()
-        header = json.dumps({"key": key, "shape": list(row.shape), "dtype": _dtype_name(row),
+        header = json.dumps({"key": key, "shape": list(row.shape), "dtype": dtype_name(row.dtype),
                              "mask": int(mask.shape[-1]) if mask is not None else None,
                              "xxh3": _checksum(features, mask_bytes)}).encode()
         head = MAGIC + struct.pack("<I", len(header)) + header

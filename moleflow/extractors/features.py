@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from torch.utils.data import default_collate
 from tqdm import tqdm
 
+from moleflow.extractors.base import by_chunks
 from moleflow.extractors.decoding import available_cpus
 
 MAX_DECODE_THREADS = 16
@@ -56,18 +57,10 @@ def decode_threads() -> int:
 
 
 def stored_rows(extractor: nn.Module, images: Tensor) -> Tensor:
-    """``extractor.stored(images)`` with the backbone run on chunks of exactly ``EXTRACT_CHUNK`` images
-    (the last padded with zeros): the kernels are picked by shape and no sample reads another's, so an
-    image's features never depend on which images share its batch (a run with the feature cache, a
+    """``extractor.stored(images)`` with the backbone run :func:`by_chunks` of ``EXTRACT_CHUNK`` images:
+    an image's features never depend on which images share its batch (a run with the feature cache, a
     partly filled one, another seed's held-out pick or another ``--batch_size`` gives the same bits)."""
-    rows = []
-    for start in range(0, images.shape[0], EXTRACT_CHUNK):
-        chunk = images[start:start + EXTRACT_CHUNK]
-        n = chunk.shape[0]
-        if n < EXTRACT_CHUNK:
-            chunk = torch.cat([chunk, chunk.new_zeros(EXTRACT_CHUNK - n, *chunk.shape[1:])])
-        rows.append(extractor.stored(chunk)[:n])
-    return torch.cat(rows)
+    return by_chunks(extractor.stored, images, EXTRACT_CHUNK)
 
 
 def iter_batches(dataset: Dataset, batch_size: int, threads: Optional[int] = None,
