@@ -1,11 +1,12 @@
 """Whether reading many cache-entry-sized files costs per file or per byte on this host.
 
 Writes 5,325 files (the 15-task benchmark's image count) of 1.2 MB and of 2.4 MB (the cache's entry
-sizes with and without ``--amp`` maps) under each folder given, then times, on thread pools: ``stat``,
+sizes with and without ``--amp`` maps) under each folder given, then times, on thread pools: the
+cache's own entry writes (``_atomic_write``, 4 threads, as the run's writers), ``stat``,
 open + close, open + ``readv`` + close (1-32 threads), XXH3-64 and a bytes copy of the same amounts,
 and ``preadv`` of the same bytes from one big file. Prints seconds and files/s; deletes what it wrote.
 
-Usage: ``python benchmarks/file_read_cost.py /tmp/probe /dev/shm/probe`` (needs about 13 GB free per
+Usage: ``PYTHONPATH=. python benchmarks/file_read_cost.py /tmp/probe /dev/shm/probe`` (needs about 13 GB free per
 folder, one folder at a time).
 """
 import os
@@ -13,9 +14,12 @@ import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import xxhash
+
+from moleflow.extractors.cache import _atomic_write
 
 FILES = 5325
 SIZES = (1204224, 2408448)  # bytes of a bfloat16-maps entry and of a float32-features entry
@@ -44,6 +48,13 @@ def measure(root: str, size: int) -> None:
     start = time.perf_counter()
     paths = write_files(root, size)
     print(f"{root}: {FILES} files of {size / 1e6:.1f} MB written in {time.perf_counter() - start:.1f} s", flush=True)
+    head, body = bytes(256), np.random.bytes(size - 256)
+    entries = [f"{path}.entry" for path in paths]
+    with ThreadPoolExecutor(4) as pool:
+        timed("entry writes (_atomic_write), 4 threads",
+              lambda: list(pool.map(lambda e: _atomic_write(Path(e), head, body, b""), entries)))
+    for entry in entries:
+        os.remove(entry)
     buffers = [bytearray(size) for _ in range(64)]
     sources = [bytearray(np.random.bytes(size)) for _ in range(64)]
 
