@@ -169,9 +169,9 @@ class FeatureSource:
     def _read_one(self, key: str, out: Tensor, masks: Optional[Tensor], index: int, modified: float) -> bool:
         place = masks[index] if masks is not None else None
         entry = self.cache.read(key, out, place, modified)
-        if place is not None and (entry is None or entry.mask is None):
-            place.zero_()  # a good image's mask, or what a corrupt entry left there
-        elif place is not None and entry.mask.data_ptr() != place.data_ptr():
+        if place is not None and entry is None:
+            place.zero_()  # what a corrupt entry left there (an entry without a mask writes nothing)
+        elif place is not None and entry.mask is not None and entry.mask.data_ptr() != place.data_ptr():
             place.copy_(entry.mask)
         return entry is not None
 
