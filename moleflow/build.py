@@ -15,7 +15,8 @@ from moleflow.config.ablation import AblationConfig, ConfigError
 from moleflow.data import AnomalyDataset, Sample
 from moleflow.evaluation.evaluator import ScoreSettings
 from moleflow.extractors import FeatureExtractor, build_extractor
-from moleflow.extractors.cache import FeatureCache, cache_entries, default_cache_dir, dtype_name, weights_digest
+from moleflow.extractors.cache import FeatureCache, default_cache_dir, dtype_name, weights_digest
+from moleflow.extractors.cache_files import disk_bytes
 from moleflow.extractors.decoding import CHUNK, decode_workers, start_workers
 from moleflow.extractors.features import EXTRACT_CHUNK
 from moleflow.extractors.source import FeatureSource
@@ -107,8 +108,7 @@ def build_feature_cache(config: AblationConfig, extractor: FeatureExtractor, dev
                 "extract_chunk": EXTRACT_CHUNK}
     try:
         cache = FeatureCache(root, identity, int(config.feature_cache_max_gb * 1e9), warn=log.warning)
-        entries = cache_entries(root)
-        log.info(f"feature cache {root}: {len(entries)} image(s), {sum(e[2] for e in entries) / 1e9:.3f} GB "
+        log.info(f"feature cache {root}: {len(cache.index.entries())} image(s), {disk_bytes(root) / 1e9:.3f} GB "
                  f"(bound --feature_cache_max_gb {config.feature_cache_max_gb:g})")
         return cache
     except OSError as error:

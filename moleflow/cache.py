@@ -5,7 +5,8 @@
 
 The default location is ``$MOLEFLOW_CACHE_DIR``, else ``$XDG_CACHE_HOME/moleflow/features``, else
 ``~/.cache/moleflow/features`` (``moleflow.extractors.cache``). Clearing deletes only what the cache
-wrote there (backbone folders with their ``backbone.json``); do it while no run uses the folder.
+wrote there (its index and the backbone folders with their ``backbone.json``); do it while no run uses
+the folder.
 """
 
 from __future__ import annotations
@@ -17,16 +18,19 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from moleflow.extractors.cache import DESCRIPTION, backbone_folders, cache_entries, default_cache_dir
+from moleflow.extractors.cache import default_cache_dir
+from moleflow.extractors.cache_files import DESCRIPTION, INDEX, backbone_folders, cache_entries, disk_bytes
 
 
 def info_lines(root: Path) -> list[str]:
-    """What ``--info`` prints: the folder, its size and, per backbone, the entries and bytes per image."""
+    """What ``--info`` prints: the folder, its images and size on disk and, per backbone, the entries
+    and bytes per image."""
     entries = cache_entries(root)
-    total = sum(size for _, _, size in entries)
-    lines = [f"feature cache {root}: {len(entries)} image(s), {total / 1e9:.3f} GB"]
+    live = sum(entry.size for entry in entries)
+    lines = [f"feature cache {root}: {len(entries)} image(s), {disk_bytes(root) / 1e9:.3f} GB on disk "
+             f"({live / 1e9:.3f} GB of entries)"]
     for folder in backbone_folders(root):
-        mine = [size for path, _, size in entries if folder in path.parents]
+        mine = [entry.size for entry in entries if entry.folder == folder.name]
         desc = json.loads((folder / DESCRIPTION).read_text())
         per = f", {sum(mine) / len(mine) / 1e6:.2f} MB per image" if mine else ""
         lines.append(f"  {folder.name}: {desc.get('backbone')} (grid {desc.get('grid')}, D {desc.get('feature_dim')}, "
@@ -35,10 +39,12 @@ def info_lines(root: Path) -> list[str]:
 
 
 def clear(root: Path) -> int:
-    """Delete every backbone folder of the cache at ``root``; returns the bytes freed."""
-    freed = sum(size for _, _, size in cache_entries(root))
+    """Delete the index and every backbone folder of the cache at ``root``; returns the bytes freed."""
+    freed = disk_bytes(root)
     for folder in backbone_folders(root):
         shutil.rmtree(folder, ignore_errors=True)
+    for path in root.glob(f"{INDEX}*"):
+        path.unlink(missing_ok=True)
     return freed
 
 

@@ -21,7 +21,8 @@ from moleflow.build import build_backbone, build_dataset
 from moleflow.cli_main import main
 from moleflow.config.ablation import AblationConfig, apply_overrides
 from moleflow.data import load_class_split
-from moleflow.extractors.cache import STALE_TEMP_S, TOUCH_S, FeatureCache, _atomic_write, _read_fully, cache_entries
+from moleflow.extractors.cache import STALE_S, TOUCH_S, FeatureCache
+from moleflow.extractors.cache_files import CacheIndex, cache_entries, new_segment, read_fully, write_fully
 from moleflow.extractors.features import extract_features
 from moleflow.extractors.source import FeatureSource
 
@@ -74,6 +75,13 @@ def _tiny(tmp_path: Path, tiny_data: Path) -> tuple[AblationConfig, torch.nn.Mod
     return cfg, build_backbone(cfg, CPU, weights="random"), load_class_split("folder", tiny_data, "fabric").test
 
 
+def _forget_one(root: Path) -> None:
+    """Drop the entry with the smallest key from the cache's index (its image is then extracted)."""
+    index = CacheIndex(root)
+    index.remove([min(index.entries(), key=lambda entry: entry.key)])
+    index.close()
+
+
 def _source(cfg: AblationConfig, extractor: torch.nn.Module, warnings: list[str]) -> FeatureSource:
     cache = FeatureCache(Path(cfg.feature_cache), {"test": 1}, 10**9, warn=warnings.append)
     return FeatureSource(extractor, CPU, cfg.batch_size, workers=0, cache=cache)
@@ -116,8 +124,7 @@ def test_cached_features_reach_the_gpu_through_the_staging_blocks_unchanged(tiny
     cfg, extractor, samples = _tiny(tmp_path, tiny_data)
     warnings: list[str] = []
     first, _ = _source(cfg, extractor, warnings).features(build_dataset(cfg, samples), True, "test")
-    paths = sorted(p for p, _, _ in cache_entries(tmp_path / "cache"))
-    paths[0].unlink()                                       # one image not in the cache: extracted on the GPU
+    _forget_one(tmp_path / "cache")                         # one image not in the cache: extracted on the GPU
     monkeypatch.setattr(source_module, "STAGING_BYTES", 2 * first.patches[0].numel() * 4)  # blocks of 2 rows
     cache = FeatureCache(Path(cfg.feature_cache), {"test": 1}, 10**9, warn=warnings.append)
     gpu = FeatureSource(extractor.to("cuda"), torch.device("cuda"), cfg.batch_size, workers=0, cache=cache)
@@ -168,8 +175,8 @@ def test_a_cache_of_stage_maps_gives_the_features_of_the_plain_extraction(tiny_d
         assert (count.cached, count.extracted) == (expected_cached, len(samples) - expected_cached)
         assert torch.equal(feats.patches, plain.patches) and torch.equal(feats.masks, plain.masks)
     (width,), _ = extractor.stored_row(CPU)
-    assert all(size > 4 * width for _, _, size in cache_entries(tmp_path / "cache")) and warnings == []
-    min(p for p, _, _ in cache_entries(tmp_path / "cache")).unlink()  # a block with one row missing
+    assert all(entry.size > 4 * width for entry in cache_entries(tmp_path / "cache")) and warnings == []
+    _forget_one(tmp_path / "cache")                         # a block with one row missing
     feats, count = _source(cfg, extractor, warnings).features(build_dataset(cfg, samples), True, "test")
     assert (count.cached, count.extracted) == (len(samples) - 1, 1)
     assert torch.equal(feats.patches, plain.patches) and torch.equal(feats.masks, plain.masks)
@@ -182,15 +189,15 @@ def test_a_corrupt_entry_is_reported_and_extracted_again(tiny_data: Path, tmp_pa
     cfg, extractor, samples = _tiny(tmp_path, tiny_data)
     warnings: list[str] = []
     first, _ = _source(cfg, extractor, warnings).features(build_dataset(cfg, samples), True, "test")
-    paths = sorted(p for p, _, _ in cache_entries(tmp_path / "cache"))
-    data = bytearray(paths[0].read_bytes())
-    data[-5] ^= 0xFF                                        # a flipped byte in the payload
-    paths[0].write_bytes(bytes(data))
-    paths[1].write_bytes(paths[1].read_bytes()[:100])       # a truncated file
-    paths[2].write_bytes(b"not an entry at all")
-    data = bytearray(paths[3].read_bytes())
-    data[len(data) // 2] ^= 0x01                            # one flipped bit among the features
-    paths[3].write_bytes(bytes(data))
+    entries = sorted(cache_entries(tmp_path / "cache"), key=lambda entry: entry.offset)
+    segment = entries[0].path(tmp_path / "cache")
+    assert all(entry.path(tmp_path / "cache") == segment for entry in entries)  # one writer: one segment
+    data = bytearray(segment.read_bytes())
+    data[entries[0].offset + entries[0].size - 5] ^= 0xFF   # a flipped byte at the end of the payload
+    data[entries[1].offset:entries[1].offset + 19] = b"not an entry at all"
+    data[entries[2].offset + entries[2].size // 2] ^= 0x01  # one flipped bit among the features
+    del data[entries[-1].offset + 100:]                     # the segment cut short in its last entry
+    segment.write_bytes(bytes(data))
     again, count = _source(cfg, extractor, warnings).features(build_dataset(cfg, samples), True, "test")
     assert (count.cached, count.extracted) == (len(samples) - 4, 4)
     assert len(warnings) == 4 and all("is corrupt" in w and "extracted again" in w for w in warnings)
@@ -199,25 +206,31 @@ def test_a_corrupt_entry_is_reported_and_extracted_again(tiny_data: Path, tmp_pa
     assert count.cached == len(samples) and len(warnings) == 4  # rewritten whole
 
 
-def test_an_entry_with_bytes_added_or_changed_is_not_read(tmp_path: Path) -> None:
+def test_an_entry_whose_bytes_or_index_row_changed_is_not_read(tmp_path: Path) -> None:
     warnings: list[str] = []
     cache = FeatureCache(tmp_path, {"test": 1}, 10**9, warn=warnings.append)
     features, mask = torch.randn(3, 3, 16), torch.randint(0, 2, (8, 8), dtype=torch.uint8)
-    changes = (lambda data: data + b"\0", lambda data: data[:-1] + b"\7")
-    for n, (change, place) in enumerate([(c, p) for c in changes for p in (None, torch.zeros(8, 8, dtype=torch.uint8))]):
+    for n, place in enumerate((None, torch.zeros(8, 8, dtype=torch.uint8))):
         key = f"{n}" * 64                                   # the mask read into a given place, or on its own
         cache.write(key, features, mask)
         entry = cache.read(key, torch.empty(3, 3, 16), place)
         assert torch.equal(entry.patches, features) and torch.equal(entry.mask, mask)
         assert place is None or torch.equal(place, mask)
-        cache.path(key).write_bytes(change(cache.path(key).read_bytes()))
-        assert cache.read(key, torch.empty(3, 3, 16), place) is None and not cache.path(key).exists()
-    assert len(warnings) == 4 and all("mask bytes" in w for w in warnings[:2])
-    assert all("checksum" in w for w in warnings[2:])
+        (where,) = cache.locate([key])
+        with open(where.path(tmp_path), "r+b") as segment:  # the mask's last byte changed
+            segment.seek(where.offset + where.size - 1)
+            segment.write(bytes([mask[-1, -1].item() ^ 1]))
+        assert cache.read(key, torch.empty(3, 3, 16), place) is None and cache.locate([key]) == [None]
+    assert len(warnings) == 2 and all("checksum mismatch" in w and "is corrupt" in w for w in warnings)
+    cache.write("a" * 64, features, mask)
+    cache.write("b" * 64, features, mask)
+    (a_place,) = cache.locate(["a" * 64])
+    cache.index.move([(cache.locate(["b" * 64])[0], a_place.segment, a_place.offset)])  # b's row names a's bytes
+    assert cache.read("b" * 64, torch.empty(3, 3, 16)) is None and "key does not match" in warnings[-1]
     cache.write("e" * 64, features, None)                   # no mask, though a place is given
     place = torch.zeros(8, 8, dtype=torch.uint8)
     entry = cache.read("e" * 64, torch.empty(3, 3, 16), place)
-    assert entry.mask is None and not place.any() and torch.equal(entry.patches, features) and len(warnings) == 4
+    assert entry.mask is None and not place.any() and torch.equal(entry.patches, features) and len(warnings) == 3
 
 
 def test_a_changed_file_is_not_read_from_the_cache(tiny_data: Path, tmp_path: Path) -> None:
@@ -265,58 +278,80 @@ def test_concurrent_writers_never_leave_a_partial_entry(tmp_path: Path) -> None:
     stop.set()
     reader.join()
     assert warnings == [] and seen
-    files = sorted(p.name for p in (tmp_path / caches[0].fingerprint).rglob("*") if p.is_file())
-    assert files == sorted(["backbone.json", f"{key}.feat"])  # no temporary file left
+    files = sorted(p.suffix for p in (tmp_path / caches[0].fingerprint).rglob("*") if p.is_file())
+    assert files == [".json", ".seg", ".seg", ".seg", ".seg"]  # a segment per writer, nothing else
+    assert [entry.key for entry in cache_entries(tmp_path)] == [key]
 
 
-def test_least_recently_used_entries_go_first(tmp_path: Path) -> None:
+def _segments(root: Path) -> list[Path]:
+    return sorted(root.rglob("*.seg"))
+
+
+def test_least_recently_used_entries_go_first_and_dead_bytes_are_rewritten_away(tmp_path: Path) -> None:
+    other = FeatureCache(tmp_path, {"other": 1}, 10**9, warn=print)
+    other.write("d" * 64, torch.zeros(4, 4, 8), None)       # another run's segment, still being written
+    held = _segments(tmp_path)
     cache = FeatureCache(tmp_path, {"test": 1}, 10**9, warn=print)
     for i, key in enumerate(("a" * 64, "b" * 64, "c" * 64)):
-        cache.write(key, torch.zeros(2, 2, 8), None)
-        os.utime(cache.path(key), (1000.0 + i, 1000.0 + i))
-    assert cache.read("a" * 64, torch.empty(2, 2, 8)) is not None  # used now: the newest
-    size = cache.path("a" * 64).stat().st_size
-    cache.max_bytes = 2 * size
-    assert cache.trim() == 2 * size
-    assert {p.name[0] for p, _, _ in cache_entries(tmp_path)} == {"a", "c"}
+        cache.write(key, torch.full((4, 4, 8), float(i)), None)
+        cache.index.touch([key], 1000.0 + i)
+    assert cache.read("a" * 64, torch.empty(4, 4, 8)) is not None  # used now: the newest
+    size = cache.locate(["a" * 64])[0].size
+    cache.max_bytes = 3 * size                              # 4 entries: the oldest (b) goes
+    assert cache.trim() == 3 * size
+    assert sorted(entry.key[0] for entry in cache_entries(tmp_path)) == ["a", "c", "d"]
+    assert set(held) < set(_segments(tmp_path)) and len(_segments(tmp_path)) == 2  # b's segment rewritten
+    for key, value in (("a" * 64, 0.0), ("c" * 64, 2.0)):
+        assert torch.equal(cache.read(key, torch.empty(4, 4, 8)).patches, torch.full((4, 4, 8), value))
+    cache.max_bytes = 0
+    assert cache.trim() == size and cache_entries(tmp_path) == []
+    assert _segments(tmp_path) == held                      # only the held segment is left, though dead
 
 
-def test_vectored_reads_fill_every_view_across_short_reads() -> None:
-    read_end, write_end = os.pipe()  # a pipe returns what has arrived: short reads
+def test_vectored_reads_fill_every_view_across_short_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_preadv, calls = os.preadv, []
 
-    def feed() -> None:
-        for chunk in (b"abc", b"defgh", b"ijklmnop"):
-            os.write(write_end, chunk)
-            time.sleep(0.05)
-        os.close(write_end)
-
-    writer = threading.Thread(target=feed)
-    writer.start()
-    first, second = bytearray(4), bytearray(6)
-    assert _read_fully(read_end, [memoryview(first), memoryview(second)]) == 10
-    writer.join()
-    assert (bytes(first), bytes(second), os.read(read_end, 10)) == (b"abcd", b"efghij", b"klmnop")
-    os.close(read_end)
-
-
-def test_vectored_writes_write_every_view_across_short_writes(tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    real_writev, calls = os.writev, []
-
-    def short_writev(fd: int, views: list) -> int:  # takes at most 1,000 bytes, as a full disk queue may
-        calls.append(1)
+    def short_preadv(fd: int, views: list, offset: int) -> int:  # gives at most 1,000 bytes, as a read may
+        calls.append(offset)
         taken, budget = [], 1000
         for view in views:
             taken.append(memoryview(view)[:budget])
             budget -= len(taken[-1])
-        return real_writev(fd, [view for view in taken if len(view)])
+        return real_preadv(fd, [view for view in taken if len(view)], offset)
 
-    monkeypatch.setattr(os, "writev", short_writev)
+    monkeypatch.setattr(os, "preadv", short_preadv)
+    data = os.urandom(3_000)
+    (tmp_path / "file").write_bytes(data)
+    first, second = bytearray(1_500), bytearray(1_200)
+    fd = os.open(tmp_path / "file", os.O_RDONLY)
+    try:
+        assert read_fully(fd, [memoryview(first), memoryview(second)], 200) == 2_700
+        assert read_fully(fd, [memoryview(bytearray(500))], 2_800) == 200  # the end of the file
+    finally:
+        os.close(fd)
+    assert bytes(first) + bytes(second) == data[200:2_900] and calls[:3] == [200, 1_200, 2_200]
+
+
+def test_vectored_writes_write_every_view_across_short_writes(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    real_pwritev, calls = os.pwritev, []
+
+    def short_pwritev(fd: int, views: list, offset: int) -> int:  # takes at most 1,000 bytes, as a full disk queue may
+        calls.append(offset)
+        taken, budget = [], 1000
+        for view in views:
+            taken.append(memoryview(view)[:budget])
+            budget -= len(taken[-1])
+        return real_pwritev(fd, [view for view in taken if len(view)], offset)
+
+    monkeypatch.setattr(os, "pwritev", short_pwritev)
     parts = [os.urandom(2_500), b"", os.urandom(1_001)]
-    entry = tmp_path / "new_folder" / "entry.feat"          # the folder is made on the first write
-    _atomic_write(entry, *parts)
-    assert entry.read_bytes() == b"".join(parts) and len(calls) == 4
-    assert [p.name for p in entry.parent.iterdir()] == ["entry.feat"]  # no temporary file left
+    segment = new_segment(tmp_path)
+    try:
+        write_fully(segment.fd, [memoryview(part) for part in parts], 10)
+    finally:
+        os.close(segment.fd)
+    assert _segments(tmp_path)[0].read_bytes() == bytes(10) + b"".join(parts) and len(calls) == 4
 
 
 def test_a_read_refreshes_only_an_old_entrys_time(tmp_path: Path) -> None:
@@ -324,9 +359,9 @@ def test_a_read_refreshes_only_an_old_entrys_time(tmp_path: Path) -> None:
     for key, age in (("a" * 64, 10.0), ("b" * 64, TOUCH_S + 10.0)):
         cache.write(key, torch.zeros(2, 2, 8), None)
         then = time.time() - age
-        os.utime(cache.path(key), (then, then))
+        cache.index.touch([key], then)
         assert cache.read(key, torch.empty(2, 2, 8)) is not None
-        assert (cache.path(key).stat().st_mtime == then) == (age < TOUCH_S)
+        assert (cache.locate([key])[0].used == then) == (age < TOUCH_S)
 
 
 def test_keys_name_the_real_file_behind_links(tiny_data: Path, tmp_path: Path) -> None:
@@ -344,15 +379,27 @@ def test_keys_name_the_real_file_behind_links(tiny_data: Path, tmp_path: Path) -
     assert key(tmp_path / "file.png") == key(other)
 
 
-def test_temporary_files_left_by_a_killed_writer_are_removed_once_stale(tmp_path: Path) -> None:
+def test_segments_left_by_a_killed_writer_are_removed_once_stale(tmp_path: Path) -> None:
     cache = FeatureCache(tmp_path, {"test": 1}, 10**9, warn=print)
     cache.write("c" * 64, torch.randn(2, 2, 8), None)
-    stale, fresh = cache.folder / "cc" / ".old.feat.x.tmp", cache.folder / "cc" / ".new.feat.y.tmp"
-    stale.write_bytes(b"half an entry")
+    stale, fresh = cache.folder / "killed.seg", cache.folder / "starting.seg"
+    stale.write_bytes(b"half an entry")                     # no index row names them, no writer holds them
     fresh.write_bytes(b"being written")
-    os.utime(stale, (0, time.time() - STALE_TEMP_S - 1))
+    os.utime(stale, (0, time.time() - STALE_S - 1))
     cache.trim()
-    assert not stale.exists() and fresh.exists() and cache.path("c" * 64).exists()
+    assert not stale.exists() and fresh.exists() and cache.read("c" * 64, torch.empty(2, 2, 8)) is not None
+
+
+def test_a_damaged_index_is_reported_and_started_again(tmp_path: Path) -> None:
+    warnings: list[str] = []
+    FeatureCache(tmp_path, {"test": 1}, 10**9, warn=warnings.append).write("a" * 64, torch.zeros(2, 2, 8), None)
+    for path in tmp_path.glob("index.sqlite*"):
+        path.write_bytes(b"not a database" * 100)
+    cache = FeatureCache(tmp_path, {"test": 1}, 10**9, warn=warnings.append)
+    assert len(warnings) == 1 and "index.sqlite" in warnings[0] and "unreadable" in warnings[0]
+    assert cache.read("a" * 64, torch.empty(2, 2, 8)) is None
+    cache.write("a" * 64, torch.ones(2, 2, 8), None)
+    assert torch.equal(cache.read("a" * 64, torch.empty(2, 2, 8)).patches, torch.ones(2, 2, 8))
 
 
 def test_an_unwritable_cache_folder_warns_and_the_run_goes_on(tiny_data: Path, tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from moleflow.config.cli import parse_config
 from moleflow.data import DataError, Sample, load_class_split
 from moleflow.evaluation.evaluator import evaluate_class, task_memory
 from moleflow.extractors import decoding
-from moleflow.extractors.cache import cache_entries
+from moleflow.extractors.cache_files import cache_entries
 from moleflow.extractors.features import FeatureSet
 from moleflow.extractors.source import FeatureSource
 from moleflow.models import fusion

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 ImgSize = Union[int, tuple[int, int]]
 AUTO_FEATURE_DIM_MAX = 768  # D of the main configuration; ``feature_dim = 0`` never goes above it
-POOL_CHUNK = 16  # images per pooling call when stored stage maps become features
+POOL_CHUNK = 64  # images per pooling call when stored stage maps become features
 
 
 def auto_feature_dim(width: int) -> int:

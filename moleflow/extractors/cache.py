@@ -2,22 +2,28 @@
 
 An entry is one image: the extractor's stored row (``FeatureExtractor.stored``: the patch features
 ``(H, W, D)`` float32, or, with ``amp`` on a GPU, a CNN's bfloat16 stage maps, half the bytes, which
-``from_stored`` pools), and its resized ground-truth mask when the image has one. Its name is the
+``from_stored`` pools), and its resized ground-truth mask when the image has one. Its key is the
 SHA-256 of everything that changes those bytes: the backbone's fingerprint (name, a hash of its
 weights, the feature settings, ``D``, autocast, device type, torch version, what a row holds, the
 images per backbone call), the image size and resize mode, and the image's (and mask's) absolute
-path, size and modification time. A file that changed has a new
-key, so its old entry is never found again (and ages out). Features of augmented images are never
-stored.
+path, size and modification time. A file that changed has a new key, so its old entry is never found
+again (and ages out). Features of augmented images are never stored.
 
-Layout: ``ROOT/<fingerprint>/backbone.json`` (what the fingerprint stands for) and
-``ROOT/<fingerprint>/<k[:2]>/<k>.feat``. A file: a ``PREFIX``-byte head (8-byte magic, 4-byte header
-length, a JSON header: key, shape, dtype, XXH3-64 checksum of the payload; padded with spaces), then
-the raw row and the uint8 mask. The fixed head lets one vectored read fill it and the features.
-Entries are written to a temporary file and renamed into place, so concurrent runs never see half an
-entry; an entry that does not check out (truncated, wrong key, wrong checksum) is deleted and
-recomputed with a warning. Reading an entry refreshes its time when it is older than ``TOUCH_S``;
-past ``max_bytes`` the least recently used go.
+Layout: ``ROOT/index.sqlite`` (``cache_index.py``: each entry's backbone folder, segment, offset,
+bytes and time of last use), ``ROOT/<fingerprint>/backbone.json`` (what the fingerprint stands for)
+and ``ROOT/<fingerprint>/*.seg``: segment files, each appended to by one writer (a run's cache, which
+holds a shared ``flock`` on it while it writes). An entry in a segment: a ``PREFIX``-byte head (8-byte
+magic, 4-byte header length, a JSON header: key, shape, dtype, mask side, XXH3-64 checksum of the
+payload; padded with spaces), then the raw row and the uint8 mask. A run's entries lie one after the
+other, so a feature set is read with a few large vectored reads (``RUN_BYTES``) instead of a file per
+image.
+
+Concurrent runs: an entry is indexed only once its bytes are written, so no run sees half an entry; the
+same key written twice keeps the later copy. An entry that does not check out (truncated, wrong key,
+layout or checksum) is forgotten and recomputed with a warning. Reading an entry refreshes its time when
+it is older than ``TOUCH_S``. Past ``max_bytes`` (the segments on disk) ``trim`` forgets the least
+recently used entries and rewrites the segments with dead bytes (forgotten or replaced entries, a killed
+writer's tail) without them; a segment some writer holds is left alone.
 """
 
 from __future__ import annotations
@@ -26,13 +32,16 @@ import hashlib
 import json
 import os
 import secrets
+import sqlite3
 import struct
 import tempfile
+import threading
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISLNK
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -40,15 +49,18 @@ import xxhash
 from torch import Tensor, nn
 
 from moleflow.data.base import Sample
+from moleflow.extractors.cache_files import (DESCRIPTION, INDEX, CacheIndex, Location, Segment, segment_bytes,
+                                             compact, new_segment, read_fully, runs, segment_files,
+                                             write_fully)
 
-FORMAT = 2  # 2: XXH3-64 checksums (1: CRC-32)
-MAGIC = b"MFFEAT02"
-PREFIX = 256  # bytes of the head: magic, header length, JSON header, padding
-SUFFIX = ".feat"
-DESCRIPTION = "backbone.json"
+FORMAT = 3  # 3: segments and an index (2: a file per entry, XXH3-64; 1: CRC-32)
+MAGIC = b"MFFEAT03"
+PREFIX = 256  # bytes of an entry's head: magic, header length, JSON header, padding
 ENV_VAR = "MOLEFLOW_CACHE_DIR"
-STALE_TEMP_S = 3600.0  # a temporary file older than this was left by a killed writer
+SEGMENT_BYTES = 1 << 30  # a writer starts a new segment past this
+STALE_S = 3600.0  # a segment no writer holds, without entries and unchanged this long, was a killed writer's
 TOUCH_S = 600.0  # a read entry's time is refreshed when older than this (the eviction order's grain)
+Request = tuple[Location, Tensor, Optional[Tensor]]  # where an entry lies, its row's place, its mask's place
 
 
 def default_cache_dir() -> Path:
@@ -139,12 +151,27 @@ class FeatureCache:
         self.warn = warn
         self.writable = True
         self._identity = _Identities()
+        self._segments: list[Segment] = []  # this cache's, the last one being appended to
+        self._segment_lock = threading.Lock()
         self.folder.mkdir(parents=True, exist_ok=True)  # OSError: the caller says what to do
         description = self.folder / DESCRIPTION
         if not description.is_file():
             _atomic_write(description, json.dumps({"format": FORMAT, **identity}, indent=1).encode())
         probe = tempfile.NamedTemporaryFile(dir=self.folder, prefix=".probe", delete=True)
         probe.close()
+        self.index = self._open_index()
+
+    def _open_index(self) -> CacheIndex:
+        try:
+            return CacheIndex(self.root)
+        except sqlite3.DatabaseError as error:
+            if isinstance(error, sqlite3.OperationalError):  # locked, read-only, no space: not damage
+                raise OSError(f"{self.root / INDEX}: {error}") from error
+            self.warn(f"warning: the feature cache index {self.root / INDEX} is unreadable ({error}); it starts "
+                      "empty (the old segments are deleted once stale)")
+            for path in self.root.glob(f"{INDEX}*"):
+                path.unlink(missing_ok=True)
+            return CacheIndex(self.root)
 
     def key(self, sample: Sample, img_size: int, resize_mode: str) -> str:
         """The entry name of ``sample`` at ``img_size`` / ``resize_mode`` (OSError: file not readable)."""
@@ -153,203 +180,212 @@ class FeatureCache:
                  "mask": self._identity(str(sample.mask_path)) if sample.mask_path is not None else None}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
-    def path(self, key: str) -> Path:
-        return self.folder / key[:2] / f"{key}{SUFFIX}"
+    def locate(self, keys: Sequence[Optional[str]]) -> list[Optional[Location]]:
+        """Where each key's entry lies (None: not in the cache)."""
+        return self.index.locate(keys)
 
-    def read(self, key: str, out: Tensor, mask: Optional[Tensor] = None,
-             modified: Optional[float] = None) -> Optional[Entry]:
-        """The entry ``key`` with its row read into ``out`` (CPU, contiguous; its shape and dtype must be
-        the entry's), or None when absent; a corrupt entry is deleted, reported and None.
+    def read(self, key: str, out: Tensor, mask: Optional[Tensor] = None) -> Optional["Entry"]:
+        """The entry ``key`` read into ``out`` (and ``mask``; see ``read_located``), or None."""
+        (location,) = self.locate([key])
+        return self.read_located([(location, out, mask)])()[0] if location is not None else None
+
+    def read_located(self, requests: Sequence[Request],
+                     submit: Callable[..., Any] = None) -> Callable[[], list[Optional["Entry"]]]:
+        """Start reading entries; returns a function that waits for them and gives them in order.
 
         Args:
-            mask: where the entry's mask goes (contiguous uint8) when it has one of that size; else a
-                mask is read on its own. Left unspecified after a corrupt entry.
-            modified: the entry's modification time when the caller has it (else it is asked).
+            requests: per entry, its location, the CPU contiguous row its row is read into (shape and
+                dtype the entry's) and where its mask goes (contiguous uint8 of its size) or None (then
+                a mask is read on its own). A mask place is left unspecified after a corrupt entry.
+            submit: runs a read, e.g. a thread pool's ``submit`` (default: at once, in this thread).
+                Entries lying one after the other in a segment are read together (``RUN_BYTES``); the
+                reads and checksums release the GIL.
 
-        One vectored read fills the head, ``out`` and ``mask`` (no intermediate copies); reading and the
-        checksum release the GIL, so threads read in parallel.
+        An entry gone meanwhile (its segment compacted or cleared by another run) is None; a corrupt one
+        is None, reported and forgotten.
         """
-        path = self.path(key)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
+        reads = runs([(i, *request) for i, request in enumerate(requests)])
+        jobs = [submit(self._read_run, run) if submit else _Done(self._read_run(run)) for run in reads]
+
+        def wait() -> list[Optional[Entry]]:
+            entries: list[Optional[Entry]] = [None] * len(requests)
+            corrupt = []
+            for job in jobs:
+                for i, got in job.result():
+                    if isinstance(got, str):
+                        location = requests[i][0]
+                        corrupt.append(location)
+                        self.warn(f"warning: feature cache entry {location.key[:16]}… in {location.path(self.root)} "
+                                  f"is corrupt ({got}); forgotten, the image is extracted again")
+                    else:
+                        entries[i] = got
+            now = time.time()
+            old = [loc.key for (loc, _, _), entry in zip(requests, entries) 
+                   if entry is not None and now - loc.used > TOUCH_S]
             try:
-                head, extra = bytearray(PREFIX), bytearray(1)  # one byte more shows trailing data
+                self.index.remove(corrupt)
+                self.index.touch(old, now)
+            except sqlite3.Error:  # a busy or read-only index: the times only order eviction
+                pass
+            return entries
+        return wait
+
+    def _read_run(self, run: list[tuple[int, Location, Tensor, Optional[Tensor]]]) -> list[tuple[int, Any]]:
+        """Read entries lying one after the other with one vectored read: per entry, (its request number,
+        its ``Entry``, or why it is corrupt, or None when its segment is gone)."""
+        first = run[0][1]
+        try:
+            fd = os.open(first.path(self.root), os.O_RDONLY)
+        except FileNotFoundError:
+            return [(i, None) for i, *_ in run]
+        try:
+            planned, views = [], []
+            for i, location, out, place in run:
+                side = location.mask
                 features = _bytes(out)
-                spot = _bytes(mask) if mask is not None else memoryview(extra)[:0]
-                done = _read_fully(fd, [memoryview(head), features, spot, memoryview(extra)])
-                header = _parse_head(head, done, key)
-                if tuple(header["shape"]) != tuple(out.shape) or header["dtype"] != dtype_name(out.dtype):
-                    raise ValueError(f"{header['dtype']} rows of shape {tuple(header['shape'])}, expected "
-                                     f"{dtype_name(out.dtype)} {tuple(out.shape)}")
-                side = header["mask"] or 0
-                after = done - PREFIX - len(features)  # bytes read after the features
-                if after < 0:
-                    raise ValueError("truncated features")
-                if side and side * side != len(spot):  # no place of that size: the mask read on its own
-                    spot, mask = memoryview(os.pread(fd, side * side + 1, PREFIX + len(features))), None
-                    after = len(spot)
-                if after != side * side:
-                    raise ValueError(f"{after} mask bytes, expected {side * side}")
-                if _checksum(features, spot[:after]) != header["xxh3"]:
+                if location.size != PREFIX + len(features) + side * side:  # another layout: its head says which
+                    head, features, spot = bytearray(location.size), None, None
+                else:
+                    head = bytearray(PREFIX)
+                    own = place is not None and place.numel() == side * side
+                    spot = _bytes(place) if own else memoryview(bytearray(side * side))
+                planned.append((i, location, out, place, head, features, spot))
+                views += [view for view in (memoryview(head), features, spot) if view is not None and len(view)]
+            done = read_fully(fd, views, first.offset)
+        finally:
+            os.close(fd)
+        results, end = [], first.offset
+        for i, location, out, place, head, features, spot in planned:
+            end += location.size
+            try:
+                if end - first.offset > done:
+                    raise ValueError("truncated")
+                header = _parse_head(head, location.key)
+                _check_layout(header, out)
+                if features is None or (header["mask"] or 0) != location.mask:
+                    raise ValueError(f"{location.size} bytes with a mask of side {header['mask']}, the index says "
+                                     f"a mask of side {location.mask}")
+                if _checksum(features, spot) != header["xxh3"]:
                     raise ValueError("checksum mismatch")
-                stale = time.time() - (os.fstat(fd).st_mtime if modified is None else modified) > TOUCH_S
-            finally:
-                os.close(fd)
-        except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as error:
-            self.warn(f"warning: feature cache entry {path} is corrupt ({error}); deleted, the image is extracted again")
-            _remove(path)
-            return None
-        if stale:
-            _touch(path)
-        if side and mask is None:
-            mask = torch.frombuffer(bytearray(spot), dtype=torch.uint8)
-        return Entry(out, mask.view(side, side) if side else None)
+            except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as error:
+                results.append((i, str(error)))
+                continue
+            mask = None
+            if location.mask:
+                own = place is not None and place.numel() == len(spot)
+                mask = (place if own else torch.frombuffer(spot.obj, dtype=torch.uint8)).view(location.mask, -1)
+            results.append((i, Entry(out, mask)))
+        return results
 
     def write(self, key: str, patches: Tensor, mask: Optional[Tensor]) -> None:
-        """Store the row ``patches`` (any shape and dtype) and ``mask`` ``(S, S)`` uint8 or None as entry ``key``
-        (atomically; a failed write is reported once and turns writing off for this cache)."""
+        """Store the row ``patches`` (any shape and dtype) and ``mask`` ``(S, S)`` uint8 or None as entry
+        ``key``: appended to this cache's segment, then indexed (a failed write is reported once and turns
+        writing off for this cache). Safe from several threads."""
         if not self.writable:
             return
         row = patches.detach().cpu().contiguous()
         features = _bytes(row)  # no copy on the CPU
         mask_bytes = b"" if mask is None else mask.cpu().contiguous().numpy().astype(np.uint8).tobytes()
+        side = int(mask.shape[-1]) if mask is not None else 0
         header = json.dumps({"key": key, "shape": list(row.shape), "dtype": dtype_name(row.dtype),
-                             "mask": int(mask.shape[-1]) if mask is not None else None,
-                             "xxh3": _checksum(features, mask_bytes)}).encode()
+                             "mask": side or None, "xxh3": _checksum(features, mask_bytes)}).encode()
         head = MAGIC + struct.pack("<I", len(header)) + header
         if len(head) > PREFIX:
             raise ValueError(f"a feature cache header of {len(head)} bytes does not fit in {PREFIX}")
+        size = PREFIX + len(features) + len(mask_bytes)
         try:
-            _atomic_write(self.path(key), head.ljust(PREFIX, b" "), features, mask_bytes)
-        except OSError as error:
+            segment, offset = self._reserve(size)
+            write_fully(segment.fd, [memoryview(head.ljust(PREFIX, b" ")), features, memoryview(mask_bytes)],
+                         offset)
+            self.index.add(Location(key, self.fingerprint, segment.name, offset, size, side, time.time()))
+        except (OSError, sqlite3.Error) as error:
             self.writable = False
             self.warn(f"warning: cannot write to the feature cache {self.folder} ({error}); this run stores no more "
                       f"features there (free space, or pass --feature_cache DIR or --no_feature_cache)")
 
+    def _reserve(self, size: int) -> tuple[Segment, int]:
+        """The segment and offset where an entry of ``size`` bytes goes (a new segment past ``SEGMENT_BYTES``)."""
+        with self._segment_lock:
+            if not self._segments or (self._segments[-1].end and self._segments[-1].end + size > SEGMENT_BYTES):
+                self._segments.append(new_segment(self.folder))
+            segment = self._segments[-1]
+            offset, segment.end = segment.end, segment.end + size
+            return segment, offset
+
     def trim(self) -> int:
-        """Delete temporary files left by killed writers (older than ``STALE_TEMP_S``), then the least
-        recently used entries until the folder is under ``max_bytes``; returns its size."""
-        remove_stale_temps(self.root)
-        entries = sorted(cache_entries(self.root), key=lambda e: e[1])  # oldest first
-        total = sum(size for _, _, size in entries)
-        for path, _, size in entries:
-            if total <= self.max_bytes:
+        """Bring the cache's segments under ``max_bytes``; returns their bytes. Call it when none of this cache's
+        writes is in flight: it first lets go of this cache's segments.
+
+        Deletes the segments killed writers left without entries (unchanged for ``STALE_S``); then, past
+        the bound, forgets the least recently used entries until the live ones fit, and rewrites the
+        segments with dead bytes, most dead first, until the folder fits."""
+        with self._segment_lock:
+            for segment in self._segments:
+                os.close(segment.fd)
+            self._segments = []
+        entries = self.index.entries()
+        total = segment_bytes(self.root)
+        if total > self.max_bytes:
+            live = sum(location.size for location in entries)
+            entries.sort(key=lambda location: location.used)  # oldest first
+            evicted = 0
+            while evicted < len(entries) and live > self.max_bytes:
+                live -= entries[evicted].size
+                evicted += 1
+            self.index.remove(entries[:evicted])
+            entries = entries[evicted:]
+        held: dict[tuple[str, str], list[Location]] = defaultdict(list)
+        for location in entries:
+            held[location.folder, location.segment].append(location)
+        now, candidates = time.time(), []
+        for path, stat in segment_files(self.root):
+            kept = held.get((path.parent.name, path.name), [])
+            dead = stat.st_size - sum(location.size for location in kept)
+            orphan = not kept and now - stat.st_mtime > STALE_S
+            if orphan or (dead > 0 and total > self.max_bytes):
+                candidates.append((dead, path, kept))
+        for dead, path, kept in sorted(candidates, key=lambda c: -c[0]):
+            if total <= self.max_bytes and kept:
                 break
-            _remove(path)
-            total -= size
+            total -= compact(path, kept, self.index)
         return total
 
 
-def cache_entries(root: Path) -> list[tuple[Path, float, int]]:
-    """Every entry under ``root``: (path, time of last use, bytes)."""
-    return [(path, stat.st_mtime, stat.st_size) for path, stat in _files(root, lambda name: name.endswith(SUFFIX))]
+class _Done:
+    """A finished job, as a ``Future`` gives it."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def result(self) -> Any:
+        return self.value
 
 
-def remove_stale_temps(root: Path) -> None:
-    """Delete the temporary files under ``root`` that no writer has touched for ``STALE_TEMP_S`` (a run
-    killed mid-write leaves one)."""
-    limit = time.time() - STALE_TEMP_S
-    for path, stat in _files(root, lambda name: name.startswith(".") and name.endswith(".tmp")):
-        if stat.st_mtime < limit:
-            _remove(path)
-
-
-def _files(root: Path, wanted: Callable[[str], bool]) -> Iterator[tuple[Path, os.stat_result]]:
-    """The files in the entry folders of ``root``'s backbone folders whose name is ``wanted``, with their
-    stat (a file gone meanwhile, deleted or renamed by another run, is left out)."""
-    for folder in backbone_folders(root):
-        for sub in os.scandir(folder):
-            if not sub.is_dir():
-                continue
-            for item in os.scandir(sub.path):
-                if wanted(item.name):
-                    try:
-                        yield Path(item.path), item.stat()
-                    except FileNotFoundError:
-                        continue
-
-
-def backbone_folders(root: Path) -> list[Path]:
-    """The backbone folders of a cache root (those holding a ``backbone.json``)."""
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and (p / DESCRIPTION).is_file())
-
-
-def _parse_head(head: bytearray, got: int, key: str) -> dict:
-    """The JSON header in an entry's head (``got`` bytes of the file were read); ValueError when it
-    does not check out."""
-    if got < 12 or head[:8] != MAGIC:
+def _parse_head(head: bytearray, key: str) -> dict:
+    """The JSON header at the start of an entry; ValueError when it does not check out."""
+    if len(head) < 12 or head[:8] != MAGIC:
         raise ValueError("not a feature cache entry")
     (length,) = struct.unpack("<I", head[8:12])
-    if 12 + length > min(got, PREFIX):
+    if 12 + length > min(len(head), PREFIX):
         raise ValueError("truncated header")
-    header = json.loads(head[12:12 + length].decode())
+    header = json.loads(bytes(head[12:12 + length]).decode())
     if header["key"] != key:
         raise ValueError("its key does not match its name")
     return header
 
 
-def _read_fully(fd: int, views: list[memoryview]) -> int:
-    """Fill ``views`` one after the other from ``fd`` (a read may return less than asked); bytes read."""
-    done = 0
-    while views:
-        got = os.readv(fd, views)
-        if not got:
-            break
-        done += got
-        while views and got >= len(views[0]):
-            got -= len(views[0])
-            views = views[1:]
-        if views and got:
-            views[0] = views[0][got:]
-    return done
+def _check_layout(header: dict, out: Tensor) -> None:
+    if tuple(header["shape"]) != tuple(out.shape) or header["dtype"] != dtype_name(out.dtype):
+        raise ValueError(f"{header['dtype']} rows of shape {tuple(header['shape'])}, expected "
+                         f"{dtype_name(out.dtype)} {tuple(out.shape)}")
 
 
-def _atomic_write(path: Path, *parts: Any) -> None:
-    """Write ``parts`` (bytes-like) one after the other to a temporary file beside ``path``, then
-    rename it into place (one open, vectored writes, one rename: few system calls per entry)."""
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
     temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
     try:
-        fd = os.open(temp, flags, 0o644)
-    except FileNotFoundError:  # the entry's folder is new
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(temp, flags, 0o644)
-    try:
-        try:
-            _write_fully(fd, [memoryview(data).cast("B") for data in parts if len(data)])
-        finally:
-            os.close(fd)
+        temp.write_bytes(data)
         os.replace(temp, path)
     except BaseException:
-        _remove(temp)
+        temp.unlink(missing_ok=True)
         raise
-
-
-def _write_fully(fd: int, views: list[memoryview]) -> None:
-    """Write ``views`` one after the other to ``fd`` (a write may take less than given)."""
-    while views:
-        done = os.writev(fd, views)
-        while views and done >= len(views[0]):
-            done -= len(views[0])
-            views = views[1:]
-        if views and done:
-            views[0] = views[0][done:]
-
-
-def _touch(path: Path) -> None:
-    try:
-        os.utime(path)
-    except OSError:  # read-only cache or deleted meanwhile: the time is only a hint for eviction
-        pass
-
-
-def _remove(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass

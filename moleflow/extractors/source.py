@@ -17,7 +17,6 @@ import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from stat import S_ISREG
 from typing import Callable, ContextManager, Optional
 
 import numpy as np
@@ -137,69 +136,62 @@ class FeatureSource:
         """The cache keys of ``dataset``'s images (None: the file is not readable; it is reported where
         it is decoded) and which entries were found, read into ``patches`` (and ``masks``).
 
-        The keys are made in this thread (hashing on threads fights over the GIL) while reader threads
-        read the entries already keyed (reading and checking release the GIL). On the CPU they read
-        straight into ``patches``; on a GPU into two pinned staging blocks in turn: while one block's
-        reads go on, the block before it is copied to the device (pinning memory is slow: the blocks
-        are made once per source, and only once an entry is found).
+        Block by block, the keys are made and looked up in this thread (hashing on threads fights over
+        the GIL) while reader threads read the block before (reading and checking release the GIL). On
+        the CPU they read straight into ``patches``; on a GPU into two pinned staging blocks in turn:
+        while one block's reads go on, the block before it is copied to the device (pinning memory is
+        slow: the blocks are made once per source, and only once an entry is found).
         """
         n = len(dataset)
         keys: list[Optional[str]] = [None] * n
-        reads: list[Optional[Future]] = [None] * n
+        found = [False] * n
         shape, dtype = self.extractor.stored_row(self.device)
         direct = patches.device.type == "cpu" and not self.extractor.keeps_maps(self.device)
         rows = n if direct else self._staging_rows(shape, dtype)
-        before: Optional[tuple[int, int, int]] = None  # (turn, start, stop) of the block being read
+        before = None  # (turn, start, stop, wait, hits) of the block being read
         for turn, start in enumerate(range(0, n, rows)):
-            stop, block = min(n, start + rows), None
-            for i in range(start, stop):
-                keys[i], modified = self._key(dataset, i)
-                if modified is None:
-                    continue
-                if block is None:
-                    block = patches[start:stop] if direct else self._stage(turn % 2, shape, dtype)
-                reads[i] = self._readers().submit(self._read_one, keys[i], block[i - start], masks, i, modified)
+            stop = min(n, start + rows)
+            keys[start:stop] = [self._key(dataset, i) for i in range(start, stop)]
+            locations = self.cache.locate(keys[start:stop])
+            hits = [i for i in range(start, stop) if locations[i - start] is not None]
+            reading = None
+            if hits:
+                block = patches[start:stop] if direct else self._stage(turn % 2, shape, dtype)
+                requests = [(locations[i - start], block[i - start], masks[i] if masks is not None else None)
+                            for i in hits]
+                reading = (turn, start, stop, self.cache.read_located(requests, self._readers().submit), hits)
             if before is not None:
-                self._finish(*before, reads, patches, direct)
-            before = (turn, start, stop) if block is not None else None
+                self._finish(*before, found, patches, masks, direct)
+            before = reading
         if before is not None:
-            self._finish(*before, reads, patches, direct)
-        return keys, [read is not None and read.result() for read in reads]
+            self._finish(*before, found, patches, masks, direct)
+        return keys, found
 
-    def _read_one(self, key: str, out: Tensor, masks: Optional[Tensor], index: int, modified: float) -> bool:
-        place = masks[index] if masks is not None else None
-        entry = self.cache.read(key, out, place, modified)
-        if place is not None and entry is None:
-            place.zero_()  # what a corrupt entry left there (an entry without a mask writes nothing)
-        elif place is not None and entry.mask is not None and entry.mask.data_ptr() != place.data_ptr():
-            place.copy_(entry.mask)
-        return entry is not None
-
-    def _finish(self, turn: int, start: int, stop: int, reads: list[Optional[Future]], patches: Tensor,
-                direct: bool) -> None:
-        """Wait for the reads of rows ``start:stop``; unless they were read straight into ``patches``,
-        copy the found ones from their staging block to the device (without waiting for the copy) and
-        make them features there."""
-        found = [read is not None and read.result() for read in reads[start:stop]]
+    def _finish(self, turn: int, start: int, stop: int, wait: Callable[[], list], hits: list[int], found: list[bool],
+                patches: Tensor, masks: Optional[Tensor], direct: bool) -> None:
+        """Wait for the reads of rows ``start:stop`` and mark the ``found`` ones; unless they were read
+        straight into ``patches``, copy them from their staging block to the device (without waiting for
+        the copy) and make them features there."""
+        for i, entry in zip(hits, wait()):
+            found[i] = entry is not None
+            if masks is not None and entry is None:
+                masks[i].zero_()  # what a corrupt entry left there (an entry without a mask writes nothing)
+            elif masks is not None and entry.mask is not None and entry.mask.data_ptr() != masks[i].data_ptr():
+                masks[i].copy_(entry.mask)
         if not direct:
-            self._upload(turn % 2, self._staging[turn % 2][:stop - start], patches, start, found)
+            self._upload(turn % 2, self._staging[turn % 2][:stop - start], patches, start, found[start:stop])
 
     def _readers(self) -> ThreadPoolExecutor:
         if self._reader is None:
             self._reader = ThreadPoolExecutor(max_workers=decode_threads(), thread_name_prefix="cache-read")
         return self._reader
 
-    def _key(self, dataset: AnomalyDataset, index: int) -> tuple[Optional[str], Optional[float]]:
-        """The cache key of image ``index`` and its entry's modification time (None: no entry)."""
+    def _key(self, dataset: AnomalyDataset, index: int) -> Optional[str]:
+        """The cache key of image ``index`` (None: its file is not readable)."""
         try:
-            key = self.cache.key(dataset.samples[index], dataset.img_size, dataset.resize_mode)
+            return self.cache.key(dataset.samples[index], dataset.img_size, dataset.resize_mode)
         except OSError:
-            return None, None
-        try:
-            stat = os.stat(self.cache.path(key))
-        except OSError:
-            return key, None
-        return key, stat.st_mtime if S_ISREG(stat.st_mode) else None
+            return None
 
     @staticmethod
     def _staging_rows(shape: tuple[int, ...], dtype: torch.dtype) -> int:
