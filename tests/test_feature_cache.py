@@ -390,6 +390,16 @@ def test_segments_left_by_a_killed_writer_are_removed_once_stale(tmp_path: Path)
     assert not stale.exists() and fresh.exists() and cache.read("c" * 64, torch.empty(2, 2, 8)) is not None
 
 
+def test_an_older_versions_entry_files_are_removed_on_trim(tmp_path: Path) -> None:
+    cache = FeatureCache(tmp_path, {"test": 1}, 10**9, warn=print)
+    old = cache.folder / "ab" / ("ab" * 32 + ".feat")         # format 2: a file per entry
+    old.parent.mkdir()
+    old.write_bytes(b"an old entry")
+    cache.write("c" * 64, torch.randn(2, 2, 8), None)
+    cache.trim()
+    assert not old.parent.exists() and cache.read("c" * 64, torch.empty(2, 2, 8)) is not None
+
+
 def test_a_damaged_index_is_reported_and_started_again(tmp_path: Path) -> None:
     warnings: list[str] = []
     FeatureCache(tmp_path, {"test": 1}, 10**9, warn=warnings.append).write("a" * 64, torch.zeros(2, 2, 8), None)

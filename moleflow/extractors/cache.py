@@ -49,8 +49,8 @@ import xxhash
 from torch import Tensor, nn
 
 from moleflow.data.base import Sample
-from moleflow.extractors.cache_files import (DESCRIPTION, INDEX, CacheIndex, Location, Segment, segment_bytes,
-                                             compact, new_segment, read_fully, runs, segment_files,
+from moleflow.extractors.cache_files import (DESCRIPTION, INDEX, CacheIndex, Location, Segment, compact, new_segment,
+                                             read_fully, remove_old_format, runs, segment_bytes, segment_files,
                                              write_fully)
 
 FORMAT = 3  # 3: segments and an index (2: a file per entry, XXH3-64; 1: CRC-32)
@@ -316,13 +316,15 @@ class FeatureCache:
         """Bring the cache's segments under ``max_bytes``; returns their bytes. Call it when none of this cache's
         writes is in flight: it first lets go of this cache's segments.
 
-        Deletes the segments killed writers left without entries (unchanged for ``STALE_S``); then, past
+        Deletes what an older version's cache left (a file per entry) and the segments killed writers
+        left without entries (unchanged for ``STALE_S``); then, past
         the bound, forgets the least recently used entries until the live ones fit, and rewrites the
         segments with dead bytes, most dead first, until the folder fits."""
         with self._segment_lock:
             for segment in self._segments:
                 os.close(segment.fd)
             self._segments = []
+        remove_old_format(self.root)
         entries = self.index.entries()
         total = segment_bytes(self.root)
         if total > self.max_bytes:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import os
 import secrets
+import shutil
 import sqlite3
 import threading
 import time
@@ -156,6 +157,15 @@ def segment_files(root: Path) -> list[tuple[Path, os.stat_result]]:
                 except FileNotFoundError:
                     continue
     return found
+
+
+def remove_old_format(root: Path) -> None:
+    """Delete the entry folders of caches written before the segments (format 2 and older: a file per
+    entry in ``<backbone>/<k[:2]>/``); their entries are never read (their keys differ)."""
+    for folder in backbone_folders(root):
+        for item in os.scandir(folder):
+            if item.is_dir(follow_symlinks=False) and len(item.name) == 2:
+                shutil.rmtree(item.path, ignore_errors=True)
 
 
 def segment_bytes(root: Path) -> int:
