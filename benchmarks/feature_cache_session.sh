@@ -2,8 +2,7 @@
 # Issue 19 figures in one device call (one H200 host, < 10 minutes), from the repository root; carry .whl
 # (FrEIA 0.2, timm 1.0.31, xxhash). Writes $OUT/decode.log (decoding alone: the old thread pool vs the worker
 # processes, on the synthetic data), $OUT/warm.json / warm.log (the benchmark cold, then with the cache warm),
-# and, while time is left, $OUT/breakdown.log (the warm read path's parts) and $OUT/files.log (per-file vs
-# per-byte read cost on this host). EPOCHS (default 2) keeps the runs short: the decode + extraction figures
+# and, while time is left, $OUT/breakdown.log (the warm read path's parts). EPOCHS (default 2) keeps the runs short: the decode + extraction figures
 # do not depend on it.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -45,6 +44,4 @@ rm -rf /tmp/feature_cache
 [ "$(left)" -gt 60 ] && timeout "$(left)" python3 benchmarks/cache_read_breakdown.py "$DATA" /tmp/fcdiag \
   > "$OUT/breakdown.log" 2>&1
 rm -rf /tmp/fcdiag
-[ "$(left)" -gt 60 ] && timeout "$(left)" python3 benchmarks/file_read_cost.py /tmp/probe > "$OUT/files.log" 2>&1
-rm -rf /tmp/probe
 exit 0

@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISLNK
@@ -131,6 +132,13 @@ class Entry:
     mask: Optional[Tensor]
 
 
+def _at_once(fn: Callable[..., Any], *args: Any) -> Future:
+    """``fn(*args)`` run now, as a finished ``Future`` (``read_located``'s default ``submit``)."""
+    done: Future = Future()
+    done.set_result(fn(*args))
+    return done
+
+
 class FeatureCache:
     """Per-image backbone outputs under ``root`` for one backbone ``identity``.
 
@@ -190,7 +198,7 @@ class FeatureCache:
         return self.read_located([(location, out, mask)])()[0] if location is not None else None
 
     def read_located(self, requests: Sequence[Request],
-                     submit: Callable[..., Any] = None) -> Callable[[], list[Optional["Entry"]]]:
+                     submit: Callable[..., Future] = _at_once) -> Callable[[], list[Optional["Entry"]]]:
         """Start reading entries; returns a function that waits for them and gives them in order.
 
         Args:
@@ -205,7 +213,7 @@ class FeatureCache:
         is None, reported and forgotten.
         """
         reads = runs([(i, *request) for i, request in enumerate(requests)])
-        jobs = [submit(self._read_run, run) if submit else _Done(self._read_run(run)) for run in reads]
+        jobs = [submit(self._read_run, run) for run in reads]
 
         def wait() -> list[Optional[Entry]]:
             entries: list[Optional[Entry]] = [None] * len(requests)
@@ -313,17 +321,25 @@ class FeatureCache:
             return segment, offset
 
     def trim(self) -> int:
-        """Bring the cache's segments under ``max_bytes``; returns their bytes. Call it when none of this cache's
-        writes is in flight: it first lets go of this cache's segments.
+        """Bring the cache's segments under ``max_bytes``; returns their bytes. Call it when none of this
+        cache's writes is in flight: it first lets go of this cache's segments.
 
-        Deletes what an older version's cache left (a file per entry) and the segments killed writers
-        left without entries (unchanged for ``STALE_S``); then, past
-        the bound, forgets the least recently used entries until the live ones fit, and rewrites the
-        segments with dead bytes, most dead first, until the folder fits."""
+        Deletes what an older version's cache left (a file per entry) and the segments killed writers left
+        without entries (unchanged for ``STALE_S``); then, past the bound, forgets the least recently used
+        entries until the live ones fit, and rewrites the segments with dead bytes, most dead first, until
+        the folder fits. A busy index or a failed rewrite is reported; the cache stays usable."""
         with self._segment_lock:
             for segment in self._segments:
                 os.close(segment.fd)
             self._segments = []
+        try:
+            return self._trim()
+        except (OSError, sqlite3.Error) as error:
+            self.warn(f"warning: the feature cache {self.root} could not be brought under its bound ({error}); "
+                      "the next run tries again")
+            return segment_bytes(self.root)
+
+    def _trim(self) -> int:
         remove_old_format(self.root)
         entries = self.index.entries()
         total = segment_bytes(self.root)
@@ -351,16 +367,6 @@ class FeatureCache:
                 break
             total -= compact(path, kept, self.index)
         return total
-
-
-class _Done:
-    """A finished job, as a ``Future`` gives it."""
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-    def result(self) -> Any:
-        return self.value
 
 
 def _parse_head(head: bytearray, key: str) -> dict:
