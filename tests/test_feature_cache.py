@@ -308,18 +308,22 @@ def test_least_recently_used_entries_go_first_and_dead_bytes_are_rewritten_away(
     assert _segments(tmp_path) == held                      # only the held segment is left, though dead
 
 
-def test_vectored_reads_fill_every_view_across_short_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_preadv, calls = os.preadv, []
-
-    def short_preadv(fd: int, views: list, offset: int) -> int:  # gives at most 1,000 bytes, as a read may
+def _short(call, calls: list):
+    """``os.preadv`` / ``os.pwritev`` that move at most 1,000 bytes a call, as a read or a full disk
+    queue may; ``calls`` gets each call's offset."""
+    def short(fd: int, views: list, offset: int) -> int:
         calls.append(offset)
         taken, budget = [], 1000
         for view in views:
             taken.append(memoryview(view)[:budget])
             budget -= len(taken[-1])
-        return real_preadv(fd, [view for view in taken if len(view)], offset)
+        return call(fd, [view for view in taken if len(view)], offset)
+    return short
 
-    monkeypatch.setattr(os, "preadv", short_preadv)
+
+def test_vectored_reads_fill_every_view_across_short_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr(os, "preadv", _short(os.preadv, calls))
     data = os.urandom(3_000)
     (tmp_path / "file").write_bytes(data)
     first, second = bytearray(1_500), bytearray(1_200)
@@ -334,24 +338,15 @@ def test_vectored_reads_fill_every_view_across_short_reads(tmp_path: Path, monke
 
 def test_vectored_writes_write_every_view_across_short_writes(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    real_pwritev, calls = os.pwritev, []
-
-    def short_pwritev(fd: int, views: list, offset: int) -> int:  # takes at most 1,000 bytes, as a full disk queue may
-        calls.append(offset)
-        taken, budget = [], 1000
-        for view in views:
-            taken.append(memoryview(view)[:budget])
-            budget -= len(taken[-1])
-        return real_pwritev(fd, [view for view in taken if len(view)], offset)
-
-    monkeypatch.setattr(os, "pwritev", short_pwritev)
+    calls: list[int] = []
+    monkeypatch.setattr(os, "pwritev", _short(os.pwritev, calls))
     parts = [os.urandom(2_500), b"", os.urandom(1_001)]
     segment = new_segment(tmp_path)
     try:
         write_fully(segment.fd, [memoryview(part) for part in parts], 10)
     finally:
         os.close(segment.fd)
-    assert _segments(tmp_path)[0].read_bytes() == bytes(10) + b"".join(parts) and len(calls) == 4
+    assert _segments(tmp_path)[0].read_bytes() == bytes(10) + b"".join(parts) and calls == [10, 1_010, 2_010, 3_010]
 
 
 def test_a_read_refreshes_only_an_old_entrys_time(tmp_path: Path) -> None:

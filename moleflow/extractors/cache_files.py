@@ -214,17 +214,13 @@ def new_segment(folder: Path) -> Segment:
 def read_fully(fd: int, views: list[memoryview], offset: int) -> int:
     """Fill ``views`` one after the other from ``fd`` at ``offset`` (a read may return less than asked);
     bytes read (fewer at the end of the file)."""
-    done = 0
+    views, done = [view.cast("B") for view in views if len(view)], 0
     while views:
         got = os.preadv(fd, views, offset + done)
         if not got:
             break
         done += got
-        while views and got >= len(views[0]):
-            got -= len(views[0])
-            views = views[1:]
-        if views and got:
-            views[0] = views[0][got:]
+        views = _past(views, got)
     return done
 
 
@@ -234,11 +230,15 @@ def write_fully(fd: int, views: list[memoryview], offset: int) -> None:
     while views:
         done = os.pwritev(fd, views, offset)
         offset += done
-        while views and done >= len(views[0]):
-            done -= len(views[0])
-            views = views[1:]
-        if views and done:
-            views[0] = views[0][done:]
+        views = _past(views, done)
+
+
+def _past(views: list[memoryview], count: int) -> list[memoryview]:
+    """What is left of ``views`` after their first ``count`` bytes."""
+    while views and count >= len(views[0]):
+        count -= len(views[0])
+        views = views[1:]
+    return [views[0][count:], *views[1:]] if views and count else views
 
 
 def compact(path: Path, kept: list[Location], index: CacheIndex) -> int:
