@@ -249,6 +249,35 @@ def test_a_changed_file_is_not_read_from_the_cache(tiny_data: Path, tmp_path: Pa
     assert count.extracted == 2 and count.cached == len(samples) - 2 and warnings == []
 
 
+WRITER = """
+import sys, torch
+from pathlib import Path
+from moleflow.extractors.cache import FeatureCache
+cache = FeatureCache(Path(sys.argv[1]), {"test": 1}, 10**9, warn=print)
+me = int(sys.argv[2])
+for i in range(40):
+    cache.write(f"{me}{i:063d}", torch.full((8, 8, 32), float(me * 100 + i)), None)  # its own keys
+    cache.write("f" * 64, torch.full((8, 8, 32), float(me)), None)                  # and one shared key
+cache.trim()
+"""
+
+
+def test_runs_in_several_processes_share_one_cache(tmp_path: Path) -> None:
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(me)], cwd=REPO, env=repo_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for me in range(1, 4)]
+    outputs = [writer.communicate(timeout=300) for writer in writers]
+    assert [writer.returncode for writer in writers] == [0, 0, 0] and outputs == [("", "")] * 3, outputs
+    warnings: list[str] = []
+    cache = FeatureCache(tmp_path, {"test": 1}, 10**9, warn=warnings.append)
+    for me in range(1, 4):
+        for i in range(40):
+            entry = cache.read(f"{me}{i:063d}", torch.empty(8, 8, 32))
+            assert entry is not None and torch.equal(entry.patches, torch.full((8, 8, 32), float(me * 100 + i)))
+    shared = cache.read("f" * 64, torch.empty(8, 8, 32)).patches
+    assert float(shared[0, 0, 0]) in (1.0, 2.0, 3.0) and torch.equal(shared, torch.full_like(shared, shared[0, 0, 0]))
+    assert len(cache_entries(tmp_path)) == 121 and warnings == []
+
+
 def test_concurrent_writers_never_leave_a_partial_entry(tmp_path: Path) -> None:
     warnings: list[str] = []
     caches = [FeatureCache(tmp_path, {"test": 1}, 10**9, warn=warnings.append) for _ in range(4)]
