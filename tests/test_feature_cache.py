@@ -22,7 +22,8 @@ from moleflow.cli_main import main
 from moleflow.config.ablation import AblationConfig, apply_overrides
 from moleflow.data import load_class_split
 from moleflow.extractors.cache import STALE_S, TOUCH_S, FeatureCache
-from moleflow.extractors.cache_files import CacheIndex, cache_entries, new_segment, read_fully, write_fully
+from moleflow.extractors.cache_files import (RUN_BYTES, RUN_ENTRIES, CacheIndex, Location, cache_entries, new_segment,
+                                             read_fully, runs, write_fully)
 from moleflow.extractors.features import extract_features
 from moleflow.extractors.source import FeatureSource
 
@@ -335,6 +336,18 @@ def test_least_recently_used_entries_go_first_and_dead_bytes_are_rewritten_away(
     cache.max_bytes = 0
     assert cache.trim() == size and cache_entries(tmp_path) == []
     assert _segments(tmp_path) == held                      # only the held segment is left, though dead
+
+
+def test_reads_take_adjacent_entries_of_one_segment_in_file_order_up_to_the_limits() -> None:
+    def at(segment: str, offset: int, size: int = 100) -> tuple:
+        return (offset, Location(f"{segment}{offset}", "f", segment, offset, size, 0, 0.0), None, None)
+
+    grouped = runs([at("b", 0), at("a", 200), at("a", 0), at("a", 100), at("a", 400)])  # a gap at 300
+    assert [[r[1].key for r in run] for run in grouped] == [["a0", "a100", "a200"], ["a400"], ["b0"]]
+    many = runs([at("a", 100 * i) for i in range(RUN_ENTRIES + 1)])
+    assert [len(run) for run in many] == [RUN_ENTRIES, 1]
+    big = RUN_BYTES // 2
+    assert [len(run) for run in runs([at("a", i * big, big) for i in range(5)])] == [2, 2, 1]
 
 
 def _short(call, calls: list):

@@ -190,17 +190,19 @@ class Segment:
 def runs(requests: list[tuple[int, Location, Tensor, Optional[Tensor]]]) -> list[list]:
     """``requests`` grouped into reads: entries adjacent in one segment, in file order, at most
     ``RUN_BYTES`` and ``RUN_ENTRIES`` per read."""
-    runs: list[list] = []
-    previous: Optional[Location] = None
+    grouped: list[list] = []
+    size, previous = 0, None
     for request in sorted(requests, key=lambda r: (r[1].folder, r[1].segment, r[1].offset)):
         location = request[1]
-        follows = (previous is not None and (location.folder, location.segment) == (previous.folder, previous.segment)
-                   and location.offset == previous.offset + previous.size)
-        if not follows or len(runs[-1]) >= RUN_ENTRIES or sum(r[1].size for r in runs[-1]) + location.size > RUN_BYTES:
-            runs.append([])
-        runs[-1].append(request)
+        follows = previous is not None and ((location.folder, location.segment, location.offset)
+                                            == (previous.folder, previous.segment, previous.offset + previous.size))
+        if not follows or len(grouped[-1]) >= RUN_ENTRIES or size + location.size > RUN_BYTES:
+            grouped.append([])
+            size = 0
+        grouped[-1].append(request)
+        size += location.size
         previous = location
-    return runs
+    return grouped
 
 
 def new_segment(folder: Path) -> Segment:
