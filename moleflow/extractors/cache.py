@@ -249,21 +249,21 @@ class FeatureCache:
         try:
             planned, views = [], []
             for i, location, out, place in run:
-                side = location.mask
-                features = _bytes(out)
+                side, features = location.mask, _bytes(out)
                 if location.size != PREFIX + len(features) + side * side:  # another layout: its head says which
-                    head, features, spot = bytearray(location.size), None, None
+                    head, features, mask = bytearray(location.size), None, None
                 else:
                     head = bytearray(PREFIX)
-                    own = place is not None and place.numel() == side * side
-                    spot = _bytes(place) if own else memoryview(bytearray(side * side))
-                planned.append((i, location, out, place, head, features, spot))
+                    fits = place is not None and place.numel() == side * side
+                    mask = (place if fits else torch.empty(side * side, dtype=torch.uint8)) if side else None
+                spot = _bytes(mask) if mask is not None else memoryview(b"")
+                planned.append((i, location, out, head, features, mask, spot))
                 views += [view for view in (memoryview(head), features, spot) if view is not None and len(view)]
             done = read_fully(fd, views, first.offset)
         finally:
             os.close(fd)
         results, end = [], first.offset
-        for i, location, out, place, head, features, spot in planned:
+        for i, location, out, head, features, mask, spot in planned:
             end += location.size
             try:
                 if end - first.offset > done:
@@ -278,11 +278,7 @@ class FeatureCache:
             except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as error:
                 results.append((i, str(error)))
                 continue
-            mask = None
-            if location.mask:
-                own = place is not None and place.numel() == len(spot)
-                mask = (place if own else torch.frombuffer(spot.obj, dtype=torch.uint8)).view(location.mask, -1)
-            results.append((i, Entry(out, mask)))
+            results.append((i, Entry(out, mask.view(location.mask, -1) if mask is not None else None)))
         return results
 
     def write(self, key: str, patches: Tensor, mask: Optional[Tensor]) -> None:
