@@ -58,8 +58,8 @@ def build_extractor(
     check_backbone_name(backbone_name)
     if is_vit_name(backbone_name):
         if tuple(strides) != DEFAULT_REDUCTIONS or pooling != "unfold":
-            raise BackboneError(f"{backbone_name} is a ViT: --feature_strides and --feature_pooling apply to CNNs only; "
-                                "drop them")
+            raise BackboneError(f"{backbone_name} is a ViT: --feature_strides and --feature_pooling apply to "
+                                "CNNs only; drop them")
         return ViTPatchCoreExtractor(backbone_name, feature_dim=feature_dim, img_size=img_size, weights=weights,
                                      weights_path=weights_path, amp=amp)
     return CNNPatchCoreExtractor(backbone_name, feature_dim=feature_dim, img_size=img_size, weights=weights,

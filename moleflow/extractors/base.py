@@ -21,28 +21,14 @@ POOL_CHUNK = 64  # images per pooling call when stored stage maps become feature
 
 
 def auto_feature_dim(width: int) -> int:
-    """``D`` for ``feature_dim = 0``: the backbone's feature width rounded down to a multiple of 4
-    (the 2-D positional encoding needs it), at most :data:`AUTO_FEATURE_DIM_MAX`, so that pooling
-    never repeats channels.
-
-    Args:
-        width: the width the extractor would pool to ``D`` (summed channels, C*9, or token width).
-    """
+    """``D`` for ``feature_dim = 0``: ``width`` (what would be pooled to ``D``) rounded down to a multiple
+    of 4 (the 2-D positional encoding needs it), at most :data:`AUTO_FEATURE_DIM_MAX`, so pooling never
+    repeats channels."""
     return max(4, min(AUTO_FEATURE_DIM_MAX, width - width % 4))
 
 
 def as_hw(img_size: ImgSize) -> tuple[int, int]:
-    """Normalise an image size to ``(height, width)``.
-
-    Args:
-        img_size: One int (square) or a ``(height, width)`` pair.
-
-    Returns:
-        ``(height, width)`` as ints.
-
-    Raises:
-        ValueError: If a side is not a positive int.
-    """
+    """One int (square) or a ``(height, width)`` pair -> ``(height, width)``; ValueError unless positive ints."""
     hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     if len(hw) != 2 or not all(isinstance(s, int) and s > 0 for s in hw):
         raise ValueError(f"img_size must be a positive int or (height, width), got {img_size!r}")
@@ -64,11 +50,8 @@ def by_chunks(fn: Callable[[Tensor], Tensor], x: Tensor, size: int) -> Tensor:
 
 
 def channel_pool(x: Tensor, out_dim: int) -> Tensor:
-    """Reduce the last axis to ``out_dim`` by adaptive average pooling (no parameters).
-
-    Output channel ``i`` is the mean of input channels ``[floor(i*C/D), ceil((i+1)*C/D))``, the
-    windows of :func:`torch.nn.functional.adaptive_avg_pool1d`. When ``out_dim > C`` the windows
-    hold one channel each and channels are repeated.
+    """Reduce the last axis to ``out_dim`` by adaptive average pooling (no parameters): output channel
+    ``i`` is the mean of input channels ``[floor(i*C/D), ceil((i+1)*C/D))`` (repeated when ``D > C``).
 
     Args:
         x: ``(..., C)`` features.
@@ -106,20 +89,12 @@ class FeatureExtractor(nn.Module):
         self._grid: tuple[int, int] = (0, 0)
 
     def _freeze(self) -> None:
-        """Turn off gradients for every parameter and put every module in eval mode."""
         for p in self.parameters():
             p.requires_grad_(False)
         super().train(False)
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
-        """Keep the extractor in eval mode whatever ``mode`` is asked (BN statistics stay frozen).
-
-        Args:
-            mode: Ignored; a parent's ``.train()`` must not put the frozen backbone in train mode.
-
-        Returns:
-            self.
-        """
+        """Stay in eval mode whatever ``mode`` a parent's ``.train()`` asks (BN statistics stay frozen)."""
         return super().train(False)
 
     def grid_size(self) -> tuple[int, int]:
@@ -127,10 +102,7 @@ class FeatureExtractor(nn.Module):
         return self._grid
 
     def layer_dims(self) -> list[int]:
-        """Return the width pooled to ``D`` for each used layer (C*9 for CNNs, token width for ViTs).
-
-        A caller can warn when ``D`` exceeds one of them: pooling then repeats channels.
-        """
+        """The width pooled to ``D`` per used layer (a caller warns when ``D`` exceeds one: channels repeat)."""
         raise NotImplementedError
 
     def _extract(self, images: Tensor) -> Tensor:
@@ -148,12 +120,11 @@ class FeatureExtractor(nn.Module):
         return (*self._grid, self.feature_dim), torch.float32
 
     def _maps_rows(self, images: Tensor) -> Tensor:
-        """``(B, ...)`` stage maps, flattened per image; only for a subclass that :meth:`keeps_maps`."""
+        """``(B, ...)`` stage maps, flattened per image (a subclass that :meth:`keeps_maps`)."""
         raise NotImplementedError
 
     def _pool_rows(self, rows: Tensor) -> Tensor:
-        """Rows of :meth:`_maps_rows` -> ``(B, H', W', D)`` float32; only for a subclass that
-        :meth:`keeps_maps`."""
+        """Rows of :meth:`_maps_rows` -> ``(B, H', W', D)`` float32 (a subclass that :meth:`keeps_maps`)."""
         raise NotImplementedError
 
     @contextlib.contextmanager
@@ -166,28 +137,16 @@ class FeatureExtractor(nn.Module):
             yield
 
     def forward(self, images: Tensor) -> Tensor:
-        """Extract patch features: ``from_stored(stored(images))``.
-
-        Args:
-            images: ``(B, 3, S_h, S_w)`` ImageNet-normalised images, ``(S_h, S_w) == img_size``.
-
-        Returns:
-            ``(B, H', W', D)`` float32 features, an ordinary tensor without grad history (usable
-            as the input of a trained model).
-
-        Raises:
-            ValueError: If ``images`` does not have the expected shape.
-        """
+        """``(B, 3, S_h, S_w)`` ImageNet-normalised images (``img_size``; else ValueError) -> ``(B, H', W', D)``
+        float32 features without grad history: ``from_stored(stored(images))``."""
         return self.from_stored(self.stored(images))
 
     def stored(self, images: Tensor) -> Tensor:
         """What the feature cache keeps of ``images``: one row per image, shaped and typed as
         :meth:`stored_row` says (the features, or the stage maps when :meth:`keeps_maps`)."""
         if images.dim() != 4 or images.shape[1] != 3 or tuple(images.shape[-2:]) != self.img_size:
-            raise ValueError(
-                f"expected images of shape (B, 3, {self.img_size[0]}, {self.img_size[1]}), "
-                f"got {tuple(images.shape)}"
-            )
+            raise ValueError(f"expected images of shape (B, 3, {self.img_size[0]}, {self.img_size[1]}), "
+                             f"got {tuple(images.shape)}")
         with torch.inference_mode(), self._autocast(images):
             rows = self._maps_rows(images) if self.keeps_maps(images.device) else self._extract(images).float()
         # clone outside inference mode -> a normal tensor that autograd may save for backward

