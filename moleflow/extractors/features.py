@@ -36,9 +36,8 @@ class FeatureSet:
         router: (N, D) router features: mean of the patch features over the grid.
         labels: (N,) 0 good / 1 defect.
         masks: (N, S, S) uint8 ground-truth masks (zeros for good images), or None.
-        regions: per-pixel PRO weights of ``masks`` and the region count, on the device where
-            the evaluator computes pixel metrics; filled by the evaluator on first use (the
-            connected components of fixed masks need computing only once).
+        regions: per-pixel PRO weights of ``masks`` and the region count, on the evaluator's device;
+            filled by the evaluator on first use (fixed masks' connected components are computed once).
     """
 
     patches: Tensor
@@ -102,11 +101,10 @@ def _collate(items: list[dict], pin_memory: bool) -> dict:
     return batch
 
 
-def decode_all(dataset: Dataset, threads: Optional[int] = None) -> int:
+def decode_all(dataset: Dataset) -> int:
     """Decode every image of an ``AnomalyDataset`` once into its cache, on a thread pool (no
     augmentation is drawn); returns the image count."""
-    with ThreadPoolExecutor(max_workers=decode_threads() if threads is None else threads,
-                            thread_name_prefix="decode") as pool:
+    with ThreadPoolExecutor(max_workers=decode_threads(), thread_name_prefix="decode") as pool:
         for _ in pool.map(dataset.decoded, range(len(dataset))):
             pass
     return len(dataset)

@@ -1,13 +1,11 @@
 """Where a run's features come from: the feature cache, else decoding and the frozen backbone.
 
-``FeatureSource.features(dataset, ...)`` gives the same ``FeatureSet`` as extracting every image:
-cached images are read (threads; reading releases the GIL), the others are decoded by worker
-processes (``decoding.py``) while the backbone runs on the batches already decoded; the uint8
-images go to the device and are normalised there, with the arithmetic of ``AnomalyDataset``
-(true divisions), so the backbone sees the same floats. New features are written to the cache by
-a few threads while extraction goes on. An augmenting dataset draws its augmentations from torch's
-global generator in item order: it is decoded and extracted as before (``features.py``) and never
-cached.
+``FeatureSource.features(dataset, ...)`` gives the same ``FeatureSet`` as extracting every image: cached
+images are read (threads; reading releases the GIL), the others are decoded by worker processes
+(``decoding.py``) while the backbone runs on the batches already decoded; the uint8 images are normalised
+on the device with ``AnomalyDataset``'s arithmetic (true divisions), so the backbone sees the same floats.
+A few threads write new features to the cache meanwhile. An augmenting dataset (augmentations drawn from
+torch's global generator in item order) takes the plain path (``features.py``) and is never cached.
 """
 
 from __future__ import annotations
@@ -123,24 +121,24 @@ class FeatureSource:
             if self.cache is not None:
                 keys, found = self._read(dataset, patches, masks)
         with phase("feature_extraction"):
-            hits = [i for i in range(n) if found[i]]
             missing = [i for i in range(n) if not found[i]]
             if missing:
                 self._extract(dataset, missing, patches, masks, keys, desc)
+            if not self.background:
+                self.flush()
         labels = torch.tensor([s.label for s in dataset.samples], dtype=torch.long)  # also a shard of a dataset
         feats = FeatureSet(patches=patches, router=patches.mean(dim=(1, 2)), labels=labels, masks=masks)
-        return feats, FeatureCount(cached=len(hits), extracted=len(missing))
+        return feats, FeatureCount(cached=n - len(missing), extracted=len(missing))
 
     def _read(self, dataset: AnomalyDataset, patches: Tensor,
               masks: Optional[Tensor]) -> tuple[list[Optional[str]], list[bool]]:
-        """The cache keys of ``dataset``'s images (None: the file is not readable; it is reported where
-        it is decoded) and which entries were found, read into ``patches`` (and ``masks``).
+        """The cache keys of ``dataset``'s images (None: not readable; reported where it is decoded) and
+        which entries were found, read into ``patches`` (and ``masks``).
 
-        Block by block, the keys are made and looked up in this thread (hashing on threads fights over
-        the GIL) while reader threads read the block before (reading and checking release the GIL). On
-        the CPU they read straight into ``patches``; on a GPU into two pinned staging blocks in turn:
-        while one block's reads go on, the block before it is copied to the device (pinning memory is
-        slow: the blocks are made once per source, and only once an entry is found).
+        Block by block, keys are made and looked up in this thread (hashing on threads fights over the GIL)
+        while reader threads read the block before (reads and checks release the GIL): on the CPU straight
+        into ``patches``, on a GPU into two pinned staging blocks in turn, one copied to the device while
+        the other is read (pinning is slow: the blocks are made once per source, once an entry is found).
         """
         n = len(dataset)
         keys: list[Optional[str]] = [None] * n
@@ -224,7 +222,7 @@ class FeatureSource:
     def _extract(self, dataset: AnomalyDataset, indices: list[int], patches: Tensor, masks: Optional[Tensor],
                  keys: list[Optional[str]], desc: str) -> None:
         """Decode and extract the images ``indices`` of ``dataset`` into ``patches`` (and ``masks``),
-        writing each new entry to the cache."""
+        queuing each new entry for the cache."""
         samples = [dataset.samples[i] for i in indices]
         if not self.workers:  # no worker processes: the images on a thread pool, then the backbone
             self._extract_in_process(dataset, indices, patches, masks, keys, desc)
@@ -233,8 +231,7 @@ class FeatureSource:
         chunks = decoded_chunks(samples, dataset.img_size, dataset.resize_mode, workers)
         pending: list[tuple[np.ndarray, Optional[np.ndarray]]] = []  # decoded, not yet extracted
         done = 0
-        bar = tqdm(total=len(indices), desc=desc, leave=False, disable=not self.progress)
-        try:
+        with tqdm(total=len(indices), desc=desc, leave=False, disable=not self.progress) as bar:
             for images, chunk_masks in chunks:
                 pending.extend(zip(images, chunk_masks))
                 while len(pending) >= self.batch_size or (pending and done + len(pending) == len(indices)):
@@ -250,15 +247,11 @@ class FeatureSource:
                     self._store([keys[i] for i in at], rows, batch_masks)
                     done += len(batch)
                     bar.update(len(batch))
-        finally:
-            bar.close()
-        if not self.background:
-            self.flush()
 
     def _extract_in_process(self, dataset: AnomalyDataset, indices: list[int], patches: Tensor,
                             masks: Optional[Tensor], keys: list[Optional[str]], desc: str) -> None:
         """``_extract`` without worker processes: ``decode_all`` and ``extract_features`` over the
-        images ``indices``, then their cache entries written."""
+        images ``indices``, then their cache entries queued."""
         part = AnomalyDataset([dataset.samples[i] for i in indices], dataset.img_size,
                               resize_mode=dataset.resize_mode)
         decode_all(part)
@@ -271,8 +264,6 @@ class FeatureSource:
             masks[at] = feats.masks
         self._store([keys[i] for i in indices], torch.cat(rows),
                     [mask if sample.mask_path else None for sample, mask in zip(part.samples, feats.masks)])
-        if not self.background:
-            self.flush()
 
     def _store(self, keys: list[Optional[str]], rows: Tensor, masks: list[Optional[Tensor]]) -> None:
         """Queue the cache entries of the stored ``rows`` (one per image; a None key is not stored)."""
