@@ -86,8 +86,7 @@ def anomaly_maps(patch_scores: Tensor, out_size: tuple[int, int], sigma: float =
     return gaussian_blur(upsampled, sigma)
 
 
-def image_scores(patch_scores: Tensor, method: str = "top_k", k: int = 3,
-                 percentile: float = 99.0) -> Tensor:
+def image_scores(patch_scores: Tensor, method: str = "top_k", k: int = 3, percentile: float = 99.0) -> Tensor:
     """Image anomaly scores from the unsmoothed patch scores.
 
     Args:

@@ -192,8 +192,7 @@ def _pro_curve(sorted_normal: np.ndarray, sorted_weights: np.ndarray, ends: np.n
 
 
 def _aupro_sorted(masks: np.ndarray, order: np.ndarray, ends: np.ndarray,
-                  sorted_scores: np.ndarray, fpr_limit: float,
-                  num_thresholds: int | None) -> float:
+                  sorted_scores: np.ndarray, fpr_limit: float, num_thresholds: int | None) -> float:
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
     weights, num_regions = region_weights(masks)
@@ -206,8 +205,7 @@ def _aupro_sorted(masks: np.ndarray, order: np.ndarray, ends: np.ndarray,
     return _integrate_pro(fpr, pro, fpr_limit)
 
 
-def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3,
-          num_thresholds: int | None = None) -> float:
+def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3, num_thresholds: int | None = None) -> float:
     """Normalised area under the per-region-overlap curve up to a false-positive rate.
 
     PRO(t) is the mean over all defect regions (8-connected components of every mask) of the
