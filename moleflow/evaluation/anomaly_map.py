@@ -20,16 +20,7 @@ SCORE_METHODS: tuple[str, ...] = ("top_k", "max", "mean", "percentile")
 
 def gaussian_kernel1d(sigma: float, dtype: torch.dtype = torch.float32,
                       device: torch.device | str | None = None) -> Tensor:
-    """Normalised 1-D Gaussian kernel.
-
-    Args:
-        sigma: Standard deviation in pixels, > 0.
-        dtype: Kernel dtype.
-        device: Kernel device.
-
-    Returns:
-        ``(2 * ceil(4 * sigma) + 1,)`` weights summing to 1.
-    """
+    """Normalised 1-D Gaussian kernel of ``sigma`` > 0 pixels: ``(2 * ceil(4 * sigma) + 1,)`` weights."""
     if sigma <= 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
     radius = math.ceil(4.0 * sigma)
@@ -39,13 +30,8 @@ def gaussian_kernel1d(sigma: float, dtype: torch.dtype = torch.float32,
 
 
 def _reflect_indices(size: int, radius: int, device: torch.device) -> Tensor:
-    """Indices of a reflect-padded axis ('reflect' = mirror without repeating the edge).
-
-    Unlike ``F.pad(mode='reflect')`` this works for any padding, also one wider than the axis.
-
-    Returns:
-        ``(size + 2 * radius,)`` long indices into the original axis.
-    """
+    """``(size + 2 * radius,)`` indices of a reflect-padded axis (mirrored without repeating the edge);
+    unlike ``F.pad(mode='reflect')``, also for a padding wider than the axis."""
     positions = torch.arange(-radius, size + radius, device=device)
     if size == 1:
         return torch.zeros_like(positions)
@@ -87,8 +73,7 @@ def anomaly_maps(patch_scores: Tensor, out_size: tuple[int, int], sigma: float =
     Args:
         patch_scores: ``(B, h, w)`` patch scores (NLL in nats).
         out_size: ``(H, W)`` image size in pixels.
-        sigma: Gaussian blur standard deviation in pixels (kernel ``2 * ceil(4 * sigma) + 1``,
-            reflect padding); 0 disables the blur.
+        sigma: Gaussian blur standard deviation in pixels (:func:`gaussian_blur`); 0 disables the blur.
 
     Returns:
         ``(B, H, W)`` maps, bilinear upsampling (``align_corners=False``) followed by the blur.
@@ -101,8 +86,7 @@ def anomaly_maps(patch_scores: Tensor, out_size: tuple[int, int], sigma: float =
     return gaussian_blur(upsampled, sigma)
 
 
-def image_scores(patch_scores: Tensor, method: str = "top_k", k: int = 3,
-                 percentile: float = 99.0) -> Tensor:
+def image_scores(patch_scores: Tensor, method: str = "top_k", k: int = 3, percentile: float = 99.0) -> Tensor:
     """Image anomaly scores from the unsmoothed patch scores.
 
     Args:

@@ -1,16 +1,14 @@
-"""Per task, what the held-out good training images say once the task is trained: the decision
-threshold (a quantile of their image scores, scored with the task's own expert) and the router's
-unknown-class limit (how far from the task's prototype its own images lie). Fixed after the task,
-like its expert and memory; stored in the checkpoint.
+"""Per task, once trained: the decision threshold (a quantile of its held-out good training images'
+image scores under its own expert) and the router's unknown-class limit. Fixed after the task, like its
+expert and memory; stored in the checkpoint.
 
-Router limit: the largest router distance (the square root of the router's squared Mahalanobis or
-Euclidean distance) of the task's held-out images to its prototype, times ``ROUTER_LIMIT_MARGIN``.
-Only held-out images count: the training images' distances are in-sample, about half a new good
-image's (the prototype's covariance is fitted to them); without held-out images there is no limit.
-Defective images of a known class lie farther than its good ones; the margin keeps them on the known
-side. Measured on MVTec AD hazelnut and transistor (efficientnet_lite0, 224 px, D = 176, 45 training
-and 5 held-out images each): training images 5.8-7.4, held-out 11.7-16.2, good test images 13.3-19.2,
-defective ones 15.0-30.0 (1.85 x the held-out maximum), the other class's images 146.7-168.8.
+Router limit: ``ROUTER_LIMIT_MARGIN`` x the largest router distance (square root of the router's squared
+Mahalanobis or Euclidean distance) of the task's held-out images to its prototype; none without held-out
+images. Training images do not count: their distances are in-sample, about half a new good image's. The
+margin keeps a known class's defective images on the known side. Measured on MVTec AD hazelnut and
+transistor (efficientnet_lite0, 224 px, 45 training and 5 held-out images each): training images
+5.8-7.4, held-out 11.7-16.2, good test 13.3-19.2, defective 15.0-30.0 (1.85 x the held-out maximum),
+the other class's images 146.7-168.8.
 """
 
 from __future__ import annotations

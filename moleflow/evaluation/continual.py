@@ -9,10 +9,9 @@
 Entries that were not measured (NaN) are left out of the max and the means; a value that
 cannot be formed from any measured entry is NaN.
 
-Each entry is the mean over the classes of task ``j``. The final mean is the mean over the
-classes of all tasks (each task weighted by its class count), so it equals the ``mean`` row of
-``final_results.csv`` also when tasks hold several classes (``--cl_scenario 2-1``); FM and BWT
-are means over tasks, as defined above.
+Each entry is the mean over the classes of task ``j``. The final mean weights each task by its class
+count, so it equals the ``mean`` row of ``final_results.csv`` also with several classes per task
+(``--cl_scenario 2-1``); FM and BWT are means over tasks.
 """
 
 from __future__ import annotations
@@ -28,6 +27,10 @@ import numpy as np
 def _nanmean(values: list[float]) -> float:
     finite = [v for v in values if not math.isnan(v)]
     return float(np.mean(finite)) if finite else float("nan")
+
+
+def _csv_cell(value: float) -> str:
+    return "" if math.isnan(value) else repr(float(value))
 
 
 class ContinualMatrix:
@@ -65,11 +68,7 @@ class ContinualMatrix:
         return int(trained[-1]) if trained.size else -1
 
     def set(self, after_task: int, task: int, value: float) -> None:
-        """Record ``R[after_task][task] = value``.
-
-        Raises:
-            ValueError: If an index is out of range or ``task > after_task``.
-        """
+        """Record ``R[after_task][task] = value``; ValueError if an index is out of range or task > after_task."""
         for name, idx in (("after_task", after_task), ("task", task)):
             if not 0 <= idx < self.num_tasks:
                 raise ValueError(f"{name}={idx} outside [0, {self.num_tasks - 1}]")
@@ -81,9 +80,7 @@ class ContinualMatrix:
     def final_mean(self) -> float:
         """Mean over the classes of tasks 0..T in the last measured row: each task's entry weighted
         by its class count (NaN if nothing was set; unmeasured entries are left out)."""
-        last = self.last_task
-        if last < 0:
-            return float("nan")
+        last = self.last_task  # -1 if nothing was set: an empty row, NaN
         row = self._values[last, : last + 1]
         weights = np.asarray(self.class_counts[: last + 1], dtype=np.float64)
         measured = ~np.isnan(row)
@@ -113,20 +110,14 @@ class ContinualMatrix:
             writer = csv.writer(handle)
             writer.writerow(["after_task", *self.task_names])
             for i, row in enumerate(self._values):
-                writer.writerow([f"after_task_{i}", *("" if math.isnan(v) else repr(float(v))
-                                                      for v in row)])
+                writer.writerow([f"after_task_{i}", *(_csv_cell(v) for v in row)])
 
 
 def write_continual_summary(matrices: Mapping[str, ContinualMatrix], path: str | os.PathLike) -> None:
-    """Write ``continual_summary.csv``: one row per metric with final_mean, forgetting, bwt.
-
-    Args:
-        matrices: ``{metric_name: ContinualMatrix}``.
-        path: Output CSV path.
-    """
+    """Write ``continual_summary.csv`` at ``path``: per metric of ``matrices``, final_mean, forgetting, bwt."""
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["metric", "final_mean", "forgetting", "bwt"])
         for name, matrix in matrices.items():
             cells = (matrix.final_mean(), matrix.forgetting(), matrix.backward_transfer())
-            writer.writerow([name, *("" if math.isnan(v) else repr(v) for v in cells)])
+            writer.writerow([name, *(_csv_cell(v) for v in cells)])

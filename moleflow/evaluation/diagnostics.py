@@ -62,8 +62,6 @@ def class_diagnostics(model: MoLESpatialAwareNF, device: torch.device, test: Fea
     """One class's latents (each image through its routed expert), scores and overlay images.
 
     Args:
-        model: the trained flow.
-        device: where it runs.
         test: the class's test features (labels, masks).
         result: its routed evaluation, with maps (``keep_maps``).
         images: its test images, in the order of ``test`` (decoded here for the overlays only).

@@ -66,19 +66,12 @@ class ClassEvaluation:
 @torch.no_grad()
 def score_patches(model: MoLESpatialAwareNF, patches: Tensor, task_ids: Tensor, batch_size: int,
                   device: torch.device, tf32: bool = False) -> Tensor:
-    """Patch NLL scores with each image's own expert.
-
-    The images are scored in their order, ``batch_size`` at a time. A batch whose images all have
-    the same expert runs with that task id; a batch of mixed experts runs in one pass with one
-    task id per image (``MoLESpatialAwareNF``), so scoring time does not grow with the number of
-    experts a batch is routed to.
+    """Patch NLL scores with each image's own expert, ``batch_size`` images per pass in their order; a
+    batch of mixed experts runs in one pass with one task id per image (``MoLESpatialAwareNF``).
 
     Args:
-        model: the flow.
         patches: (N, H, W, D) features.
         task_ids: (N,) expert per image.
-        batch_size: images per forward pass.
-        device: where the flow runs.
         tf32: on CUDA, let the flow's matrix products use TF32.
 
     Returns:
@@ -165,24 +158,18 @@ def evaluate_class(model: MoLESpatialAwareNF, test: FeatureSet, class_name: str,
     """Score and measure one class's test set.
 
     Args:
-        model: the flow.
         test: cached test features with labels and masks.
-        class_name: the class.
         true_task: the task the class was learned in.
-        settings: scoring settings.
-        device: where the flow runs.
         routed: (N,) the expert the router picked for each image (``route``); None: the true task
             is used (oracle, or no router), and no routing accuracy is reported (NaN).
         keep_maps: return the anomaly maps (on the CPU).
         memory: the per-task patch memories; needed unless ``settings.anomaly_score`` is 'flow'.
     """
-    n = len(test)
-    task_ids = torch.full((n,), true_task, dtype=torch.long) if routed is None else routed
-    on_gpu = device.type == "cuda"
+    task_ids = torch.full((len(test),), true_task, dtype=torch.long) if routed is None else routed
     scores, img = score_features(model, memory, test.patches, task_ids, settings, device)
     masks = test.masks.to(scores.device)
     maps = anomaly_maps(scores, out_size=tuple(masks.shape[-2:]), sigma=settings.anomaly_map_sigma)
-    if on_gpu:
+    if device.type == "cuda":
         if test.regions is None or test.regions[0].device != masks.device:
             test.regions = metrics_torch.region_weights(masks)
         metrics = metrics_torch.class_metrics(test.labels, img, masks, maps, regions=test.regions)

@@ -51,7 +51,8 @@ def map_to_image(square: Tensor, width: int, height: int, mode: str) -> Tensor:
     return out
 
 
-def heat_overlay(image: Image.Image, anomaly_map: np.ndarray, low: Optional[float], high: Optional[float]) -> Image.Image:
+def heat_overlay(image: Image.Image, anomaly_map: np.ndarray, low: Optional[float],
+                 high: Optional[float]) -> Image.Image:
     """The image with the map drawn over it in the 'jet' colours.
 
     Colour scale: ``low`` (a typical normal pixel) -> transparent blue, ``high`` (the threshold) and
@@ -61,7 +62,6 @@ def heat_overlay(image: Image.Image, anomaly_map: np.ndarray, low: Optional[floa
     Args:
         image: the input image (any mode), ``(H, W)`` as the map.
         anomaly_map: ``(H, W)`` float map.
-        low, high: the colour scale (None: from the map).
     """
     from matplotlib import colormaps
 

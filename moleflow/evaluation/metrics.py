@@ -56,12 +56,8 @@ def _as_scores(scores: ArrayLike, name: str, size: int) -> np.ndarray:
 
 
 def _descending_sort(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sort order (descending) and the last sorted position of every distinct score.
-
-    Returns:
-        ``order`` ``(n,)`` indices sorting ``scores`` descending, ``ends`` ``(m,)`` positions in
-        the sorted array where a run of equal scores ends (one per distinct threshold).
-    """
+    """``order`` ``(n,)`` sorting ``scores`` descending and ``ends`` ``(m,)``: where each run of equal
+    sorted scores ends (one per distinct threshold)."""
     order = np.argsort(scores, kind="stable")[::-1]
     sorted_scores = scores[order]
     ends = np.r_[np.flatnonzero(np.diff(sorted_scores)), sorted_scores.size - 1]
@@ -109,8 +105,7 @@ def auroc(labels: ArrayLike, scores: ArrayLike) -> float:
     """
     y = _as_binary(labels, "labels")
     s = _as_scores(scores, "scores", y.size)
-    reason = _check_two_classes(y, "AUROC")
-    if reason:
+    if reason := _check_two_classes(y, "AUROC"):
         return _undefined(reason)
     order, ends = _descending_sort(s)
     return _auroc_from_counts(*_counts(y[order], ends))
@@ -128,8 +123,7 @@ def average_precision(labels: ArrayLike, scores: ArrayLike) -> float:
     """
     y = _as_binary(labels, "labels")
     s = _as_scores(scores, "scores", y.size)
-    reason = _check_two_classes(y, "AP")
-    if reason:
+    if reason := _check_two_classes(y, "AP"):
         return _undefined(reason)
     order, ends = _descending_sort(s)
     return _ap_from_counts(*_counts(y[order], ends))
@@ -166,11 +160,7 @@ def region_weights(masks: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def _integrate_pro(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> float:
-    """Trapezoid area under PRO(FPR) on [0, fpr_limit] divided by fpr_limit.
-
-    ``fpr`` must be non-decreasing, start at 0 and end at 1; the point at ``fpr_limit`` is
-    interpolated linearly between its two neighbours.
-    """
+    """Trapezoid area under PRO(FPR) on [0, fpr_limit] / fpr_limit; ``fpr`` non-decreasing from 0 to 1."""
     inside = int(np.searchsorted(fpr, fpr_limit, side="right"))   # points with fpr <= limit
     xs, ys = fpr[:inside], pro[:inside]
     if xs[-1] < fpr_limit:
@@ -183,10 +173,8 @@ def _integrate_pro(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> float:
 def _pro_curve(sorted_normal: np.ndarray, sorted_weights: np.ndarray, ends: np.ndarray,
                sorted_scores: np.ndarray, num_thresholds: int | None
                ) -> tuple[np.ndarray, np.ndarray]:
-    """FPR and PRO at every distinct score (exact) or on an even grid of thresholds.
-
-    All inputs are in descending score order. Returns ``(fpr, pro)`` starting at ``(0, 0)``.
-    """
+    """``(fpr, pro)`` from ``(0, 0)`` at every distinct score (exact) or on an even grid of thresholds;
+    inputs in descending score order."""
     cum_normal = np.cumsum(sorted_normal, dtype=np.int64)
     cum_pro = np.cumsum(sorted_weights)
     if num_thresholds is None:
@@ -204,8 +192,7 @@ def _pro_curve(sorted_normal: np.ndarray, sorted_weights: np.ndarray, ends: np.n
 
 
 def _aupro_sorted(masks: np.ndarray, order: np.ndarray, ends: np.ndarray,
-                  sorted_scores: np.ndarray, fpr_limit: float,
-                  num_thresholds: int | None) -> float:
+                  sorted_scores: np.ndarray, fpr_limit: float, num_thresholds: int | None) -> float:
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
     weights, num_regions = region_weights(masks)
@@ -218,8 +205,7 @@ def _aupro_sorted(masks: np.ndarray, order: np.ndarray, ends: np.ndarray,
     return _integrate_pro(fpr, pro, fpr_limit)
 
 
-def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3,
-          num_thresholds: int | None = None) -> float:
+def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3, num_thresholds: int | None = None) -> float:
     """Normalised area under the per-region-overlap curve up to a false-positive rate.
 
     PRO(t) is the mean over all defect regions (8-connected components of every mask) of the
@@ -273,8 +259,7 @@ def class_metrics(image_labels: ArrayLike, image_scores: ArrayLike, masks: np.nd
     pixel_labels = _as_binary(masks != 0, "masks")
     pixel_scores = _as_scores(maps, "maps", pixel_labels.size)
     order, ends = _descending_sort(pixel_scores)
-    reason = _check_two_classes(pixel_labels, "pixel AUROC/AP")
-    if reason:
+    if reason := _check_two_classes(pixel_labels, "pixel AUROC/AP"):
         results["pixel_auroc"] = results["pixel_ap"] = _undefined(reason)
     else:
         fps, tps = _counts(pixel_labels[order], ends)
@@ -285,14 +270,8 @@ def class_metrics(image_labels: ArrayLike, image_scores: ArrayLike, masks: np.nd
 
 
 def mean_metrics(rows: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Unweighted mean over classes of each metric present in every row (NaN propagates).
-
-    Args:
-        rows: One metrics dict per class.
-
-    Returns:
-        ``{metric: mean}`` for the metrics in ``METRIC_NAMES`` order that all rows share.
-    """
+    """``{metric: unweighted mean over the rows}`` (one row per class) for each metric of ``METRIC_NAMES``
+    that every row has, in that order; NaN propagates."""
     if not rows:
         return {}
     keys = [k for k in METRIC_NAMES if all(k in row for row in rows)]

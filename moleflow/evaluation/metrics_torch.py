@@ -1,11 +1,8 @@
 """The pixel metrics of :func:`moleflow.evaluation.metrics.class_metrics` on torch tensors (GPU).
 
-Same exact curves as the numpy functions: every distinct map value is a threshold, counts are
-taken at the end of each run of equal values (so the order of ties does not matter), AUROC and
-AP from the counts, AUPRO from the same sorted order with per-region weights. Integer counts are
-exact; float sums (PRO weights, trapezoids) are float64 and differ from numpy's only in summation
-order (~1e-15). Cases where a metric is undefined are handed to the numpy functions, which return
-NaN with their warning.
+Same exact curves as the numpy functions (counts at the end of each run of equal values, so the order
+of ties does not matter). Integer counts are exact; float64 sums differ from numpy's only in summation
+order (~1e-15). Undefined cases go to the numpy functions, which return NaN with their warning.
 """
 
 from __future__ import annotations
@@ -109,22 +106,8 @@ def _numpy_pixel_metrics(masks: np.ndarray, maps: np.ndarray, fpr_limit: float) 
 
 def class_metrics(image_labels: Tensor, image_scores: Tensor, masks: Tensor, maps: Tensor,
                   fpr_limit: float = 0.3, regions: Optional[tuple[Tensor, int]] = None) -> dict[str, float]:
-    """All metrics of one class, as :func:`moleflow.evaluation.metrics.class_metrics`.
-
-    Image metrics (a few hundred values) use the numpy functions; the pixel metrics are
-    computed on the tensors' device by :func:`pixel_metrics`.
-
-    Args:
-        image_labels: ``(N,)`` 0 = good, 1 = defect.
-        image_scores: ``(N,)`` image anomaly scores.
-        masks: ``(N, H, W)`` ground-truth masks (non-zero = defect).
-        maps: ``(N, H, W)`` pixel anomaly maps on the same device as ``masks``.
-        fpr_limit: FPR bound of AUPRO.
-        regions: :func:`region_weights` of ``masks`` if already known.
-
-    Returns:
-        ``{'img_auroc', 'img_ap', 'pixel_auroc', 'pixel_ap', 'aupro'}`` as floats.
-    """
+    """:func:`moleflow.evaluation.metrics.class_metrics` on tensors: the image metrics with numpy, the
+    pixel metrics on the tensors' device (:func:`pixel_metrics`, same ``regions``)."""
     if len(masks) != image_labels.numel():
         raise ValueError(f"{image_labels.numel()} image labels but {len(masks)} masks")
     labels = image_labels.cpu().numpy()

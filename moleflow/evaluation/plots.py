@@ -32,23 +32,13 @@ def _save(fig: Figure, path: str | os.PathLike) -> None:
     fig.savefig(path, dpi=100)
 
 
-def plot_latent_vs_gaussian(z_samples: np.ndarray, path: str | os.PathLike,
-                            max_points: int = 200_000, seed: int = 0) -> None:
-    """Histogram of pooled latent coordinates against the N(0, 1) pdf, plus a QQ plot.
-
-    Args:
-        z_samples: ``(N,)`` latent coordinates (any shape, flattened; subsampled to
-            ``max_points`` with a fixed seed).
-        path: Output PNG.
-        max_points: Most coordinates used.
-        seed: Subsampling seed.
-    """
+def plot_latent_vs_gaussian(z_samples: np.ndarray, path: str | os.PathLike) -> None:
+    """Histogram of pooled latent coordinates ``z_samples`` (any shape, flattened) against the N(0, 1)
+    pdf, plus a QQ plot."""
     z = np.asarray(z_samples, dtype=np.float64).ravel()
     z = z[np.isfinite(z)]
     if z.size == 0:
         raise ValueError("plot_latent_vs_gaussian needs at least one finite latent value")
-    if z.size > max_points:
-        z = np.random.default_rng(seed).choice(z, max_points, replace=False)
     fig = _new_figure(11, 4.5)
     ax_hist, ax_qq = fig.subplots(1, 2)
     lim = max(4.0, float(np.quantile(np.abs(z), 0.999)))
@@ -72,12 +62,7 @@ def plot_latent_vs_gaussian(z_samples: np.ndarray, path: str | os.PathLike,
 
 
 def plot_logdet_spread(logdet_per_image: np.ndarray, path: str | os.PathLike) -> None:
-    """Spread of the log-determinant over images: histogram and values in image order.
-
-    Args:
-        logdet_per_image: ``(N,)`` log|det J| per image (nats, e.g. mean over patches).
-        path: Output PNG.
-    """
+    """Spread of ``logdet_per_image`` ``(N,)`` (log|det J| per image, nats): histogram and values in image order."""
     values = np.asarray(logdet_per_image, dtype=np.float64).ravel()
     fig = _new_figure(11, 4.5)
     ax_hist, ax_seq = fig.subplots(1, 2)
@@ -90,8 +75,7 @@ def plot_logdet_spread(logdet_per_image: np.ndarray, path: str | os.PathLike) ->
     ax_hist.legend()
     ax_seq.plot(np.arange(values.size), values, ".", color="tab:green", label="image")
     ax_seq.axhline(values.mean(), color="black", ls="--", label="mean")
-    ax_seq.set(xlabel="image index (test order)", ylabel="log|det J| (nats)",
-               title="Log-det per image")
+    ax_seq.set(xlabel="image index (test order)", ylabel="log|det J| (nats)", title="Log-det per image")
     ax_seq.legend()
     _save(fig, path)
 
@@ -104,7 +88,6 @@ def plot_znorm_vs_logdet(znorm: np.ndarray, logdet: np.ndarray, labels: np.ndarr
         znorm: ``(N,)`` ||z|| per image or patch (standard units).
         logdet: ``(N,)`` log|det J| (nats).
         labels: ``(N,)`` 0 = good, 1 = defect.
-        path: Output PNG.
     """
     znorm, logdet = np.asarray(znorm, float).ravel(), np.asarray(logdet, float).ravel()
     labels = np.asarray(labels).ravel()
@@ -114,8 +97,7 @@ def plot_znorm_vs_logdet(znorm: np.ndarray, logdet: np.ndarray, labels: np.ndarr
         keep = labels == value
         ax.scatter(znorm[keep], logdet[keep], s=12, alpha=0.6, color=color,
                    label=f"{name}, n={int(keep.sum())}")
-    ax.set(xlabel="||z|| (standard units)", ylabel="log|det J| (nats)",
-           title="Latent norm vs log-determinant")
+    ax.set(xlabel="||z|| (standard units)", ylabel="log|det J| (nats)", title="Latent norm vs log-determinant")
     ax.legend()
     _save(fig, path)
 
@@ -128,7 +110,6 @@ def plot_score_distributions(scores: np.ndarray, labels: np.ndarray, class_name:
         scores: ``(N,)`` image anomaly scores (NLL, nats).
         labels: ``(N,)`` 0 = good, 1 = defect.
         class_name: Class shown in the title.
-        path: Output PNG.
     """
     scores = np.asarray(scores, dtype=np.float64).ravel()
     labels = np.asarray(labels).ravel()
@@ -138,8 +119,7 @@ def plot_score_distributions(scores: np.ndarray, labels: np.ndarray, class_name:
     for value, name, color in _GOOD_DEFECT:
         keep = labels == value
         if keep.any():
-            ax.hist(scores[keep], bins=bins, alpha=0.55, color=color,
-                    label=f"{name}, n={int(keep.sum())}")
+            ax.hist(scores[keep], bins=bins, alpha=0.55, color=color, label=f"{name}, n={int(keep.sum())}")
     ax.set(xlabel="image anomaly score (NLL, nats)", ylabel="number of images",
            title=f"{class_name}: score distribution by true label")
     ax.legend()
@@ -169,7 +149,6 @@ def plot_anomaly_overlays(images: np.ndarray, maps: np.ndarray, masks: np.ndarra
         maps: ``(N, H, W)`` anomaly maps (nats).
         masks: ``(N, H, W)`` ground truth, non-zero = defect.
         titles: ``N`` row titles (e.g. file name and score).
-        path: Output PNG.
     """
     rgb = _to_display(images)
     maps = np.asarray(maps, dtype=np.float64)
@@ -202,8 +181,7 @@ def plot_anomaly_overlays(images: np.ndarray, maps: np.ndarray, masks: np.ndarra
 
 
 def _annotated_heatmap(fig: Figure, values: np.ndarray, task_names: Sequence[str], fmt: str,
-                       cmap: str, vmin: float | None, vmax: float | None,
-                       colorbar_label: str):
+                       cmap: str, vmin: float | None, vmax: float | None, colorbar_label: str):
     """Heatmap of a ``(T, T)`` array with every finite cell annotated; NaN cells stay blank."""
     ax = fig.subplots()
     shown = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax)
@@ -221,14 +199,12 @@ def _annotated_heatmap(fig: Figure, values: np.ndarray, task_names: Sequence[str
     return ax
 
 
-def plot_confusion_matrix(conf: np.ndarray, task_names: Sequence[str],
-                          path: str | os.PathLike) -> None:
+def plot_confusion_matrix(conf: np.ndarray, task_names: Sequence[str], path: str | os.PathLike) -> None:
     """Routing confusion matrix: rows true task, columns routed task, counts annotated.
 
     Args:
         conf: ``(T, T)`` integer counts.
         task_names: ``T`` task names.
-        path: Output PNG.
     """
     conf = np.asarray(conf)
     size = len(task_names)
@@ -252,7 +228,6 @@ def plot_accuracy_matrix(R: np.ndarray, task_names: Sequence[str], metric_name: 
         R: ``(T, T)`` metric on task j (column) after training task i (row), NaN where j > i.
         task_names: ``T`` task names.
         metric_name: Metric shown in the title and colour bar.
-        path: Output PNG.
     """
     R = np.asarray(R, dtype=np.float64)
     size = len(task_names)
@@ -262,19 +237,16 @@ def plot_accuracy_matrix(R: np.ndarray, task_names: Sequence[str], metric_name: 
     ax = _annotated_heatmap(fig, R, task_names, ".3f", "viridis", None, None, metric_name)
     ax.set_yticks(range(size), [f"after {name}" for name in task_names],
                   fontsize=9 if size > 10 else 11)
-    ax.set(xlabel="evaluated task", ylabel="after training task",
-           title=f"Accuracy matrix: {metric_name}")
+    ax.set(xlabel="evaluated task", ylabel="after training task", title=f"Accuracy matrix: {metric_name}")
     _save(fig, path)
 
 
-def save_confusion_csv(conf: np.ndarray, task_names: Sequence[str],
-                       path: str | os.PathLike) -> None:
+def save_confusion_csv(conf: np.ndarray, task_names: Sequence[str], path: str | os.PathLike) -> None:
     """Write the routing confusion matrix: header ``true\\routed, <names>``, one row per true task.
 
     Args:
         conf: ``(T, T)`` integer counts.
         task_names: ``T`` task names.
-        path: Output CSV.
     """
     conf = np.asarray(conf)
     if conf.shape != (len(task_names), len(task_names)):

@@ -23,8 +23,7 @@ THRESHOLD_METRICS: tuple[str, ...] = ("f1_at_threshold", "precision_at_threshold
 
 
 def quantile_threshold(scores: ArrayLike, quantile: float) -> Optional[float]:
-    """The ``quantile`` (linear interpolation, as ``numpy.quantile``) of held-out image scores;
-    None without scores."""
+    """The ``quantile`` of held-out image scores (as ``numpy.quantile``); None without scores."""
     values = np.asarray(scores, dtype=np.float64).ravel()
     if values.size == 0:
         return None
@@ -61,8 +60,7 @@ def f1_precision_recall(labels: ArrayLike, predicted: ArrayLike) -> dict[str, fl
 
 
 def f1_max(labels: ArrayLike, scores: ArrayLike) -> float:
-    """The largest F1 over all thresholds (anomalous: score >= threshold), picked with the test labels.
-
+    """The largest F1 over all thresholds (anomalous: score >= threshold), picked with the test labels;
     NaN without defective images."""
     y = np.asarray(labels).astype(bool).ravel()
     s = np.asarray(scores, dtype=np.float64).ravel()

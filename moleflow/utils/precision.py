@@ -12,13 +12,8 @@ import torch
 def matmul_tf32(device: torch.device, enabled: bool) -> Iterator[None]:
     """Within the block, CUDA float32 matrix products use TF32 when ``enabled`` (else full float32).
 
-    TF32 rounds the operands of a float32 matrix product to 10 mantissa bits and accumulates in
-    float32 (relative error about 1e-3 per product); on Hopper it is several times faster. The
-    previous setting is restored on exit. On other devices this does nothing.
-
-    Args:
-        device: where the code in the block runs.
-        enabled: use TF32 for float32 matrix products on CUDA.
+    TF32 rounds the operands to 10 mantissa bits and accumulates in float32 (relative error about 1e-3
+    per product). The previous setting is restored on exit; on other devices this does nothing.
     """
     with _tf32_switch(device, torch.backends.cuda.matmul, enabled):
         yield
@@ -34,8 +29,7 @@ def conv_tf32(device: torch.device, enabled: bool) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _tf32_switch(device: torch.device, backend: Any, enabled: bool) -> Iterator[None]:
-    """Set ``backend.allow_tf32`` (torch.backends.cuda.matmul or torch.backends.cudnn) for the block
-    on CUDA, restoring it on exit; nothing on other devices."""
+    """Set ``backend.allow_tf32`` for the block on CUDA, restoring it on exit."""
     if device.type != "cuda":
         yield
         return
