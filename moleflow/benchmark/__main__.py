@@ -142,13 +142,12 @@ def ratios(result: dict) -> dict[str, Optional[float]]:
         return {}
     ref = limits["reference_flow"]
     ref32 = ref["fp32"]
-    ref_fast = ref.get("tf32", ref32)
     backbone = limits.get("backbone_bf16_channels_last_images_per_s") if result["speed_settings"]["amp"] else None
     backbone = backbone or limits["backbone_fp32_images_per_s"]
     serial = 1.0 / (1.0 / backbone + 1.0 / ref32["infer_images_per_s"])
     train = run["training"]["images_per_s"]
     steady = run["training"].get("from_third_task_images_per_s")
-    same = ref_fast if result["speed_settings"]["tf32"] else ref32
+    same = ref.get("tf32", ref32) if result["speed_settings"]["tf32"] else ref32
     e2e = run["inference_e2e"]["images_per_s"]
     return {
         "training_over_flow_train_limit_fp32": train / ref32["train_images_per_s"],
