@@ -1,8 +1,6 @@
 """``python -m moleflow.benchmark``: time the main configuration end to end and against its limits.
 
-Default: generate (once) the MVTec-size synthetic dataset, measure the backbone-alone and
-flow-alone limits, run all 15 tasks of the main configuration with every phase timed, print a
-summary and write everything as JSON. See ``--help`` and ``moleflow/benchmark/__init__.py``.
+See ``--help`` and ``moleflow/benchmark/__init__.py``.
 """
 
 from __future__ import annotations
@@ -144,13 +142,12 @@ def ratios(result: dict) -> dict[str, Optional[float]]:
         return {}
     ref = limits["reference_flow"]
     ref32 = ref["fp32"]
-    ref_fast = ref.get("tf32", ref32)
     backbone = limits.get("backbone_bf16_channels_last_images_per_s") if result["speed_settings"]["amp"] else None
     backbone = backbone or limits["backbone_fp32_images_per_s"]
     serial = 1.0 / (1.0 / backbone + 1.0 / ref32["infer_images_per_s"])
     train = run["training"]["images_per_s"]
     steady = run["training"].get("from_third_task_images_per_s")
-    same = ref_fast if result["speed_settings"]["tf32"] else ref32
+    same = ref.get("tf32", ref32) if result["speed_settings"]["tf32"] else ref32
     e2e = run["inference_e2e"]["images_per_s"]
     return {
         "training_over_flow_train_limit_fp32": train / ref32["train_images_per_s"],
@@ -289,11 +286,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if not args.skip_run:
         seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [config.seed]
         for seed in seeds:
+            seeded = dataclasses.replace(config, seed=seed)
             if args.warm_cache:
-                run, result["warm_cache"] = warm_cache_runs(dataclasses.replace(config, seed=seed), args.weights, args)
+                run, result["warm_cache"] = warm_cache_runs(seeded, args)
             else:
-                run = timed_run(dataclasses.replace(config, seed=seed), args.weights, e2e_images=args.e2e_images,
-                                e2e_batch=args.e2e_batch, progress=args.progress, echo=_echo)
+                run = _timed_run(seeded, args)
             result.setdefault("run", run)
             result.setdefault("final_routed_mean_by_seed", {})[seed] = run["metrics"]["final_routed_mean"]
             if run["metrics"]["final_oracle_mean"] is not None:
@@ -311,12 +308,16 @@ def _rate(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.0f}"
 
 
-def warm_cache_runs(config: AblationConfig, weights: str, args: argparse.Namespace) -> tuple[dict, dict]:
+def _timed_run(config: AblationConfig, args: argparse.Namespace) -> dict:
+    return timed_run(config, args.weights, e2e_images=args.e2e_images, e2e_batch=args.e2e_batch,
+                     progress=args.progress, echo=lambda line: print(line, flush=True))
+
+
+def warm_cache_runs(config: AblationConfig, args: argparse.Namespace) -> tuple[dict, dict]:
     """``--warm_cache``: the run with its feature cache folder emptied first (cold), then again (warm)."""
     from moleflow.cache import clear
     clear(Path(config.feature_cache))
-    runs = [timed_run(config, weights, e2e_images=args.e2e_images, e2e_batch=args.e2e_batch, progress=args.progress,
-                      echo=_echo) for _ in ("cold", "warm")]
+    runs = [_timed_run(config, args) for _ in ("cold", "warm")]
     cold, warm = runs
     files = [(Path(r["experiment"]) / "final_results.csv").read_bytes() for r in runs]
     return cold, {"cold_run_total_s": cold["run_total_s"], "warm_run_total_s": warm["run_total_s"],
@@ -326,10 +327,6 @@ def warm_cache_runs(config: AblationConfig, weights: str, args: argparse.Namespa
                   "cold_decode_extraction_images_per_s": cold["decode_extraction_images_per_s"],
                   "warm_images_from_cache": warm["feature_cache"]["images_from_cache"],
                   "final_results_identical": files[0] == files[1], "warm_run": warm}
-
-
-def _echo(line: str) -> None:
-    print(line, flush=True)
 
 
 def _grid_and_dim(config: AblationConfig) -> tuple[tuple[int, int], int]:

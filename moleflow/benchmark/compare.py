@@ -3,16 +3,13 @@
     python -m moleflow.benchmark.compare --data ROOT [ROOT ...] --classes hazelnut transistor tire \\
         --seeds 0 1 2 [--variant NAME "FLAGS" ...] [--jobs 2] [--out DIR] -- [flags for every run]
 
-Every run is the real CLI (``run_moleflow.py``) in its own process, one continual run per variant
-and seed over the classes in the order given (``--dataset folder``; classes from several roots
-are linked into one data root under ``--out``). Variants (default): ``ours`` (the defaults) and
-``paper_main`` (``--ablation_preset paper_main``, the paper's method exactly). Baselines, each run
-once (they are deterministic), the task known, scored by the same data pipeline and metric code:
-``patchcore_oracle`` (PatchCore as PatchCore builds it: its own features, every training patch
-of the class, k = 1, image score = max) and ``knn_our_features`` (the same nearest-neighbour
-scoring on our patch features). The table gives, per class and for the mean over classes, image
-AUROC / pixel AUROC / pixel AP (and AUPRO) in percent as mean ± std over seeds, and per variant the
-forgetting and routing accuracy. It is printed and written to ``DIR/compare.md`` and ``DIR/compare.csv``.
+Every run is the real CLI (``run_moleflow.py``, ``--dataset folder``) in its own process: one continual
+run per variant and seed over the classes in the order given, from one data root of links under ``--out``.
+Variants (default): ``ours`` (the defaults) and ``paper_main`` (the paper's method exactly). Baselines,
+run once each (deterministic), the task known: ``patchcore_oracle`` (PatchCore as PatchCore builds it)
+and ``knn_our_features`` (the same nearest-neighbour scoring on our patch features). The table (per class
+and mean: metrics in percent as mean ± std over seeds; per variant forgetting and routing accuracy) is
+printed and written to ``DIR/compare.md`` and ``DIR/compare.csv``.
 """
 
 from __future__ import annotations
@@ -98,8 +95,7 @@ def run_one(name: str, flags: list[str], seed: int, data_root: Path, classes: Se
 
 
 def is_baseline(flags: Sequence[str]) -> bool:
-    """A nearest-neighbour baseline (memory alone, no flow): deterministic, so run once, and it has no
-    oracle row."""
+    """A nearest-neighbour baseline (memory alone, no flow): deterministic, so run once; no oracle row."""
     joined = " ".join(flags)
     return "patchcore_oracle" in joined or "--anomaly_score memory" in joined
 
@@ -157,8 +153,7 @@ def parse(argv: Optional[Sequence[str]]) -> tuple[argparse.Namespace, list[str]]
     parser.add_argument("--no_baseline", action="store_true", help=f"skip the baselines ({', '.join(BASELINES)})")
     parser.add_argument("--jobs", type=int, default=1, help="runs at the same time (default 1)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default logs/compare_<timestamp>)")
-    args = parser.parse_args(argv)
-    return args, common
+    return parser.parse_args(argv), common
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

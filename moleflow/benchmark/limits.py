@@ -1,15 +1,14 @@
-"""The hardware limits the issue compares against, measured in the same process, plus our flow alone.
+"""The limits the benchmark compares against, measured in the same process, plus our flow alone.
 
-* backbone alone: a timm CNN's stride-8 and stride-16 stages (``features_only``), forward only,
-  on images already on the device; float32 and bfloat16 autocast + channels-last.
+* backbone alone: a timm CNN's stride-8 and stride-16 stages, forward only, images already on the
+  device; float32 and bfloat16 autocast + channels-last.
 * reference flow alone: a FrEIA ``SequenceINN`` of 8 ``AllInOneBlock`` couplings over the 28x28
-  patches of D = 768 (subnet Linear(D/2, D) - ReLU - Linear(D, D)), trained with Adam on the
-  patch NLL and run forward for inference.
-* our flow alone: ``MoLESpatialAwareNF`` of the main configuration, the trainer's own training step
-  (``trainer/steps.py``) for task 0 (everything trains) and task 1 (frozen base), and inference.
+  patches of D = 768 (subnet Linear(D/2, D) - ReLU - Linear(D, D)), Adam on the patch NLL; inference.
+* our flow alone: the trainer's own training step (``trainer/steps.py``) for task 0 (everything
+  trains) and task 1 (frozen base), and inference.
 
-Every figure is images per second, timed with the device synchronised before the clock is read,
-after warm-up steps. On the CPU the same code runs (for tests) with tiny sizes.
+Every figure is images per second after warm-up steps, the device synchronised before the clock
+is read. On the CPU the same code runs with tiny sizes (tests).
 """
 
 from __future__ import annotations
@@ -67,17 +66,8 @@ def backbone_limit(device: torch.device, name: str = "wide_resnet50_2", batch: i
     return images_per_second(step, batch, device, warmup, iters)
 
 
-class _Subnet(nn.Module):
-    def __init__(self, c_in: int, c_out: int) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(c_in, 2 * c_in), nn.ReLU(), nn.Linear(2 * c_in, c_out))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-
 def _subnet(c_in: int, c_out: int) -> nn.Module:
-    return _Subnet(c_in, c_out)
+    return nn.Sequential(nn.Linear(c_in, 2 * c_in), nn.ReLU(), nn.Linear(2 * c_in, c_out))
 
 
 def reference_flow(dim: int = 768, blocks: int = 8) -> nn.Module:
@@ -117,6 +107,15 @@ def reference_flow_limits(device: torch.device, dim: int = 768, grid: int = 28, 
     return {"train_images_per_s": train, "infer_images_per_s": infer}
 
 
+def two_task_flow(config: AblationConfig, dim: int, device: torch.device) -> nn.Module:
+    """Our flow of ``config`` (seed 0) with tasks 0 and 1 added, on ``device``."""
+    torch.manual_seed(0)
+    model = build_flow(config, dim).to(device)
+    model.add_task()
+    model.add_task()
+    return model
+
+
 def training_step(model: nn.Module, config: AblationConfig, task: int, x: Tensor, device: torch.device,
                   graphs: bool = False, on_failure: Optional[Callable[[str], None]] = None) -> Callable[[], None]:
     """A training step of ``task`` on the fixed batch ``x``, the trainer's own (``trainer/steps.py``):
@@ -135,12 +134,8 @@ def training_step(model: nn.Module, config: AblationConfig, task: int, x: Tensor
 def our_flow_throughput(device: torch.device, config: AblationConfig, dim: int, grid: tuple[int, int],
                         train_batch: int, infer_batch: int, tf32: bool, warmup: int = 3,
                         iters: int = 10) -> dict[str, float]:
-    """Our flow alone: training steps (task 0 and task 1, as the trainer takes them, without the
-    CUDA graph) and inference."""
-    torch.manual_seed(0)
-    model = build_flow(config, dim).to(device)
-    model.add_task()
-    model.add_task()
+    """Our flow alone: training steps of task 0 and task 1 (no CUDA graph) and inference."""
+    model = two_task_flow(config, dim, device)
     out: dict[str, float] = {}
     x = torch.randn(train_batch, *grid, dim, device=device)
     with matmul_tf32(device, tf32):
@@ -171,10 +166,7 @@ def flow_step_diagnostics(device: torch.device, config: AblationConfig, dim: int
         for key, graphs in (("eager", False), ("cuda_graph", True)):
             if graphs and device.type != "cuda":
                 break
-            torch.manual_seed(0)
-            model = build_flow(config, dim).to(device)
-            model.add_task()
-            model.add_task()
+            model = two_task_flow(config, dim, device)
             step = training_step(model, config, 1, x, device, graphs=graphs, on_failure=failures.append)
             out[f"{key}_images_per_s"] = images_per_second(step, batch, device, 3, iters)
     if failures:
@@ -197,8 +189,9 @@ def measure_limits(device: torch.device, config: AblationConfig, backbone: str, 
                                 "fp32": _ref(device, dim, grid, ref_blocks, batch, False, reps)}
     if device.type == "cuda":
         result["reference_flow"]["tf32"] = _ref(device, dim, grid, ref_blocks, batch, True, reps)
+    precisions = (False, True) if device.type == "cuda" else (False,)
     ours: dict = {}
-    for tf32 in ((False, True) if device.type == "cuda" else (False,)):
+    for tf32 in precisions:
         for train_batch in sorted({config.batch_size, batch}):
             key = f"{'tf32' if tf32 else 'fp32'}_train_batch{train_batch}"
             ours[key] = our_flow_throughput(device, config, dim, grid, train_batch, max(batch, 2 * config.batch_size),
@@ -207,7 +200,7 @@ def measure_limits(device: torch.device, config: AblationConfig, backbone: str, 
     result["our_flow_task1_step_diagnostics"] = {
         f"{'tf32' if tf32 else 'fp32'}_batch{config.batch_size}": flow_step_diagnostics(
             device, config, dim, grid, config.batch_size, tf32, iters=reps.get("iters", 20))
-        for tf32 in ((False, True) if device.type == "cuda" else (False,))}
+        for tf32 in precisions}
     return result
 
 
@@ -216,7 +209,3 @@ def _ref(device: torch.device, dim: int, grid: tuple[int, int], blocks: int, bat
     if grid[0] != grid[1]:
         raise ValueError(f"the reference flow is measured on square grids, got {grid}")
     return reference_flow_limits(device, dim, grid[0], blocks, batch, tf32, **reps)
-
-
-__all__ = ["backbone_limit", "images_per_second", "measure_limits", "our_flow_throughput", "reference_flow_limits",
-           "sync"]

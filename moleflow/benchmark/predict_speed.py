@@ -1,12 +1,10 @@
-"""Predict throughput after the last task (``moleflow.predictor.Predictor``, the path
-``python -m moleflow.predict`` and ``moleflow.load(...).predict`` take), with the run's own parts:
+"""Predict throughput after the last task, with the run's own parts (``moleflow.predictor.Predictor``,
+the path of ``python -m moleflow.predict`` and ``moleflow.load(...).predict``):
 
-- from decoded tensors: ImageNet-normalised ``(B, 3, S, S)`` images on the host (pinned on CUDA) ->
-  ``Predictor.score`` (copy, backbone, router, routed flow, memory fusion, ``S x S`` maps and image
-  scores, all on the device, batched); the image scores reach the host once, at the end;
-- from files: test image paths -> ``Predictor.predict`` (decoding on a thread pool one batch
-  ahead, scoring, each map brought to the image's own resolution and to the host; nothing is
-  written to disk).
+- from decoded tensors: host images ``(B, 3, S, S)`` -> ``Predictor.score`` (everything on the
+  device, batched; the image scores reach the host once, at the end);
+- from files: image paths -> ``Predictor.predict`` (maps at each image's own resolution, on the
+  host; nothing written).
 
 Each is timed on a second pass over the same images, after an untimed first pass.
 """
@@ -19,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from moleflow.benchmark.limits import sync
 from moleflow.predictor import Predictor
 from moleflow.trained import TrainedRun
 
@@ -28,11 +27,6 @@ def trained_from_run(run: Any) -> TrainedRun:
     return TrainedRun(run_dir=run.exp_dir, config=run.config, tasks=run.tasks, extractor=run.extractor,
                       model=run.model.eval(), router=run.router, memory=run.memory, calibration=run.calibration,
                       settings=run.score, device=run.device)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -45,10 +39,10 @@ def decoded_images_per_s(predictor: Predictor, images: Tensor, batch: int) -> fl
         return torch.cat(scores).cpu()
 
     one_pass()
-    _sync(device)
+    sync(device)
     started = time.perf_counter()
     one_pass()
-    _sync(device)
+    sync(device)
     return len(images) / (time.perf_counter() - started)
 
 

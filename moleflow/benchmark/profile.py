@@ -1,8 +1,8 @@
 """Where a flow training step spends its GPU time: ``python -m moleflow.benchmark.profile``.
 
 Profiles training steps of the main-configuration flow (task 0: everything trains; task 1:
-frozen base) and one inference pass on random patch features, and prints the operators with the
-most device time (CUDA) or CPU time (elsewhere). Used to decide the next speed change.
+frozen base) and inference on random patch features; prints the operators with the most device
+time (CUDA) or CPU time (elsewhere).
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from typing import Optional
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from moleflow.benchmark.limits import training_step
-from moleflow.build import build_flow
+from moleflow.benchmark.limits import sync, training_step, two_task_flow
 from moleflow.config.ablation import AblationConfig
 from moleflow.models.loss import patch_nll
 from moleflow.utils.precision import matmul_tf32
@@ -31,10 +30,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = AblationConfig()
-    torch.manual_seed(0)
-    model = build_flow(config, args.dim).to(device)
-    model.add_task()
-    model.add_task()
+    model = two_task_flow(config, args.dim, device)
     x = torch.randn(args.batch, args.grid, args.grid, args.dim, device=device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -46,21 +42,18 @@ def main(argv: Optional[list[str]] = None) -> None:
             with profile(activities=activities) as prof:
                 for _ in range(args.steps):
                     step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+                sync(device)
             print(f"=== training step, task {task}, batch {args.batch}, {'tf32' if args.tf32 else 'fp32'}, "
                   f"{args.steps} steps")
             print(prof.key_averages().table(sort_by=sort_key, row_limit=args.rows))
         model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
+        model.requires_grad_(False)
         with torch.no_grad():
             patch_nll(*model(x, 1))
             with profile(activities=activities) as prof:
                 for _ in range(args.steps):
                     patch_nll(*model(x, 1))
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+                sync(device)
         print(f"=== inference, batch {args.batch}")
         print(prof.key_averages().table(sort_by=sort_key, row_limit=args.rows))
 

@@ -1,15 +1,11 @@
 """An MVTec-AD-sized synthetic dataset for speed measurements (MVTec layout, PNG images and masks).
 
-15 classes by default, ~240 training and ~115 test images each (about 27 % of the test images
-good, the rest with one of three defect kinds and an exact mask), square images whose side is
-fixed per class between 700 and 1024 px, as in MVTec AD. Each class has its own look (colours,
-grating orientation and frequency, an object disc for some classes) so the router has something
-to separate; every image varies its phase, noise field and position. The pixels are not meant to
-be realistic, only the sizes, counts, file format and decode cost.
-
-Generation is deterministic (a numpy Generator per image, seeded from ``seed``), runs in a process
-pool, writes into a temporary folder that is renamed into place, and is skipped when a marker of
-the same settings is present.
+As in MVTec AD: 15 classes, ~240 training and ~115 test images each (27 % of them good, the rest
+with one of three defect kinds and an exact mask), square, side fixed per class in [700, 1024] px.
+Each class has its own look (colours, grating, an object disc for some) so the router has something
+to separate; only the sizes, counts, file format and decode cost are meant to be realistic.
+Deterministic (a numpy Generator per image), written by a process pool into a temporary folder that
+is renamed into place; skipped when a marker of the same settings is present.
 """
 
 from __future__ import annotations

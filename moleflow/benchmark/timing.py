@@ -1,10 +1,8 @@
 """The real ``Run`` timed phase by phase, with end-to-end inference measured after every task.
 
-``PhaseClock`` is the clock a ``Run`` is given (``moleflow.runner.RunClock``): it synchronises the
-device at every phase boundary and charges a phase nested in another (test features extracted
-inside an evaluation, routing inside it) to the inner phase only. After every task it times
-end-to-end inference (images on the host -> backbone -> router -> flow of the routed expert -> maps
-and image scores) on a fixed image set; that measurement is kept out of the run's total.
+The clock a ``Run`` is given (``moleflow.runner.RunClock``) synchronises the device at every phase
+boundary and charges a phase nested in another (routing inside an evaluation) to the inner phase
+only. The end-to-end measurement after each task is kept out of the run's total.
 """
 
 from __future__ import annotations
@@ -19,9 +17,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from moleflow.config.ablation import AblationConfig
+from moleflow.benchmark.limits import sync
 from moleflow.benchmark.predict_speed import predict_throughput
 from moleflow.build import build_dataset
+from moleflow.config.ablation import AblationConfig
 from moleflow.evaluation import anomaly_map
 from moleflow.evaluation.evaluator import score_patches
 from moleflow.models.routing import PrototypeRouter
@@ -47,23 +46,19 @@ class PhaseClock(RunClock):
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        self._sync()
+        sync(self.device)
         frame = [name, time.perf_counter(), 0.0]
         self._stack.append(frame)
         try:
             yield
         finally:
-            self._sync()
+            sync(self.device)
             elapsed = time.perf_counter() - frame[1]
             self._stack.pop()
             self.totals[name] += elapsed - frame[2]
             self.last[name] = elapsed - frame[2]
             if self._stack:
                 self._stack[-1][2] += elapsed
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
 
 class BenchmarkClock(PhaseClock):
@@ -132,14 +127,11 @@ class _StageMarks:
 
 @torch.no_grad()
 def e2e_images_per_s(run: Run, images: Tensor, batch: int) -> dict[str, Any]:
-    """Images/s of host images -> backbone -> router -> routed flow -> maps + image scores, with the
-    run's extractor, router and flow.
+    """Images/s of host images -> backbone -> router -> routed flow -> maps + image scores (left on
+    the device), timed on a second pass after an untimed first one, with ms/image per stage.
 
-    Maps and scores stay where the evaluator leaves them (on the GPU). The images are timed on a
-    second pass over the same set, after an untimed first pass; the timed pass also records the
-    milliseconds per image of each stage (``E2E_STAGES``). On CUDA the next batch is copied to the
-    device on a second stream while the current one is computed, as a serving loop would; the
-    "copy" stage is then the part of the copy the computation waits for.
+    On CUDA the next batch is copied on a second stream while the current one is computed, as a
+    serving loop would; the "copy" stage is then the part of the copy the computation waits for.
 
     Returns:
         {"images_per_s", "ms_per_image", "stage_ms_per_image": {stage: ms}}.
@@ -191,10 +183,10 @@ def e2e_images_per_s(run: Run, images: Tensor, batch: int) -> dict[str, Any]:
         return passes
 
     one_pass(timed=False)  # warm-up: every sub-batch shape of the timed pass is seen once (kernel
-    _sync(device)          # selection, allocator), so the timing is steady state, not first-shape costs
+    sync(device)           # selection, allocator), so the timing is steady state, not first-shape costs
     start = time.perf_counter()
     passes = one_pass(timed=True)
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - start
     for marks in passes:
         for name, ms in zip(E2E_STAGES, marks.stage_ms()):
@@ -203,42 +195,34 @@ def e2e_images_per_s(run: Run, images: Tensor, batch: int) -> dict[str, Any]:
             "stage_ms_per_image": {k: v / len(images) for k, v in stages.items()}}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _round_robin(seqs: list, count: int) -> list:
+    """Up to ``count`` items: item 0 of each of ``seqs``, then item 1 of each, ... (each read once)."""
+    picks: list = []
+    index = 0
+    while len(picks) < count and any(index < len(s) for s in seqs):
+        for seq in seqs:
+            if index < len(seq) and len(picks) < count:
+                picks.append(seq[index])
+        index += 1
+    return picks
 
 
 def _e2e_set(run: Run, count: int) -> Tensor:
-    """Up to ``count`` test images, taken round-robin over the run's classes, decoded and stacked on
-    the host (pinned on CUDA)."""
-    cfg = run.config
-    sets = {c: build_dataset(cfg, run.splits[c].test) for c in cfg.task_classes}
-    picks: list[Tensor] = []
-    index = 0
-    while len(picks) < count and any(index < len(d) for d in sets.values()):
-        for dataset in sets.values():
-            if index < len(dataset) and len(picks) < count:
-                picks.append(dataset[index]["image"])
-        index += 1
-    images = torch.stack(picks)
+    """Up to ``count`` test images, round-robin over the classes, stacked on the host (pinned on CUDA)."""
+    sets = [build_dataset(run.config, run.splits[c].test) for c in run.config.task_classes]
+    images = torch.stack([item["image"] for item in _round_robin(sets, count)])
     return images.pin_memory() if run.device.type == "cuda" else images
 
 
 def _e2e_paths(run: Run, count: int) -> list[str]:
-    """The files of ``_e2e_set``'s images, in its order (round-robin over the classes)."""
+    """The files of ``_e2e_set``'s images, in its order."""
     tests = [run.splits[c].test for c in run.config.task_classes]
-    paths: list[str] = []
-    index = 0
-    while len(paths) < count and any(index < len(t) for t in tests):
-        paths += [str(t[index].image_path) for t in tests if index < len(t)][:count - len(paths)]
-        index += 1
-    return paths
+    return [str(sample.image_path) for sample in _round_robin(tests, count)]
 
 
 def _rate(stats: list[dict]) -> Optional[float]:
-    """Training images/s over ``stats`` (per-task rows), None when empty. From the third task on,
-    nothing is compiled under --compile_flow (task 0 trains unfused, task 1 compiles the graph that
-    later tasks share): the steady rate, beside the whole phase's rate that the goal uses."""
+    """Training images/s over ``stats`` (per-task rows), None when empty. From the third task on
+    nothing compiles under --compile_flow (task 1 compiles the graph later tasks share)."""
     seconds = sum(s["seconds"] for s in stats)
     return sum(s["image_steps"] for s in stats) / seconds if stats and seconds > 0 else None
 
@@ -278,13 +262,15 @@ def timed_run(config: AblationConfig, weights: str, e2e_images: int = 640, e2e_b
     n_train = sum(len(run.splits[c].train) for c in config.task_classes)
     n_test = sum(len(run.splits[c].test) for c in config.task_classes)
     n_held = sum(len(v) for v in run.held_out.values())
+    decoded = n_train + n_held + n_test
+    decode_extraction = phases.get("data_decode", 0.0) + phases.get("feature_extraction", 0.0)
     stats, growth, inference = clock.train_stats, clock.growth, clock.inference
     image_steps = sum(s["image_steps"] for s in stats)
     oracle = result.oracle_mean_row
     return {
         "tasks": run.tasks,
         "experiment": str(result.exp_dir),
-        "images": {"train": n_train, "held_out": n_held, "test": n_test, "decoded": n_train + n_held + n_test,
+        "images": {"train": n_train, "held_out": n_held, "test": n_test, "decoded": decoded,
                    "e2e_set": len(clock.e2e_set)},
         "phases_s": phases,
         "run_total_s": run_total,
@@ -292,12 +278,11 @@ def timed_run(config: AblationConfig, weights: str, e2e_images: int = 640, e2e_b
         "training": {"image_steps": image_steps, "seconds": phases.get("flow_training", 0.0),
                      "images_per_s": image_steps / phases["flow_training"] if phases.get("flow_training") else None,
                      "per_task": stats, "from_third_task_images_per_s": _rate(stats[2:])},
-        "decode_images_per_s": _per_s(n_train + n_held + n_test, phases.get("data_decode", 0.0)),
-        "extraction_images_per_s": _per_s(n_train + n_held + n_test, phases.get("feature_extraction", 0.0)),
+        "decode_images_per_s": _per_s(decoded, phases.get("data_decode", 0.0)),
+        "extraction_images_per_s": _per_s(decoded, phases.get("feature_extraction", 0.0)),
         # decoding overlaps extraction (worker processes): the two phases together are the figure to read
-        "decode_extraction_s": phases.get("data_decode", 0.0) + phases.get("feature_extraction", 0.0),
-        "decode_extraction_images_per_s": _per_s(n_train + n_held + n_test, phases.get("data_decode", 0.0)
-                                                 + phases.get("feature_extraction", 0.0)),
+        "decode_extraction_s": decode_extraction,
+        "decode_extraction_images_per_s": _per_s(decoded, decode_extraction),
         "feature_cache": {"folder": str(run.source.cache.root) if run.source.cache else None,
                           "images_from_cache": run.source.total.cached, "images_extracted": run.source.total.extracted},
         "inference_e2e": {"batch": e2e_batch, "images_per_s": inference[-1]["images_per_s"],

@@ -16,7 +16,6 @@ MVTEC_CLASSES: list[str] = [
     "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
 ]
 
-
 # Patch anomaly score: the flow's NLL (paper), the per-task patch memory's distance alone, or both
 # standardised and averaged (moleflow/models/memory.py).
 ANOMALY_SCORES: tuple[str, ...] = ("flow", "memory", "fused")

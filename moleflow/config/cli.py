@@ -1,12 +1,9 @@
 """The argparse parser, generated from AblationConfig so flags and fields can never drift apart.
 
-Every dataclass field ``name`` becomes ``--name``. Boolean switches get a pair:
-``use_X`` -> ``--use_X`` / ``--no_X``; any other boolean ``X`` -> ``--X`` / ``--no_X``.
-The two flags of a pair are mutually exclusive. Nothing is stored for a flag that was not
-given, which is how presets and the demo know what the user set explicitly.
-
-This module and ``config/ablation.py`` import neither torch nor the data stack, so ``--help`` and
-setting errors answer at once.
+Every field ``name`` becomes ``--name``; a boolean gets an exclusive pair: ``use_X`` -> ``--use_X`` /
+``--no_X``, any other ``X`` -> ``--X`` / ``--no_X``. Nothing is stored for a flag that was not given:
+that is how presets and the demo know what the user set. No torch or data stack is imported here or
+in ``config/ablation.py``, so ``--help`` and setting errors answer at once.
 """
 
 from __future__ import annotations
@@ -67,8 +64,7 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> tuple[AblationConfig, 
     Returns:
         (config, explicit) where ``explicit`` holds the flags the user gave.
     """
-    args = build_parser().parse_args(argv)
-    explicit = vars(args)
+    explicit = vars(build_parser().parse_args(argv))
     return resolve_config(explicit), explicit
 
 
