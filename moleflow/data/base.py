@@ -85,16 +85,8 @@ def check_root(root: Path) -> Path:
 
 
 def image_files(folder: Path) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name.
-
-    Hidden files and files whose extension is not an image extension (any case) are skipped.
-
-    Args:
-        folder: A folder; a missing folder yields an empty list.
-
-    Returns:
-        The image files, sorted by file name.
-    """
+    """Non-hidden files with an image extension (any case) directly inside ``folder``, sorted by name
+    (empty when ``folder`` is missing)."""
     if not folder.is_dir():
         return []
     return sorted(

@@ -1,10 +1,5 @@
-"""AnomalyDataset: decoded, resized, centre-cropped and normalised images with their masks.
-
-Transform (SPEC §3 Data), by ``resize_mode``: ``'crop'`` resizes the shorter side to ``img_size``
-(bilinear) and centre-crops ``img_size x img_size``; ``'squash'`` resizes the whole image to
-``img_size x img_size`` (the aspect ratio changes, nothing is dropped). Then ImageNet mean/std.
-Masks get the same resize with nearest-neighbour sampling and the same crop; any non-zero mask
-pixel is anomalous. For square images both modes give the same pixels.
+"""AnomalyDataset: images and masks decoded at the network's size (``decode.py``: ``'crop'`` or
+``'squash'``, SPEC §3 Data), then normalised with the ImageNet mean/std.
 """
 
 from __future__ import annotations
@@ -15,9 +10,11 @@ import torch
 from torch.utils.data import Dataset
 
 from moleflow.data.base import DataError, Sample
-from moleflow.data.decode import (  # noqa: F401  (read_rgb ... are imported from here by callers)
-    RESIZE_MODES, decode_sample, read_mask, read_rgb, read_rgb_resized, resize_crop, resized_size,
-)
+from moleflow.data.decode import RESIZE_MODES, decode_sample, read_rgb, read_rgb_resized, resize_crop, resized_size
+
+# read_rgb ... are re-exported: callers import them from here
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "JITTER", "AnomalyDataset",
+           "read_rgb", "read_rgb_resized", "resize_crop", "resized_size"]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -36,7 +33,7 @@ class AnomalyDataset(Dataset):
             global generator (deterministic given ``torch.manual_seed``). Meant for good
             training images; off by default.
         cache: Decode and resize each file once and keep the uint8 result in memory.
-        resize_mode: ``'crop'`` or ``'squash'`` (module docstring).
+        resize_mode: ``'crop'`` or ``'squash'`` (``decode.py``).
     """
 
     def __init__(self, samples: Sequence[Sample], img_size: int, augment: bool = False,

@@ -4,7 +4,8 @@
 
 ``resize_mode`` ``'crop'`` resizes the shorter side to ``size`` (bilinear) and centre-crops
 ``size x size``; ``'squash'`` resizes the whole image to ``size x size``. Masks get the same resize
-with nearest-neighbour sampling and the same crop; any non-zero mask pixel is anomalous.
+with nearest-neighbour sampling and the same crop; any non-zero mask pixel is anomalous. The readers
+raise ``DataError`` when a file cannot be read or decoded.
 """
 
 from __future__ import annotations
@@ -23,11 +24,7 @@ RESIZE_MODES: tuple[str, ...] = ("crop", "squash")
 
 @contextlib.contextmanager
 def _opened_rgb(path: Path) -> Iterator[Image.Image]:
-    """The decoded file as 8-bit RGB, valid inside the block (closing the file frees it).
-
-    Raises:
-        DataError: The file cannot be read or decoded.
-    """
+    """The decoded file as 8-bit RGB, valid inside the block (closing the file frees it)."""
     try:
         with Image.open(path) as image:
             image.load()
@@ -37,35 +34,20 @@ def _opened_rgb(path: Path) -> Iterator[Image.Image]:
 
 
 def read_rgb(path: Path) -> Image.Image:
-    """Decode an image as 8-bit RGB (grey, 16-bit, palette, RGBA and 1-bit inputs included).
-
-    Raises:
-        DataError: The file cannot be read or decoded.
-    """
+    """Decode an image as 8-bit RGB (grey, 16-bit, palette, RGBA and 1-bit inputs included)."""
     with _opened_rgb(path) as rgb:
         return rgb.copy()
 
 
 def read_rgb_resized(path: Path, size: int, mode: str = "crop") -> tuple[Image.Image, tuple[int, int]]:
-    """``read_rgb`` followed by ``resize_crop(..., size, BILINEAR, mode=mode)``, the same pixels,
-    resized from the decoded data before the file closes (no full-size copy).
-
-    Returns:
-        (the ``size x size`` RGB image, the decoded image's (width, height)).
-
-    Raises:
-        DataError: The file cannot be read or decoded.
-    """
+    """``read_rgb`` then ``resize_crop(..., size, BILINEAR, mode=mode)`` (the same pixels, without a
+    full-size copy): (the ``size x size`` RGB image, the decoded image's (width, height))."""
     with _opened_rgb(path) as rgb:
         return resize_crop(rgb, size, Image.Resampling.BILINEAR, mode=mode), rgb.size
 
 
 def read_mask(path: Path) -> np.ndarray:
-    """Decode a mask as a boolean array ``(H, W)``: True wherever any colour channel is non-zero.
-
-    Raises:
-        DataError: The file cannot be read or decoded.
-    """
+    """Decode a mask as a boolean array ``(H, W)``: True wherever any colour channel is non-zero."""
     try:
         with Image.open(path) as image:
             image.load()
@@ -104,11 +86,7 @@ def resize_crop(image: Image.Image, size: int, resample: Image.Resampling,
 def decode_sample(image_path: Path, mask_path: Optional[Path], size: int,
                   mode: str = "crop") -> tuple[np.ndarray, Optional[np.ndarray]]:
     """One sample at the network's size: uint8 RGB ``(size, size, 3)`` and uint8 {0, 1} mask
-    ``(size, size)`` (None without a mask file).
-
-    Raises:
-        DataError: A file cannot be read or decoded.
-    """
+    ``(size, size)`` (None without a mask file)."""
     image, full_size = read_rgb_resized(image_path, size, mode)
     pixels = np.array(image, dtype=np.uint8)
     if mask_path is None:

@@ -3,8 +3,8 @@
 ``fabric`` (a denim-like twill texture), ``tile`` (ceramic tiles on grout) and ``nut`` (a steel
 hex nut on a table) differ clearly from one another, vary naturally within themselves, and carry
 visible defects with exact masks (see ``demo_defects``). Generation is deterministic (a numpy
-Generator per image, seeded from ``seed``), takes a few seconds, writes into a temporary folder
-that is renamed into place, and is skipped when the marker of the same settings is present.
+Generator per image, seeded from ``seed``), writes into a temporary folder that is renamed into
+place, and is skipped when the marker of the same settings is present.
 """
 
 from __future__ import annotations
@@ -76,12 +76,10 @@ def _write_class(folder: Path, class_name: str, seed: tuple[int, int], size: int
                  n_train: int, n_test_good: int, n_test_defect: int) -> None:
     """Write one class: train/good, test/good, test/<defect> and ground_truth/<defect>."""
     render = RENDERERS[class_name]
-    for index in range(n_train):
-        scene = render(np.random.default_rng([*seed, STREAM_TRAIN, index]), size)
-        _save(scene.image, folder / "train" / "good" / f"{index:03d}.png")
-    for index in range(n_test_good):
-        scene = render(np.random.default_rng([*seed, STREAM_TEST_GOOD, index]), size)
-        _save(scene.image, folder / "test" / "good" / f"{index:03d}.png")
+    for stream, part, count in ((STREAM_TRAIN, "train", n_train), (STREAM_TEST_GOOD, "test", n_test_good)):
+        for index in range(count):
+            scene = render(np.random.default_rng([*seed, stream, index]), size)
+            _save(scene.image, folder / part / "good" / f"{index:03d}.png")
     for defect_index, (defect_name, add_defect) in enumerate(DEFECTS[class_name].items()):
         for index in range(n_test_defect):
             rng = np.random.default_rng([*seed, STREAM_TEST_DEFECT, defect_index, index])

@@ -13,20 +13,9 @@ from moleflow.data.visa import list_visa_classes, load_visa_split
 
 
 def list_classes(dataset: str, root: Path) -> list[str]:
-    """Classes actually present on disk.
-
-    Args:
-        dataset: One of ``mvtec``, ``visa``, ``mpdd``, ``folder``.
-        root: The dataset root.
-
-    Returns:
-        For ``mvtec``/``mpdd``/``visa`` the classes in the canonical order of
-        ``DATASET_CLASSES`` (unknown extra ones after, sorted); for ``folder`` the sorted
-        sub-folders that have ``train/good``.
-
-    Raises:
-        DataError: Unknown dataset or missing root.
-    """
+    """Classes present on disk under ``root``: for ``mvtec``/``mpdd``/``visa`` in the canonical order of
+    ``DATASET_CLASSES`` (unknown extra ones after, sorted); for ``folder`` the sorted sub-folders that
+    have ``train/good``. Raises :class:`DataError` for an unknown dataset or a missing root."""
     check_dataset_name(dataset)
     if dataset == "visa":
         return list_visa_classes(Path(root))
@@ -34,19 +23,9 @@ def list_classes(dataset: str, root: Path) -> list[str]:
 
 
 def default_task_classes(dataset: str, root: Path) -> list[str]:
-    """The classes a run learns when ``--task_classes`` is not given.
-
-    Args:
-        dataset: One of ``mvtec``, ``visa``, ``mpdd``, ``folder``.
-        root: The dataset root (read only for ``folder``).
-
-    Returns:
-        The dataset's standard classes in their canonical order (MVTec AD 15, VisA 12, MPDD 6);
-        for ``folder`` the class folders under ``root`` that hold ``train/good``, sorted.
-
-    Raises:
-        DataError: Unknown dataset; for ``folder`` a missing root or one without class folders.
-    """
+    """The classes a run learns without ``--task_classes``: the dataset's standard classes in canonical
+    order (MVTec AD 15, VisA 12, MPDD 6); for ``folder`` the sorted class folders under ``root`` with
+    ``train/good`` (:class:`DataError` when there are none)."""
     check_dataset_name(dataset)
     if dataset != "folder":
         return list(DATASET_CLASSES[dataset])
@@ -58,19 +37,8 @@ def default_task_classes(dataset: str, root: Path) -> list[str]:
 
 
 def load_class_split(dataset: str, root: Path, class_name: str) -> ClassSplit:
-    """Read the training and test samples of one class.
-
-    Args:
-        dataset: One of ``mvtec``, ``visa``, ``mpdd``, ``folder``.
-        root: The dataset root.
-        class_name: The class to read.
-
-    Returns:
-        The class split (train: good images only; test: good and defective with masks).
-
-    Raises:
-        DataError: With a one-line message naming the path/value and the fix.
-    """
+    """The training (good only) and test samples of one class; :class:`DataError` names the path and
+    the fix."""
     check_dataset_name(dataset)
     if dataset == "visa":
         return load_visa_split(Path(root), class_name)
@@ -123,18 +91,9 @@ ASPECT_TOLERANCE = 0.01  # relative difference of width/height between a mask an
 
 
 def validate_samples(samples: Sequence[Sample]) -> None:
-    """Open every image and mask header and check its structure (cheap; no full decode).
-
-    A mask may be a scaled copy of its image's size, but its aspect ratio must match the image's
-    within :data:`ASPECT_TOLERANCE` (else it would be stretched onto the image).
-
-    Args:
-        samples: The samples to check.
-
-    Raises:
-        DataError: Naming the first file that is missing, corrupt or not an image, or a mask and
-            image whose aspect ratios differ.
-    """
+    """Open every image and mask header (no full decode); :class:`DataError` names the first file that
+    is missing, corrupt or not an image, or a mask whose aspect ratio differs from its image's (a
+    mask may be a scaled copy, within :data:`ASPECT_TOLERANCE`)."""
     for sample in samples:
         image_size = check_image_file(sample.image_path, "image")
         if sample.mask_path is not None:

@@ -23,17 +23,9 @@ MASK_SUFFIX = "_mask"
 
 
 def list_mvtec_classes(dataset: str, root: Path) -> list[str]:
-    """Classes present under an MVTec-layout ``root``.
-
-    Args:
-        dataset: ``'mvtec'``, ``'mpdd'`` or ``'folder'``.
-        root: The dataset root.
-
-    Returns:
-        For ``'mvtec'``/``'mpdd'``: the known classes whose folder exists, in canonical order,
-        then any other folder that has ``train/good``, sorted. For ``'folder'``: the sorted
-        sub-folders that have ``train/good``.
-    """
+    """Classes under an MVTec-layout ``root``: for ``'mvtec'``/``'mpdd'`` the known classes whose folder
+    exists, in canonical order, then any other folder with ``train/good``, sorted; for ``'folder'``
+    the sorted sub-folders with ``train/good``."""
     root = check_root(root)
     with_train = {p.name for p in subfolders(root) if (p / "train" / GOOD).is_dir()}
     if dataset == "folder":
@@ -43,15 +35,8 @@ def list_mvtec_classes(dataset: str, root: Path) -> list[str]:
 
 
 def load_mvtec_split(dataset: str, root: Path, class_name: str) -> ClassSplit:
-    """Read the train and test samples of one class of an MVTec-layout dataset.
-
-    Args:
-        dataset: ``'mvtec'``, ``'mpdd'`` or ``'folder'``.
-        root: The dataset root.
-        class_name: A class folder under ``root``.
-
-    Returns:
-        The class split; train sorted by file name, test by defect type then file name.
+    """The train and test samples of one class of an MVTec-layout dataset (``'mvtec'``, ``'mpdd'`` or
+    ``'folder'``); train sorted by file name, test by defect type then file name.
 
     Raises:
         DataError: The root or class is missing, ``train/good`` holds no image, ``test`` is

@@ -11,18 +11,8 @@ _SCENARIO = re.compile(r"^\s*(\d+)\s*[-xX]\s*(\d+)\s*$")
 
 
 def parse_cl_scenario(scenario: str) -> tuple[int, int]:
-    """Parse a scenario string.
-
-    Args:
-        scenario: ``'B-I'`` such as ``'1-1'``, ``'14-1'``, ``'10-5'``, ``'3-3'`` (``'1x1'`` is
-            accepted too).
-
-    Returns:
-        ``(B, I)``: classes in the first task, classes in each later task.
-
-    Raises:
-        DataError: The string is not of that form or a number is zero.
-    """
+    """``'B-I'`` (such as ``'14-1'``; ``'1x1'`` is accepted too) -> ``(B, I)``, both positive, else
+    :class:`DataError`."""
     match = _SCENARIO.match(str(scenario))
     if match is None or int(match.group(1)) < 1 or int(match.group(2)) < 1:
         raise DataError(f"--cl_scenario {scenario!r} is not valid; use B-I with positive integers "
@@ -31,15 +21,8 @@ def parse_cl_scenario(scenario: str) -> tuple[int, int]:
 
 
 def split_tasks(classes: Sequence[str], scenario: str) -> list[list[str]]:
-    """Group classes into tasks.
-
-    Args:
-        classes: The class names in task order.
-        scenario: ``'B-I'``; see :func:`parse_cl_scenario`.
-
-    Returns:
-        The tasks: the first holds the first B classes, each later one the next I classes; the
-        last task may hold fewer than I.
+    """Group ``classes`` (in task order) by the ``'B-I'`` scenario: the first B classes, then I at a
+    time (the last task may hold fewer).
 
     Raises:
         DataError: Bad scenario, no classes, a repeated class, or B larger than the class count.

@@ -23,14 +23,7 @@ def list_visa_classes(root: Path) -> list[str]:
 
 
 def load_visa_split(root: Path, class_name: str) -> ClassSplit:
-    """Read the train and test samples of one VisA object.
-
-    Args:
-        root: The VisA root holding ``split_csv/1cls.csv``.
-        class_name: An object name from the csv's ``object`` column.
-
-    Returns:
-        The class split; train holds the normal rows of the train split, test all test rows.
+    """The train (normal rows of the train split) and test samples of one VisA object.
 
     Raises:
         DataError: The csv is missing or malformed, the class is unknown, a listed file does

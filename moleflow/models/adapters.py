@@ -17,18 +17,10 @@ from moleflow.models import experts
 
 
 def positional_encoding_2d(height: int, width: int, dim: int) -> Tensor:
-    """Fixed 2-D sinusoidal encoding.
+    """Fixed 2-D sinusoidal encoding (H, W, D) of an H x W grid; D divisible by 4.
 
     The first D/2 channels encode the column, the last D/2 the row; inside each half channel
     2i = sin(pos * w_i), 2i+1 = cos(pos * w_i), w_i = 10000^(-2i / (D/2)).
-
-    Args:
-        height: grid rows H.
-        width: grid columns W.
-        dim: D, divisible by 4.
-
-    Returns:
-        (H, W, D) tensor.
     """
     if dim % 4 != 0:
         raise ValueError(f"positional encoding needs D divisible by 4, got {dim}")
@@ -91,8 +83,7 @@ class FiLMAdapter(nn.Module):
 
     @staticmethod
     def adapt(x: Tensor, params: Sequence[Tensor]) -> Tensor:
-        """The adapter with picked parameters (``experts.select_params``: scale, shift, norm weight and
-        bias)."""
+        """The adapter with picked (scale, shift, norm weight, norm bias) (``experts.select_params``)."""
         scale, shift, weight, bias = params
         return experts.layer_norm(x * (1.0 + experts.channels(scale, x)) + experts.channels(shift, x), weight, bias,
                                   FILM_EPS)

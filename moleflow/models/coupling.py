@@ -1,10 +1,7 @@
 """Invertible blocks of the flow: one affine-coupling base, the shared MoLE blocks and the DIA blocks.
 
-``AffineCoupling`` does the arithmetic once, in both directions: split x into (x1, x2), take
-(a_s, t) from the subclass's ``coefficients(x1, ...)``, soft-clamp s = c * tanh(a_s), then
-y2 = x2 * exp(s) + t (reverse: x2 = (y2 - t) * exp(-s)), join [x1, y2] and return the
-log-determinant per row, sum(s) (reverse: -sum(s)). Subclasses write only their coefficients and,
-where they have one, a fixed channel arrangement around the coupling.
+``AffineCoupling`` does the split, soft clamp, affine update, join and per-row log-determinant once,
+in both directions; subclasses write only their coefficients and any fixed channel arrangement.
 
 Why not FrEIA's modules: the loss and the anomaly score need the log-determinant *per patch*, but
 FrEIA's couplings sum it over all non-batch axes; the MoLE subnet also needs the patch grid
@@ -47,8 +44,7 @@ class AffineCoupling(nn.Module):
         raise NotImplementedError
 
     def couple(self, x: Tensor, *args: object, rev: bool = False) -> tuple[Tensor, Tensor]:
-        """x (..., D) -> (y (..., D), log|det J| (...)) of the direction run; ``args`` go to
-        ``coefficients``."""
+        """x (..., D) -> (y (..., D), log|det J| (...)) of the direction run; ``args`` go to ``coefficients``."""
         x1, x2 = x[..., :self.split], x[..., self.split:]
         a_s, t = self.coefficients(x1, *args)
         s = self.clamp * torch.tanh(a_s)
@@ -58,10 +54,8 @@ class AffineCoupling(nn.Module):
 
 
 class MoLECouplingBlock(AffineCoupling):
-    """Shared coupling (AllInOneBlock style) whose subnet carries the LoRA experts, followed by a
-    fixed, seeded channel permutation.
-
-    (a_s, t) = 0.1 * subnet(x1, expert); y = permute(coupling(x)).
+    """Shared coupling (AllInOneBlock style) whose subnet carries the LoRA experts, then a fixed seeded
+    channel permutation: (a_s, t) = 0.1 * subnet(x1, expert); y = permute(coupling(x)).
 
     Args:
         dim: D, the patch-feature width.
@@ -125,11 +119,8 @@ class DIASubnet(nn.Module):
 
 
 class DIABlock(AffineCoupling):
-    """A task-owned affine coupling on each patch vector; the weights come from the task's
-    ``DIASubnet`` (picked per call), the block holds the split and the clamp.
-
-    s = c * tanh(s_raw / c). Odd blocks transform the first half instead of the second (halves
-    alternate).
+    """A task-owned affine coupling on each patch vector, s = c * tanh(s_raw / c); the weights come from
+    the task's ``DIASubnet`` (picked per call). Odd blocks transform the first half (halves alternate).
 
     Args:
         dim: D.
@@ -161,9 +152,8 @@ class DIABlock(AffineCoupling):
 
 @fusable
 def coupling_forward(x: Tensor, block: MoLECouplingBlock, picked: Sequence[Optional[Expert]]) -> tuple[Tensor, Tensor]:
-    """Forward pass of ``block`` with the picked expert tensors (``block.subnet.experts(task)``): the
-    module and the tensors are arguments, so under ``--compile_flow`` one compiled kernel set
-    serves every block and every task."""
+    """``block(x, picked)``; the module and tensors are arguments, so under ``--compile_flow`` one
+    compiled kernel set serves every block and every task."""
     return block(x, picked)
 
 

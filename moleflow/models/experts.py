@@ -1,13 +1,11 @@
 """Which task's expert each image uses: the one place that knows the one-expert-per-image mode.
 
-A pass of the flow runs with ``task``: an int (the whole batch uses that task's LoRA expert,
-adapter and DIA weights) or a ``(B,)`` tensor of task ids (image ``b`` uses task ``task[b]``'s: a
-routed batch of mixed classes is scored in one pass instead of one small batch per expert). The
-model picks each task-owned tensor once per pass with :func:`select` - the task's own tensor, or
-the tasks' tensors stacked per image, ``(B, ...)`` - and the functions below apply a picked tensor
-either way; the blocks never ask which. Picking happens outside the fused functions
-(``fusion.py``), which receive the picked tensors as arguments: one compiled graph then serves
-every task.
+A pass of the flow runs with ``task``: an int (the whole batch uses that task's LoRA expert, adapter
+and DIA weights) or a ``(B,)`` tensor of task ids (image ``b`` uses task ``task[b]``'s, so a routed
+batch of mixed classes is scored in one pass). The model picks each task-owned tensor once per pass
+with :func:`select` (the task's own tensor, or the tasks' tensors stacked per image, ``(B, ...)``);
+the functions below apply a picked tensor either way. Picking happens outside the fused functions
+(``fusion.py``), which take the picked tensors as arguments: one compiled graph serves every task.
 """
 
 from __future__ import annotations
@@ -46,8 +44,7 @@ def select(per_task: Sequence[Tensor], task: Task) -> Tensor:
 
 
 def select_params(per_task: Sequence[nn.Module], task: Task) -> tuple[Tensor, ...]:
-    """Every parameter of the per-task modules (all built alike), in registration order, selected
-    for ``task``: the task's own parameters for an int."""
+    """Every parameter of the per-task modules (all built alike), in registration order, picked for ``task``."""
     if isinstance(task, Tensor):
         return tuple(select(params, task) for params in zip(*(m.parameters() for m in per_task)))
     return tuple(per_task[task].parameters())

@@ -9,11 +9,10 @@ task's parameters are arguments, not constants); otherwise, and always on the CP
 function runs. The compiled kernels round a little differently from the eager ones (their tanh
 and exp), so results are equal to float tolerance, not bit for bit.
 
-Batch sizes: scoring sees many (the last batch of each class, the router's groups), so its graphs
-take the batch size as a symbol (torch's automatic dynamic shapes, after the second size seen).
-A training step always has the same shape, and a graph compiled for that exact shape runs faster
-(the bias-gradient sums over the batch's patches split well only for a known size): the trainer
-runs its full batches inside ``static_shapes()``, which compiles for the exact shapes.
+Batch sizes: scoring sees many, so its graphs take the batch size as a symbol (torch's automatic
+dynamic shapes). A training step always has the same shape, and a graph compiled for it runs faster
+(bias-gradient sums split well only for a known size): the trainer runs full batches inside
+``static_shapes()``.
 """
 
 from __future__ import annotations
@@ -31,10 +30,9 @@ from torch._dynamo.exc import TorchDynamoException
 F = TypeVar("F", bound=Callable)
 
 # Where fusion applies and how (tests trace on the CPU with a counting backend).
-# Inductor's layout optimisation is off: in a graph compiled for exact shapes it re-laid each coupling
-# block's input out channel-major for the context conv, so the patches were read with strides and the
-# conditioning half was copied back to rows twice per block. Off, tensors keep their eager layout
-# (faster; docs/performance.md).
+# Inductor's layout optimisation is off: for exact shapes it laid each coupling block's input out
+# channel-major for the context conv (strided reads, two copies back to rows per block); off, tensors
+# keep their eager layout (faster; docs/performance.md).
 FUSED_DEVICES: tuple[str, ...] = ("cuda",)
 COMPILE_OPTIONS: dict = {"dynamic": None, "options": {"layout_optimization": False}}
 
@@ -70,9 +68,7 @@ def _set(**changes: object) -> Iterator[None]:
 
 @contextlib.contextmanager
 def fusion(enabled: bool, log: Optional[logging.Logger] = None) -> Iterator[None]:
-    """Turn fusion on (``enabled``) or off inside the block. On, torch's recompile limit is raised
-    to ``_RECOMPILE_LIMIT`` inside the block; on exit it and the fusion state are as before.
-
+    """Fusion on or off inside the block (on: torch's recompile limit at least ``_RECOMPILE_LIMIT``);
     ``log`` gets the warning when a function cannot be compiled (it then runs eagerly)."""
     with contextlib.ExitStack() as stack:
         if enabled:

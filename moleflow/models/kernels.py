@@ -12,12 +12,9 @@ from torch import Tensor, nn
 
 
 class _PermuteLastDim(torch.autograd.Function):
-    """``x[..., perm]`` whose backward is the inverse gather ``g[..., perm_inv]``.
-
-    Plain advanced indexing differentiates through ``index_put_(accumulate=True)``, which on CUDA
-    sorts all N*D indices in every backward pass; for a permutation the gradient is exactly the
-    inverse permutation of the incoming gradient (each input feeds one output), so the values are
-    the same, bit for bit, at the cost of one gather.
+    """``x[..., perm]`` whose backward is the inverse gather ``g[..., perm_inv]``: bit for bit the same
+    gradient (each input feeds one output), without the sort of all N*D indices that advanced
+    indexing's backward (``index_put_(accumulate=True)``) runs on CUDA.
     """
 
     @staticmethod
@@ -41,12 +38,9 @@ def permute_last_dim(x: Tensor, perm: Tensor, perm_inv: Tensor) -> Tensor:
 
 class _DepthwiseConv(torch.autograd.Function):
     """Depthwise, stride-1, 'same'-padded ``conv2d`` whose input gradient is the same convolution with
-    the kernel flipped (exact for stride 1; the two differ only in summation order).
-
-    On CUDA, autograd's own input gradient of a depthwise float32 convolution is ATen's generic
-    kernel, slower than the forward convolution's kernel, which the flipped form runs again
-    (docs/performance.md). Kernel and bias gradients (task 0 only: the conv is shared) are
-    autograd's own.
+    the kernel flipped (exact for stride 1; only the summation order differs), which on CUDA runs the
+    forward's kernel instead of ATen's slower generic one (docs/performance.md). Kernel and bias
+    gradients (task 0 only: the conv is shared) are autograd's own.
     """
 
     @staticmethod

@@ -45,15 +45,13 @@ class LoRALinear(nn.Module):
         """Append a new task's expert (no-op when rank is 0)."""
         if self.rank == 0:
             return
-        weight = self.base.weight
-        a = torch.empty(self.rank, self.base.in_features, device=weight.device, dtype=weight.dtype)
+        like = {"device": self.base.weight.device, "dtype": self.base.weight.dtype}
+        a = torch.empty(self.rank, self.base.in_features, **like)
         bound = math.sqrt(6.0 / (self.rank + self.base.in_features))
         a.uniform_(-bound, bound)
         self.lora_A.append(nn.Parameter(a))
-        self.lora_B.append(nn.Parameter(torch.zeros(self.base.out_features, self.rank,
-                                                    device=weight.device, dtype=weight.dtype)))
-        self.task_bias.append(nn.Parameter(torch.zeros(self.base.out_features,
-                                                       device=weight.device, dtype=weight.dtype)))
+        self.lora_B.append(nn.Parameter(torch.zeros(self.base.out_features, self.rank, **like)))
+        self.task_bias.append(nn.Parameter(torch.zeros(self.base.out_features, **like)))
 
     def forward(self, x: Tensor, task: Task) -> Tensor:
         """Apply the base layer plus expert ``task`` (x: (..., in); (B, ..., in) for one task per image)."""
@@ -113,9 +111,6 @@ class MoLESubnet(nn.Module):
     def lora_layers(self) -> list[LoRALinear]:
         return [self.scale1, self.scale2, self.shift1, self.shift2]
 
-    def context_alpha(self) -> Tensor:
-        return 0.2 * torch.sigmoid(self.context_gate)
-
     def experts(self, task: Task) -> list[Optional[Expert]]:
         """The expert tensors of ``task`` for the four layers."""
         return [layer.expert(task) for layer in self.lora_layers()]
@@ -135,7 +130,7 @@ class MoLESubnet(nn.Module):
         if self.use_context:
             grid = u1.permute(0, 3, 1, 2)
             ctx = depthwise_conv2d(grid, self.context_conv).permute(0, 2, 3, 1)
-            scale_in = torch.cat([u1, self.context_alpha() * ctx], dim=-1)
+            scale_in = torch.cat([u1, 0.2 * torch.sigmoid(self.context_gate) * ctx], dim=-1)
         s = self.scale2.run_expert(F.relu(self.scale1.run_expert(scale_in, scale1)), scale2)
         t = self.shift2.run_expert(F.relu(self.shift1.run_expert(u1, shift1)), shift2)
         return s, t

@@ -9,12 +9,8 @@ features (B, H, W, D)
   -> z (B, H, W, D), log|det J| (B, H, W)
 
 The first three steps condition the input; the coupling and DIA blocks are the invertible
-flow whose log-determinant enters the likelihood.
-
-``task`` is an int (the whole batch uses that task's expert, adapter and DIA weights) or, for
-the forward pass, a ``(B,)`` tensor of task ids: each image then goes through its own task's
-weights in one pass (``experts.py``), which is how a routed batch of mixed classes is scored
-without splitting it into one small batch per expert.
+flow whose log-determinant enters the likelihood. ``task`` is an int or, for the forward pass, a
+``(B,)`` tensor of task ids, one per image (``experts.py``).
 """
 
 from __future__ import annotations
@@ -37,8 +33,7 @@ ADAPTERS = {"whitening": WhiteningAdapter, "film": FiLMAdapter}
 @fusable
 def condition_forward(x: Tensor, pos: Optional[Tensor], adapt: Optional[Callable[[Tensor, Sequence[Tensor]], Tensor]],
                       params: Sequence[Tensor], mixer: Optional[nn.Module]) -> Tensor:
-    """Input stage: + positional encoding, the adapter ``adapt`` with its picked ``params``, spatial
-    mixer."""
+    """Input stage: + positional encoding, ``adapt`` with its picked ``params``, spatial mixer."""
     if pos is not None:
         x = x + pos
     if adapt is not None:
@@ -72,7 +67,6 @@ class MoLESpatialAwareNF(nn.Module):
         if adapter is not None and adapter not in ADAPTERS:
             raise ValueError(f"adapter must be 'whitening', 'film' or None, got {adapter!r}")
         self.dim = dim
-        self.clamp = clamp
         self.use_pos_embed = use_pos_embed
         self.adapter_kind = adapter
         self.dia_n_blocks = dia_n_blocks

@@ -51,14 +51,11 @@ class TaskPrototype:
 
     @classmethod
     def fit(cls, features: Tensor) -> "TaskPrototype":
-        """Estimate the prototype from all training images of a task.
-
-        Args:
-            features: (N, D) router features (mean patch feature per image), N >= 2.
-        """
+        """The prototype of all a task's training images: (N, D) router features (the mean patch
+        feature per image), N >= 2."""
         if features.ndim != 2 or features.shape[0] < 2:
             raise ValueError(f"a task prototype needs (N>=2, D) features, got {tuple(features.shape)}")
-        data = features.detach().double()  # float64 on the features' device (a GPU fit takes ms)
+        data = features.detach().double()  # float64 on the features' device
         covariance, shrinkage = ledoit_wolf(data)
         precision = torch.linalg.inv(covariance)
         return cls(mean=data.mean(dim=0).float().cpu(), precision=precision.float().cpu(),

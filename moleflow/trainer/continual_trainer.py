@@ -204,10 +204,9 @@ class MoLEContinualTrainer:
                                on_failure=self.log.warning)
 
     def trace_step(self, task_id: int, batch_shape: tuple[int, ...]) -> None:
-        """One training forward and backward of ``task_id`` (already added to the model) on random
-        features of a full batch of ``batch_shape``, with the trainable set, precision and fusion of
-        ``train_task``; updates nothing. Under ``--compile_flow`` it compiles what that task's first
-        step would compile (the compile-ahead child's work)."""
+        """One training forward and backward of ``task_id`` (already added) on random features of a full
+        batch of ``batch_shape``, set up as ``train_task`` would; updates nothing. Under ``--compile_flow``
+        it compiles what that task's first step would (the compile-ahead child's work)."""
         params = self.trainable(task_id, slow=False)
         self.model.train()
         feats = torch.randn(batch_shape, device=self.device)

@@ -2,13 +2,11 @@
 process a slice of every batch.
 
 Every process holds all training features and draws the same batch order (same seed), so all see
-the same global batch of B images. Process r takes its contiguous slice of B_r images and computes
-the mean loss L_r over it; the loss is per image and then averaged over the batch (``models/loss``),
-so the global batch's loss is sum_r (B_r / B) L_r. Each process back-propagates L_r * B_r * P / B
-(P processes) and DDP averages the gradients over the processes: the averaged gradient is the
-gradient of the global batch's mean loss, the same update as one process taking the whole batch
-(up to floating-point summation order). Gradients are identical on every process after the
-average, so the clip and the optimizer step keep the copies of the flow identical.
+the same global batch of B images. Process r computes the mean loss L_r over its contiguous slice of
+B_r images; the loss is a per-image mean (``models/loss``), so the global batch's loss is
+sum_r (B_r / B) L_r. Each of the P processes back-propagates L_r * B_r * P / B and DDP averages the
+gradients: the gradient of the global batch's mean loss (up to summation order), identical on every
+process, so the clip and the optimizer step keep the copies of the flow identical.
 
 The loss value a step sees (for the non-finite check and the logged loss) is the global batch's
 loss, summed over the processes: a batch is skipped on all processes or on none. A process whose

@@ -107,13 +107,8 @@ def step_fusion(full_batch: bool) -> Iterator[None]:
 class PlainStep:
     """Loss, backward, clip, step; a non-finite loss is detected on the host and not stepped.
 
-    Args:
-        loss_fn: the training loss of a batch.
-        optimizer: over ``params``.
-        params: the trainable parameters (clipped together).
-        grad_clip: global gradient-norm clip.
-        batch_size: the size of a full batch.
-        device: where the flow trains.
+    ``optimizer`` is over ``params``, which are clipped together to the global norm ``grad_clip``;
+    ``batch_size`` is the size of a full batch, ``device`` where the flow trains.
     """
 
     def __init__(self, loss_fn: LossFn, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
@@ -150,14 +145,13 @@ class PlainStep:
 
 
 class SyncFreeStep(PlainStep):
-    """Every batch steps; a non-finite one is neutralised through the fused step's ``found_inf``,
-    and the losses and skips are summed on the device (read once per epoch, by ``end_epoch``).
+    """The sync-free step (module docstring); ``end_epoch`` reads the device's sums.
 
-    With ``graphs`` a full batch is copied into a fixed input buffer and the step on it is recorded
-    once as a CUDA graph, then replayed (off CUDA it runs on the buffer without being recorded: how
-    the CPU tests check this path). Recording needs a few passes first; they run *dry* (``found_inf``
-    forced to 1: no parameter, moment, step count or sum changes), so training is the same sequence of
-    updates as without the graph. If recording fails the step says so once and runs without it.
+    With ``graphs`` a full batch is copied into a fixed input buffer and its step recorded once as a
+    CUDA graph, then replayed (off CUDA it runs on the buffer unrecorded: how the CPU tests check this
+    path). The passes before recording run *dry* (``found_inf`` forced to 1: nothing changes), so
+    training is the same sequence of updates as without the graph. If recording fails the step says
+    so once and runs without it.
     """
 
     def __init__(self, loss_fn: LossFn, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
