@@ -100,11 +100,12 @@ def build_feature_cache(config: AblationConfig, extractor: FeatureExtractor, dev
     if not config.use_feature_cache:
         return None
     root = Path(config.feature_cache).expanduser() if config.feature_cache else default_cache_dir()
+    shape, dtype = extractor.stored_row(device)  # what an entry holds, e.g. ``bfloat16 (602112,)``
     identity = {"backbone": config.backbone_name, "weights_sha256": weights_digest(extractor),
                 "feature_dim": extractor.feature_dim, "grid": list(extractor.grid_size()),
                 "feature_strides": list(config.feature_strides), "feature_pooling": config.feature_pooling,
                 "amp": bool(extractor.amp and device.type == "cuda"), "device": device.type,
-                "torch": torch.__version__, "stored": _row_name(extractor.stored_row(device)),
+                "torch": torch.__version__, "stored": f"{dtype_name(dtype)} {tuple(shape)}",
                 "extract_chunk": EXTRACT_CHUNK}
     try:
         cache = FeatureCache(root, identity, int(config.feature_cache_max_gb * 1e9), warn=log.warning)
@@ -115,12 +116,6 @@ def build_feature_cache(config: AblationConfig, extractor: FeatureExtractor, dev
         log.warning(f"warning: the feature cache {root} cannot be written ({error}); this run extracts every image "
                     "(pass --feature_cache DIR with a writable folder, or --no_feature_cache)")
         return None
-
-
-def _row_name(row: tuple[tuple[int, ...], torch.dtype]) -> str:
-    """What a cache entry holds, e.g. ``bfloat16 (602112,)``."""
-    shape, dtype = row
-    return f"{dtype_name(dtype)} {tuple(shape)}"
 
 
 def build_feature_source(config: AblationConfig, extractor: FeatureExtractor, device: torch.device,

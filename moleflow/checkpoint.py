@@ -68,14 +68,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def architecture_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Human-readable list of architecture settings that differ ('lora_rank: saved 64, now 8')."""
-    # A key a checkpoint of an older version lacks had that version's value: the default now.
-    saved = {key: saved.get(key, LEGACY_VALUES.get(key, default)) for key, default in _defaults().items()}
-    return [f"{key}: saved {saved.get(key)!r}, now {current.get(key)!r}"
-            for key in ARCHITECTURE_FIELDS if saved.get(key) != current.get(key)]
-
-
-def _defaults() -> dict[str, Any]:
-    return {key: value for key, value in AblationConfig().to_dict().items() if key in ARCHITECTURE_FIELDS}
+    defaults = AblationConfig().to_dict()  # a key an older checkpoint lacks: LEGACY_VALUES, else the default
+    saved = {key: saved.get(key, LEGACY_VALUES.get(key, defaults[key])) for key in ARCHITECTURE_FIELDS}
+    return [f"{key}: saved {saved[key]!r}, now {current.get(key)!r}"
+            for key in ARCHITECTURE_FIELDS if saved[key] != current.get(key)]
 
 
 def saved_config(checkpoint: dict[str, Any]) -> AblationConfig:

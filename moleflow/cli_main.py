@@ -75,10 +75,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not world().writer:  # under torchrun process 0 prints the summary
         return 0
     mean = result.mean_row
-    routing = mean["routing_acc"]
-    routing_text = "n/a (oracle)" if math.isnan(routing) else f"{100 * routing:.2f}"
+    routing = "n/a (oracle)" if math.isnan(mean["routing_acc"]) else f"{100 * mean['routing_acc']:.2f}"
     print(f"\nmean image AUROC {100 * mean['img_auroc']:.2f} | pixel AUROC {100 * mean['pixel_auroc']:.2f} | "
           f"image AP {100 * mean['img_ap']:.2f} | pixel AP {100 * mean['pixel_ap']:.2f} | "
-          f"AUPRO {100 * mean['aupro']:.2f} | routing accuracy {routing_text}")
+          f"AUPRO {100 * mean['aupro']:.2f} | routing accuracy {routing}")
     print(f"results: {Path(result.exp_dir)}")
     return 0

@@ -1,15 +1,10 @@
 """Several processes under ``torchrun``: which process this is, and the few collectives a run needs.
 
-``torchrun --nproc_per_node N`` starts N copies of the run and sets ``RANK``, ``WORLD_SIZE``,
-``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``. :func:`start` joins them into one group (NCCL
-with one GPU per process, ``cuda:LOCAL_RANK``; gloo on the CPU). Every process then runs the same
-run: each takes a block of the images to extract and to score (:func:`by_rows`, :func:`shard_images`)
-and all of them get every row back, so the router, memory, calibration and metrics are computed
-from the same values everywhere; training splits each batch (``moleflow.trainer.ddp``). Process 0
-alone writes files (:func:`on_writer`).
-
-Without ``WORLD_SIZE`` or with ``WORLD_SIZE=1`` nothing is started and every helper here is the
-identity: a world of one process is exactly the plain run.
+:func:`start` joins torchrun's processes into one group (NCCL, ``cuda:LOCAL_RANK``; gloo on the CPU).
+Each process extracts and scores a block of the images (:func:`by_rows`, :func:`shard_images`) and all
+get every row back, so router, memory, calibration and metrics see the same values everywhere; training
+splits each batch (``moleflow.trainer.ddp``). Process 0 alone writes files (:func:`on_writer`).
+Without ``WORLD_SIZE`` or with ``WORLD_SIZE=1`` every helper is the identity: exactly the plain run.
 """
 
 from __future__ import annotations
@@ -44,14 +39,12 @@ class World:
     Attributes:
         rank: 0 .. size - 1; process 0 writes the experiment folder.
         size: the number of processes (1: a plain run).
-        local_rank: the process's index on its machine (its GPU).
         backend: 'nccl', 'gloo', or 'none' for a single process.
         device: where the tensors of collectives live.
     """
 
     rank: int = 0
     size: int = 1
-    local_rank: int = 0
     backend: str = "none"
     device: torch.device = torch.device("cpu")
 
@@ -108,8 +101,7 @@ def start(device: torch.device) -> torch.device:
         raise DistributedError(f"cannot join the torchrun group ({str(err).splitlines()[0]}); start the run "
                                f"with torchrun --nproc_per_node N run_moleflow.py ...") from err
     atexit.register(_stop)
-    _world = World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local, backend=backend,
-                   device=device)
+    _world = World(rank=dist.get_rank(), size=dist.get_world_size(), backend=backend, device=device)
     return device
 
 
@@ -159,19 +151,11 @@ def gather_rows(part: Tensor) -> Tensor:
     return torch.cat([p[:c] for p, c in zip(pieces, counts)]).to(part.device)
 
 
-def gather_fields(part: T) -> T:
-    """:func:`gather_rows` applied to every tensor field of the dataclass ``part`` (other fields are
-    kept as they are)."""
-    if not _world.active:
-        return part
-    return dataclasses.replace(part, **{f.name: gather_rows(getattr(part, f.name)) for f in dataclasses.fields(part)
-                                        if isinstance(getattr(part, f.name), Tensor)})
-
-
-def _rows(value: T, stop: int) -> T:
+def _each_tensor(value: T, fn: Callable[[Tensor], Tensor]) -> T:
+    """``fn(value)`` for a tensor; for a dataclass, ``fn`` applied to each tensor field (others kept)."""
     if isinstance(value, Tensor):
-        return value[:stop]
-    return dataclasses.replace(value, **{f.name: getattr(value, f.name)[:stop] for f in dataclasses.fields(value)
+        return fn(value)
+    return dataclasses.replace(value, **{f.name: fn(getattr(value, f.name)) for f in dataclasses.fields(value)
                                          if isinstance(getattr(value, f.name), Tensor)})
 
 
@@ -183,8 +167,8 @@ def by_rows(fn: Callable[[int, int], T], n: int) -> T:
     if not _world.active:
         return fn(0, n)
     lo, hi = shard_range(n)
-    part = fn(lo, hi) if hi > lo else _rows(fn(0, min(1, n)), 0)
-    return gather_rows(part) if isinstance(part, Tensor) else gather_fields(part)
+    part = fn(lo, hi) if hi > lo else _each_tensor(fn(0, min(1, n)), lambda t: t[:0])
+    return _each_tensor(part, gather_rows)
 
 
 def all_sum(value: Tensor) -> Tensor:
@@ -222,10 +206,8 @@ def on_writer(fn: Callable[[], T]) -> T:
 
 # ---------------------------------------------------------------------------------- datasets, logs
 class DatasetShard(torch.utils.data.Dataset):
-    """Items ``lo .. hi - 1`` of an ``AnomalyDataset`` (decoded images stay in the parent's cache).
-
-    Every attribute not defined here (``augment``, ...) is the parent's.
-    """
+    """Items ``lo .. hi - 1`` of an ``AnomalyDataset`` (decoded images stay in the parent's cache); other
+    attributes (``augment``, ...) are the parent's."""
 
     def __init__(self, dataset: Any, lo: int, hi: int) -> None:
         self.dataset, self.lo, self.hi = dataset, lo, hi

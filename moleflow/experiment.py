@@ -28,7 +28,7 @@ class ExperimentError(RuntimeError):
 MIN_FREE_BYTES = 200 * 1024 * 1024
 
 
-def check_writable(directory: Path, min_free_bytes: int = MIN_FREE_BYTES) -> None:
+def check_writable(directory: Path) -> None:
     """Fail fast when ``directory`` can't be created/written or its disk is (nearly) full."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -40,16 +40,16 @@ def check_writable(directory: Path, min_free_bytes: int = MIN_FREE_BYTES) -> Non
         raise ExperimentError(f"cannot write to log dir {directory}: {err.strerror or err}; "
                               f"pass --log_dir pointing at a writable folder") from err
     free = shutil.disk_usage(directory).free
-    if free < min_free_bytes:
+    if free < MIN_FREE_BYTES:
         raise ExperimentError(f"only {free / 2**20:.0f} MiB free on the disk of {directory}; "
-                              f"free space or pass --log_dir on another disk (need >= {min_free_bytes // 2**20} MiB)")
+                              f"free space or pass --log_dir on another disk (need >= {MIN_FREE_BYTES // 2**20} MiB)")
 
 
-def create_experiment_dir(log_dir: str, experiment_name: str, now: Optional[_dt.datetime] = None) -> Path:
+def create_experiment_dir(log_dir: str, experiment_name: str) -> Path:
     """Create logs/<name>_<timestamp>/ and never reuse an existing folder."""
     root = Path(log_dir)
     check_writable(root)
-    stamp = (now or _dt.datetime.now()).strftime("%Y%m%d_%H%M%S")
+    stamp = _dt.datetime.now().strftime("%Y%m%d_%H%M%S")
     path = root / f"{experiment_name}_{stamp}"
     suffix = 1
     while True:
@@ -61,15 +61,19 @@ def create_experiment_dir(log_dir: str, experiment_name: str, now: Optional[_dt.
             suffix += 1
 
 
+def close_logger(logger: logging.Logger) -> None:
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+
+
 def setup_logger(exp_dir: Path, quiet: bool = False) -> logging.Logger:
     """Logger writing timestamped lines to <exp_dir>/training.log (append), info lines to stdout
     (not when ``quiet``) and warnings and errors to stderr (always)."""
     logger = logging.getLogger(f"moleflow.{exp_dir.resolve()}")
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
+    close_logger(logger)
     fmt = logging.Formatter("%(asctime)s | %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     file_handler = logging.FileHandler(exp_dir / "training.log", mode="a", encoding="utf-8")
     file_handler.setFormatter(fmt)
@@ -87,12 +91,6 @@ def setup_logger(exp_dir: Path, quiet: bool = False) -> logging.Logger:
 
 
 FILE_ONLY = {"file_only": True}  # pass as ``extra=`` for lines that belong in training.log only
-
-
-def close_logger(logger: logging.Logger) -> None:
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
 
 
 def _git_commit() -> str:
@@ -144,21 +142,15 @@ def write_config(exp_dir: Path, config: AblationConfig, extra: Optional[dict[str
 
 
 RESULT_COLUMNS = ["task_id", "class_name", "routing_acc", "img_auroc", "pixel_auroc", "img_ap", "pixel_ap", "aupro"]
-# F1, precision, recall at the held-out threshold (empty without one) and F1-max picked on the test set
-DECISION_COLUMNS = list(THRESHOLD_METRICS)
 
 
 def write_results_csv(path: Path, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Write one row per class plus a last 'mean' row (unweighted mean of the rows above); a value
-    that was not measured (NaN, e.g. routing accuracy when the true task was given) is left empty.
-    The decision columns (F1, precision, recall at the threshold; F1-max picked on the test set)
-    follow when every row has them.
-
-    Returns:
-        the mean row.
-    """
+    """Write one row per class plus a last 'mean' row (unweighted mean of the rows above) and return
+    the mean row. A value not measured (NaN, e.g. routing when the true task was given) is left empty.
+    The decision columns (F1, precision, recall at the held-out threshold, empty without one; F1-max
+    picked on the test set) follow when every row has them."""
     mean_row: dict[str, Any] = {"task_id": "mean", "class_name": "mean", **mean_metrics(rows)}
-    columns = RESULT_COLUMNS + [c for c in DECISION_COLUMNS if all(c in row for row in rows)]
+    columns = RESULT_COLUMNS + [c for c in THRESHOLD_METRICS if all(c in row for row in rows)]
     lines: list[list[str]] = [columns]
     for row in [*rows, mean_row]:
         lines.append([_fmt(row[c]) for c in columns])
@@ -175,12 +167,13 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def format_table(rows: Iterable[dict[str, Any]], columns: Sequence[str] = RESULT_COLUMNS) -> str:
+def format_table(rows: Iterable[dict[str, Any]]) -> str:
     """A fixed-width text table of result rows (metrics in percent, n/a where not measured)."""
-    header = f"{'task':>4} {'class':<16}" + "".join(f"{c:>12}" for c in columns[2:])
+    metrics = RESULT_COLUMNS[2:]
+    header = f"{'task':>4} {'class':<16}" + "".join(f"{c:>12}" for c in metrics)
     out = [header, "-" * len(header)]
     for row in rows:
         cells = "".join(f"{'n/a':>12}" if math.isnan(float(row[c])) else f"{100 * float(row[c]):>12.2f}"
-                        for c in columns[2:])
+                        for c in metrics)
         out.append(f"{str(row['task_id']):>4} {str(row['class_name']):<16}" + cells)
     return "\n".join(out)

@@ -1,19 +1,16 @@
 """``python -m moleflow.export RUN_DIR --format torchscript [--out FILE]``: the routed scorer of a
 trained run as one TorchScript file that runs with torch alone (no moleflow, timm or FrEIA).
 
-The exported module takes ``(B, 3, S, S)`` float32 images, resized to S = ``img_size`` (shorter side
-+ centre crop, or squash: ``resize_mode``) and ImageNet-normalised, and returns a tuple
-``(image_scores (B,), maps (B, S, S), routed_task (B,) int64, router_distance (B,), threshold (B,),
-router_limit (B,))``: backbone features -> router (argmin distance to the task prototypes) -> the
-flow with the routed expert -> fused with the routed task's patch memory -> patch scores -> the map
-(bilinear + Gaussian blur) and the image score. ``threshold`` is NaN for a task without one,
-``router_limit`` inf; anomalous = score > threshold, unknown class = distance > limit. The
-preprocessing constants, the task names and the output order are stored in the file as the extra
-file ``moleflow.json`` (``torch.jit.load(path, _extra_files={"moleflow.json": ""})``).
+The module takes ``(B, 3, S, S)`` float32 images, resized to S = ``img_size`` (``resize_mode``: shorter
+side + centre crop, or squash) and ImageNet-normalised, and returns ``OUTPUTS``: ``(image_scores (B,),
+maps (B, S, S), routed_task (B,) int64, router_distance (B,), threshold (B,), router_limit (B,))``;
+``threshold`` is NaN for a task without one, ``router_limit`` inf; anomalous = score > threshold,
+unknown class = distance > limit. The preprocessing constants, task names and output order are stored
+in the file as the extra file ``moleflow.json`` (``torch.jit.load(path, _extra_files={"moleflow.json": ""})``).
 
-It is a trace of the same modules predict runs, with two differences of summation order only:
-every image goes through the flow's one-expert-per-image path, and the memory distances of the
-images routed to a task are computed in one product per task. Scores match predict's to 1e-4.
+It is a trace of the modules predict runs, differing in summation order only (every image goes through
+the flow's one-expert-per-image path; the memory distances of a task's images are one product per
+task): scores match predict's to 1e-4.
 """
 
 from __future__ import annotations

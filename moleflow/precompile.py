@@ -1,18 +1,14 @@
 """Compile the later tasks' fused training step in a child process while task 0 trains.
 
-Under ``--compile_flow`` task 0 trains unfused, and every later task trains through one graph
-(frozen base) compiled for the exact shape of a full batch. Compiled in the run's own process, at
-the start of task 1, that graph stops training while it compiles. With
-``compile_ahead`` (default) the runner starts a child process when task 0 starts: it builds a
-replica of the flow with two tasks (same settings and shapes; the values do not matter), runs the
-trainer's own fused forward and backward of task 1 once, and exits. torch's on-disk compile caches
-(Inductor's FX graph and AOTAutograd caches, Triton's kernels) then hold that graph, and the run's
-compile at task 1 loads it instead of generating it. The child shares nothing with the run but
-those caches, so it cannot change the run's numbers; if it fails, the run compiles as it would
-have and says so in one warning line.
-
-``CompileAhead`` launches the child and reads its report; the child is
-``python -m moleflow.precompile SPEC`` (``main``; SPEC: the JSON written by ``CompileAhead.start``).
+Under ``--compile_flow`` task 0 trains unfused and every later task through one graph (frozen base)
+compiled for a full batch's exact shape; compiled in the run's own process at task 1, it stops training
+while it compiles. With ``compile_ahead`` (default) the runner starts a child process when task 0
+starts: it builds a two-task replica of the flow (same settings and shapes; the values do not matter),
+runs the trainer's own fused forward and backward of task 1 once, and exits. torch's on-disk compile
+caches (Inductor's FX graph and AOTAutograd caches, Triton's kernels) then hold that graph, and the
+run's compile at task 1 loads it. The child shares nothing with the run but those caches, so it cannot
+change the run's numbers; if it fails, the run compiles as it would have and says so in one warning.
+The child is ``python -m moleflow.precompile SPEC`` (``main``; SPEC: the JSON of ``CompileAhead.start``).
 """
 
 from __future__ import annotations

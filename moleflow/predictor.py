@@ -1,12 +1,11 @@
 """A trained run on new images: route each image to an expert, score it, decide, and give its anomaly
 map at the image's own resolution.
 
-The scoring is the evaluation's own (``evaluation.evaluator.score_features``; files are read by the
-same ``AnomalyDataset`` transform), so an image of the test set gets the score the evaluation gave
-it (to float tolerance: images batched differently sum in a different order). An image whose router
-distance to the task it is routed to exceeds that task's limit (what the task's own images reach,
-``evaluation/calibration.py``) is flagged ``unknown_class``: its score (against the nearest expert)
-is reported but no decision is made.
+The scoring is the evaluation's own (``evaluation.evaluator.score_features``, files read by the same
+``AnomalyDataset`` transform), so a test image gets the evaluation's score (to float tolerance: other
+batching, other summation order). An image farther from its routed task than that task's router limit
+(what its own images reach, ``evaluation/calibration.py``) is flagged ``unknown_class``: its score
+(against the nearest expert) is reported, but no decision is made.
 """
 
 from __future__ import annotations
@@ -116,7 +115,7 @@ class Predictor:
         batch_size: images per pass (default: the evaluation's scoring batch).
         task: score every image with this task's expert instead of routing it.
         fuse: run the flow's element-wise work compiled (``--compile_flow``; CUDA only); default: as
-            the run was trained (its first batches then compile, tens of seconds).
+            the run was trained (its first batches then compile).
     """
 
     def __init__(self, trained: TrainedRun, batch_size: Optional[int] = None, task: Optional[int] = None,

@@ -1,13 +1,11 @@
 """``python -m moleflow.reevaluate RUN_DIR [--score_aggregation_mode max ...]``: evaluate a finished run
 again with other scoring settings, without training, into a new experiment folder.
 
-The trained flow, memories and router are the run's own; the held-out images are the same ones
-(``--val_fraction`` and ``--seed`` of the run), scored again to set the thresholds under the new
-scoring (the router limits stay). The new folder (default ``<run's log_dir>/<run's name>_reeval_<time>``)
-gets ``final_results.csv`` (and the oracle's), ``per_image_scores.csv``,
-``results_by_defect_type.csv``, ``thresholds.csv``, the routing confusion and diagnostics when
-asked; not the accuracy matrices (those need every task's state after each later task). Its
-``config.json`` names the source run (``reevaluated_from``) and what changed (``changed``).
+The trained flow, memories and router are the run's own; the held-out images are the same (the run's
+``--val_fraction`` and ``--seed``), scored again for the thresholds (the router limits stay). The new
+folder (default ``<run's log_dir>/<run's name>_reeval_<time>``) gets the files of ``report.write_final``
+but not the accuracy matrices (they need every task's state after each later task). Its ``config.json``
+names the source run (``reevaluated_from``) and what changed (``changed``).
 """
 
 from __future__ import annotations

@@ -42,11 +42,9 @@ MATRIX_METRICS = ("img_auroc", "pixel_auroc", "img_ap", "pixel_ap", "aupro", "ro
 
 
 class RunClock:
-    """What a ``Run`` tells about its progress: it enters ``phase(name)`` around its work (setup,
-    data_check, data_decode, feature_extraction, flow_training, routing, memory, calibration, evaluation,
-    output)
-    and calls ``task_done`` after each task's evaluation. This one does nothing; the benchmark's
-    times the phases."""
+    """A ``Run`` enters ``phase(name)`` around its work (setup, data_check, data_decode, feature_extraction,
+    flow_training, routing, memory, calibration, evaluation, output) and calls ``task_done`` after each
+    task's evaluation. This one does nothing; the benchmark's times the phases."""
 
     def phase(self, name: str) -> ContextManager[None]:
         return contextlib.nullcontext()
@@ -71,14 +69,11 @@ def effective(config: AblationConfig, device: torch.device) -> dict[str, Any]:
 
 
 class Run:
-    """One experiment: holds the model, router, cached features and the result bookkeeping.
+    """One experiment: the model, router, cached features and the result bookkeeping.
 
-    Every setting and input is checked before the first training step: the data (files, masks,
-    good and defective test images; ``splits`` when the caller checked them already) and, once
-    the backbone is built, the top-k against its patch grid. ``progress=False`` or ``--quiet``
-    keeps the console to warnings; progress bars appear only on a terminal. ``clock`` is told
-    the phases (``RunClock``); ``weights='random'`` builds the backbone without its weights (the
-    benchmark's speed-only runs).
+    The data (``splits`` when the caller checked them already) and the top-k against the backbone's
+    patch grid are checked before the first training step. ``progress=False`` or ``--quiet`` keeps the
+    console to warnings; bars only on a terminal. ``weights='random'``: the benchmark's speed-only runs.
     """
 
     def __init__(self, config: AblationConfig, resume: Optional[ResumeState] = None, progress: bool = True,
@@ -211,8 +206,7 @@ class Run:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate_seen(self, after_task: int, oracle: bool, keep_maps: bool = False) -> list[ClassEvaluation]:
-        """Every class of the tasks up to ``after_task``: routed, or with the true task (``oracle``, or
-        without the router)."""
+        """Every class of the tasks up to ``after_task``: routed, or with the true task (``oracle``, no router)."""
         pairs = [(task_id, name) for task_id in range(after_task + 1) for name in self.tasks[task_id]]
         label = "oracle" if oracle else "routed"
         results = []
@@ -285,8 +279,7 @@ class Run:
             raise
 
     def _evaluate_task(self, task_id: int) -> dict:
-        """Evaluate every seen class after ``task_id``, record R[task_id][.], write its CSV and the
-        history; returns the means over the seen classes."""
+        """Evaluate the seen classes, record R[task_id][.], write CSV and checkpoint; the means over the classes."""
         results = self.evaluate_seen(task_id, oracle=False)
         self._record(task_id, results)
         with self.clock.phase("output"):
@@ -330,9 +323,8 @@ class Run:
         return self.finish()
 
     def finish(self, history: bool = True) -> RunResult:
-        """The final routed (and oracle) evaluation and every file of the run (``report.write_final``);
-        ``history=False`` leaves out the accuracy matrices (a re-evaluation). New feature-cache entries,
-        written meanwhile, are all on disk when it returns."""
+        """The final routed (and oracle) evaluation and the run's files (``report.write_final``; ``history=False``:
+        no accuracy matrices, a re-evaluation); new feature-cache entries are all on disk when it returns."""
         last = len(self.tasks) - 1
         routed = self.evaluate_seen(last, oracle=False, keep_maps=self.config.run_diagnostics)
         oracle = self.evaluate_seen(last, oracle=True) if self.config.eval_oracle else None

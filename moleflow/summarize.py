@@ -4,23 +4,19 @@ Usage::
 
     python -m moleflow.summarize logs/run_a logs/run_b ... [--out PATH]
 
-Each folder is an experiment folder written by ``run_moleflow.py``: ``config.json``,
-``final_results.csv`` (one row per class, last row ``mean``), ``continual_summary.csv`` (final mean,
-forgetting FM and backward transfer BWT per metric) and, when the run evaluated it,
-``final_results_oracle.csv`` (the true task given).
+Each folder is an experiment folder of ``run_moleflow.py``: ``config.json``, ``final_results.csv`` (one
+row per class, last row ``mean``), ``continual_summary.csv`` (final mean, forgetting FM and backward
+transfer BWT per metric) and, when evaluated, ``final_results_oracle.csv`` (the true task given).
 
-Runs are grouped by their settings: the resolved fields of ``config.json`` (``amp``, ``tf32`` and
-``compile_flow`` as they acted, from its ``effective`` record, and the resolved task list). Fields
-that do not change the results (``BOOKKEEPING``: seed, names, folders, device, ...) are left out, so
-the seeds of one configuration are averaged and runs whose settings differ in anything else never
-are. A field missing from an older run's ``config.json`` counts as ``unknown``: such runs are grouped
-only with runs that lack the same fields and agree on the rest. A group is named by its
-``ablation_preset``, plus the settings that tell it from other groups of the same preset.
+Runs are grouped by the resolved fields of ``config.json`` (``amp``, ``tf32`` and ``compile_flow`` as
+they acted, and the task list) except ``BOOKKEEPING`` (seed, names, folders, device, ...): the seeds of
+one configuration are averaged, runs differing in anything else never are. A field missing from an
+older run counts as ``unknown``. A group is named by its ``ablation_preset`` plus the settings that
+tell it from other groups of that preset.
 
-The standard deviation is the sample standard deviation (ddof = 1) over the runs of a group; it is
-NaN for a single run. A NaN in any run (e.g. routing accuracy, not measured when the true task was
-given) makes that cell's mean NaN: nothing is skipped. Files written (default: next to the runs, in
-their common parent folder, ``summary_<timestamp>*``; ``--out`` a ``.csv`` path or a folder):
+The std is the sample std (ddof = 1; NaN for one run); a NaN in any run makes that cell's mean NaN
+(nothing is skipped). Files written (default: the runs' common parent folder, ``summary_<timestamp>*``;
+``--out`` a ``.csv`` path or a folder):
 
 - ``summary_<ts>.csv``: per group, evaluation (``routed``/``oracle``) and class (and the ``mean``
   row): ``n_runs`` and ``<metric>_mean``, ``<metric>_std``;
@@ -28,7 +24,6 @@ their common parent folder, ``summary_<timestamp>*``; ``--out`` a ``.csv`` path 
 - ``summary_<ts>_groups.csv`` and ``.md``: one row per group side by side (routed means, oracle
   means, forgetting, BWT), its runs, seeds and distinguishing settings.
 """
-
 
 from __future__ import annotations
 
@@ -43,7 +38,8 @@ from typing import Optional, Sequence
 import pandas as pd
 
 from moleflow.run_groups import (
-    check_distinct, CONTINUAL_COLUMNS, differing_settings, group_runs, GroupSummary, load_run, METRIC_COLUMNS, SHORT, side_by_side, summarize_group, SummaryError,
+    CONTINUAL_COLUMNS, METRIC_COLUMNS, SHORT, GroupSummary, SummaryError, check_distinct, differing_settings,
+    group_runs, load_run, side_by_side, summarize_group,
 )
 
 
@@ -123,7 +119,7 @@ def format_report(summaries: Sequence[GroupSummary], differing: dict[str, dict[s
 
 # ------------------------------------------------------------------------------------------ output
 
-def output_paths(folders: Sequence[str], out: Optional[str], now: Optional[_dt.datetime] = None) -> dict[str, Path]:
+def output_paths(folders: Sequence[str], out: Optional[str]) -> dict[str, Path]:
     """Where the files go: ``--out`` (a ``.csv`` path, or a folder) or the runs' common parent folder,
     named ``summary_<timestamp>`` (a suffix keeps an earlier summary of the same second)."""
     if out is not None and not (out.endswith(os.sep) or os.path.isdir(out)):
@@ -131,14 +127,12 @@ def output_paths(folders: Sequence[str], out: Optional[str], now: Optional[_dt.d
     else:
         parent = Path(out) if out is not None else Path(os.path.commonpath(
             [os.path.dirname(os.path.realpath(f)) for f in folders]))
-        stamp = (now or _dt.datetime.now()).strftime("%Y%m%d_%H%M%S")
+        stamp = _dt.datetime.now().strftime("%Y%m%d_%H%M%S")
         base, suffix = parent / f"summary_{stamp}", 1
         while base.with_name(base.name + ".csv").exists():
             base, suffix = parent / f"summary_{stamp}_{suffix}", suffix + 1
-    return {"classes": base.with_name(base.name + ".csv"),
-            "continual": base.with_name(base.name + "_continual.csv"),
-            "groups": base.with_name(base.name + "_groups.csv"),
-            "markdown": base.with_name(base.name + "_groups.md")}
+    ends = {"classes": ".csv", "continual": "_continual.csv", "groups": "_groups.csv", "markdown": "_groups.md"}
+    return {key: base.with_name(base.name + end) for key, end in ends.items()}
 
 
 def _columns_first(table: pd.DataFrame, first: Sequence[str]) -> pd.DataFrame:

@@ -45,7 +45,6 @@ class Job:
     command: list[str]
     status: Optional[int] = None        # exit status; None while queued or running
     folder: Optional[Path] = None       # the experiment folder it made
-    seconds: float = 0.0
 
     @property
     def name(self) -> str:
@@ -118,10 +117,10 @@ class Sweep:
                 except OSError as err:
                     out.write(f"error: cannot start {job.command[0]}: {err}\n")
                     job.status = 127
-            job.seconds = time.monotonic() - start
+            seconds = time.monotonic() - start
             job.folder = _new_folder(self.log_dir, job.name, before)
             state = "done" if job.status == 0 else f"FAILED (exit {job.status})"
-            self.say(f"{state} {job.name} on {where} in {job.seconds:.0f} s: "
+            self.say(f"{state} {job.name} on {where} in {seconds:.0f} s: "
                      f"{job.folder if job.folder else 'no experiment folder'}")
 
     def run(self) -> None:
@@ -199,14 +198,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     where = "the CPU, one at a time" if slots == [""] else f"GPU(s) {' '.join(slots)}, one run per slot"
     print(f"sweep {args.mode}: {len(jobs)} run(s) on {where}; folders, console logs and summary in {log_dir}")
     Sweep(jobs, slots, log_dir).run()
-    failed: list[tuple[Job, str]] = []
-    finished: list[str] = []
-    for job in jobs:
-        why = failure(job, log_dir / "console" / f"{job.name}.log")
-        if why:
-            failed.append((job, why))
-        else:
-            finished.append(str(job.folder))
+    outcomes = [(job, failure(job, log_dir / "console" / f"{job.name}.log")) for job in jobs]
+    finished = [str(job.folder) for job, why in outcomes if why is None]
+    failed = [(job, why) for job, why in outcomes if why is not None]
     status = 0
     if finished:
         from moleflow import summarize
