@@ -280,7 +280,7 @@ def timed_run(config: AblationConfig, weights: str, e2e_images: int = 640, e2e_b
                      "per_task": stats, "from_third_task_images_per_s": _rate(stats[2:])},
         "decode_images_per_s": _per_s(decoded, phases.get("data_decode", 0.0)),
         "extraction_images_per_s": _per_s(decoded, phases.get("feature_extraction", 0.0)),
-        # decoding overlaps extraction (worker processes): the two phases together are the figure to read
+        # decoding overlaps extraction (data_decode: cache reads, augmenting sets): the sum is the figure to read
         "decode_extraction_s": decode_extraction,
         "decode_extraction_images_per_s": _per_s(decoded, decode_extraction),
         "feature_cache": {"folder": str(run.source.cache.root) if run.source.cache else None,

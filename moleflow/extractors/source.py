@@ -94,13 +94,14 @@ class FeatureSource:
                  phase: Phase = _no_phase) -> tuple[FeatureSet, FeatureCount]:
         """The ``FeatureSet`` of ``dataset`` and how many images came from the cache.
 
-        ``phase`` is told ``data_decode`` (reading the cache) and ``feature_extraction`` (decoding
-        overlapped with the backbone) around the work.
+        ``phase`` is told ``data_decode`` (reading the cache; decoding an augmenting dataset) and
+        ``feature_extraction`` (decoding overlapped with the backbone) around the work.
         """
         if dataset.augment or (self.cache is None and not self.workers):
-            with phase("data_decode"):
-                decode_all(dataset)
-            with phase("feature_extraction"):
+            if dataset.augment:  # augmented in item order on this thread: the images decoded first, in parallel
+                with phase("data_decode"):
+                    decode_all(dataset)
+            with phase("feature_extraction"):  # plain images: decoded on a thread pool while the backbone runs
                 feats = extract_features(self.extractor, dataset, self.batch_size, self.device, keep_masks,
                                          desc=desc, progress=self.progress)
             count = FeatureCount(extracted=len(dataset))
@@ -250,11 +251,10 @@ class FeatureSource:
 
     def _extract_in_process(self, dataset: AnomalyDataset, indices: list[int], patches: Tensor,
                             masks: Optional[Tensor], keys: list[Optional[str]], desc: str) -> None:
-        """``_extract`` without worker processes: ``decode_all`` and ``extract_features`` over the
-        images ``indices``, then their cache entries queued."""
+        """``_extract`` without worker processes: ``extract_features`` over the images ``indices`` (decoded on
+        its thread pool while the backbone runs), then their cache entries queued."""
         part = AnomalyDataset([dataset.samples[i] for i in indices], dataset.img_size,
                               resize_mode=dataset.resize_mode)
-        decode_all(part)
         rows: list[Tensor] = []
         feats = extract_features(self.extractor, part, self.batch_size, self.device, keep_masks=True, desc=desc,
                                  progress=self.progress, stored=rows.append)
