@@ -22,7 +22,6 @@ import torch
 from moleflow.benchmark.limits import measure_limits
 from moleflow.benchmark.synthetic import SyntheticSpec, generate_synthetic_dataset
 from moleflow.benchmark.timing import timed_run
-from moleflow.build import build_backbone
 from moleflow.config.ablation import DEMO_SETTINGS, PRESETS, AblationConfig, apply_overrides, config_fields
 from moleflow.data import generate_demo_dataset, list_classes
 
@@ -254,23 +253,21 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.warm_cache and not args.feature_cache:
         args.feature_cache = str(Path(args.data_path).parent / "feature_cache")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
     classes, dataset, data_info = prepare_data(args)
     path = Path(args.json) if args.json else Path(args.data_path).parent / f"benchmark_{time.strftime('%Y%m%d_%H%M%S')}.json"
     config = resolve_config(args, classes, dataset, Path(args.log_dir) if args.log_dir else path.parent / "benchmark_runs")
-    tf32 = bool(args.tf32) and device.type == "cuda"
     result: dict[str, Any] = {
         "label": args.label, "command": "python -m moleflow.benchmark " + shlex.join(argv or sys.argv[1:]),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch": torch.__version__, "python": platform.python_version(), "dataset": data_info,
         "backbone": config.backbone_name, "backbone_weights": args.weights,
         "backbone_weights_note": RANDOM_WEIGHTS_NOTE if args.weights == "random" else "",
-        "speed_settings": {"amp": bool(args.amp) and device.type == "cuda", "tf32": tf32,
+        "speed_settings": {"amp": bool(args.amp) and cuda, "tf32": bool(args.tf32) and cuda,
                            "batch_size": config.batch_size, "num_workers": config.num_workers,
-                           "cuda_graphs": config.cuda_graphs and device.type == "cuda",
-                           "compile_flow": config.compile_flow and device.type == "cuda"},
+                           "cuda_graphs": config.cuda_graphs and cuda, "compile_flow": config.compile_flow and cuda},
         "config": config.to_dict(), "goals_targets": GOALS,
     }
     print(f"benchmark: {len(classes)} classes, backbone {config.backbone_name} ({args.weights} weights), device {device}",
@@ -278,9 +275,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if args.weights == "random":
         print(f"NOTE: {RANDOM_WEIGHTS_NOTE}", flush=True)
     if not args.skip_limits:
-        grid, dim = _grid_and_dim(config)
-        result["limits"] = measure_limits(device, config, config.backbone_name, config.img_size, dim, grid,
-                                          quick=args.quick_limits)
+        result["limits"] = measure_limits(device, config, quick=args.quick_limits)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1, default=str))  # the limits survive a run that is stopped
     if not args.skip_run:
@@ -327,12 +322,6 @@ def warm_cache_runs(config: AblationConfig, args: argparse.Namespace) -> tuple[d
                   "cold_decode_extraction_images_per_s": cold["decode_extraction_images_per_s"],
                   "warm_images_from_cache": warm["feature_cache"]["images_from_cache"],
                   "final_results_identical": files[0] == files[1], "warm_run": warm}
-
-
-def _grid_and_dim(config: AblationConfig) -> tuple[tuple[int, int], int]:
-    """The backbone's patch grid and D (``feature_dim`` 0: the width it picks)."""
-    extractor = build_backbone(config, torch.device("cpu"), weights="random")
-    return tuple(extractor.grid_size()), extractor.feature_dim
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from moleflow.build import build_flow, build_trainer
+from moleflow.build import build_backbone, build_flow, build_trainer
 from moleflow.config.ablation import AblationConfig
 from moleflow.extractors.cnn_extractor import select_stages
 from moleflow.models.loss import patch_nll
@@ -174,38 +174,32 @@ def flow_step_diagnostics(device: torch.device, config: AblationConfig, dim: int
     return out
 
 
-def measure_limits(device: torch.device, config: AblationConfig, backbone: str, img_size: int, dim: int,
-                   grid: tuple[int, int], quick: bool = False) -> dict:
+def measure_limits(device: torch.device, config: AblationConfig, quick: bool = False) -> dict:
     """All limits and our flow alone, as one JSON-ready dict (``quick``: 1 warm-up, 1 step each)."""
+    extractor = build_backbone(config, torch.device("cpu"), weights="random")  # feature_dim 0: the width it picks
+    grid, dim = tuple(extractor.grid_size()), extractor.feature_dim
     reps = {"warmup": 1, "iters": 1} if quick else {}
     batch = 2 if quick else 64
+    precisions = {"fp32": False, "tf32": True} if device.type == "cuda" else {"fp32": False}
     result: dict = {"batch": batch}
-    result["backbone_fp32_images_per_s"] = backbone_limit(device, backbone, batch, img_size, bf16=False, **reps)
+    result["backbone_fp32_images_per_s"] = backbone_limit(device, config.backbone_name, batch, config.img_size, **reps)
     if device.type == "cuda":
-        result["backbone_bf16_channels_last_images_per_s"] = backbone_limit(device, backbone, batch, img_size,
-                                                                            bf16=True, **reps)
-    ref_blocks = 8
-    result["reference_flow"] = {"blocks": ref_blocks, "dim": dim, "grid": list(grid),
-                                "fp32": _ref(device, dim, grid, ref_blocks, batch, False, reps)}
-    if device.type == "cuda":
-        result["reference_flow"]["tf32"] = _ref(device, dim, grid, ref_blocks, batch, True, reps)
-    precisions = (False, True) if device.type == "cuda" else (False,)
-    ours: dict = {}
-    for tf32 in precisions:
-        for train_batch in sorted({config.batch_size, batch}):
-            key = f"{'tf32' if tf32 else 'fp32'}_train_batch{train_batch}"
-            ours[key] = our_flow_throughput(device, config, dim, grid, train_batch, max(batch, 2 * config.batch_size),
-                                            tf32, **reps)
-    result["our_flow"] = ours
-    result["our_flow_task1_step_diagnostics"] = {
-        f"{'tf32' if tf32 else 'fp32'}_batch{config.batch_size}": flow_step_diagnostics(
-            device, config, dim, grid, config.batch_size, tf32, iters=reps.get("iters", 20))
-        for tf32 in precisions}
-    return result
-
-
-def _ref(device: torch.device, dim: int, grid: tuple[int, int], blocks: int, batch: int, tf32: bool,
-         reps: dict) -> dict[str, float]:
+        result["backbone_bf16_channels_last_images_per_s"] = backbone_limit(device, config.backbone_name, batch,
+                                                                            config.img_size, bf16=True, **reps)
     if grid[0] != grid[1]:
         raise ValueError(f"the reference flow is measured on square grids, got {grid}")
-    return reference_flow_limits(device, dim, grid[0], blocks, batch, tf32, **reps)
+    ref_blocks = 8
+    result["reference_flow"] = {"blocks": ref_blocks, "dim": dim, "grid": list(grid)}
+    for label, tf32 in precisions.items():
+        result["reference_flow"][label] = reference_flow_limits(device, dim, grid[0], ref_blocks, batch, tf32, **reps)
+    ours: dict = {}
+    for label, tf32 in precisions.items():
+        for train_batch in sorted({config.batch_size, batch}):
+            ours[f"{label}_train_batch{train_batch}"] = our_flow_throughput(
+                device, config, dim, grid, train_batch, max(batch, 2 * config.batch_size), tf32, **reps)
+    result["our_flow"] = ours
+    result["our_flow_task1_step_diagnostics"] = {
+        f"{label}_batch{config.batch_size}": flow_step_diagnostics(
+            device, config, dim, grid, config.batch_size, tf32, iters=reps.get("iters", 20))
+        for label, tf32 in precisions.items()}
+    return result

@@ -34,14 +34,11 @@ def metric_differences(a: Path, b: Path) -> dict[str, float]:
     rows_b = {r["class_name"]: r for r in _read(b / "final_results.csv")}
     if rows_a.keys() != rows_b.keys():
         raise SystemExit(f"error: {a} and {b} evaluated different classes; compare runs of the same flags")
-    worst = {}
-    for metric in METRICS:
-        diffs = []
-        for name, row in rows_a.items():
-            x, y = float(row[metric]), float(rows_b[name][metric])
-            diffs.append(0.0 if math.isnan(x) and math.isnan(y) else abs(x - y))
-        worst[metric] = max(diffs)
-    return worst
+
+    def diff(x: float, y: float) -> float:
+        return 0.0 if math.isnan(x) and math.isnan(y) else abs(x - y)
+
+    return {m: max(diff(float(row[m]), float(rows_b[name][m])) for name, row in rows_a.items()) for m in METRICS}
 
 
 def routing_changes(a: Path, b: Path) -> int:

@@ -29,23 +29,14 @@ _LOW_RES = 96
 
 @dataclass(frozen=True)
 class SyntheticSpec:
-    """Sizes of the synthetic dataset.
+    """Sizes of the synthetic dataset (image sides in px)."""
 
-    Attributes:
-        num_classes: classes (tasks in a 1-1 scenario).
-        n_train: good training images per class.
-        n_test: test images per class (good and defective).
-        min_px: smallest image side.
-        max_px: largest image side.
-        seed: seed of all randomness.
-    """
-
-    num_classes: int = 15
-    n_train: int = 240
-    n_test: int = 115
+    num_classes: int = 15  # tasks in a 1-1 scenario
+    n_train: int = 240  # good training images per class
+    n_test: int = 115  # test images per class, good and defective
     min_px: int = 700
     max_px: int = 1024
-    seed: int = 0
+    seed: int = 0  # of all randomness
 
     def class_names(self) -> list[str]:
         return [f"class_{i:02d}" for i in range(self.num_classes)]

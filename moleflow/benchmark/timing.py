@@ -78,12 +78,11 @@ class BenchmarkClock(PhaseClock):
 
     def task_done(self, run: Run, task_id: int, stats: Optional[TaskStats], mean: dict) -> None:
         images = sum(len(run.splits[c].train) for c in run.tasks[task_id])
-        epochs = run.config.num_epochs if stats is not None else 0
         self.train_stats.append({"task": task_id, "images": images, "steps": stats.steps if stats else 0,
                                  "skipped": stats.skipped_batches if stats else 0,
                                  "final_loss": stats.final_loss if stats else None,
                                  "seconds": self.last.get("flow_training", 0.0) if stats else 0.0,
-                                 "image_steps": images * epochs})
+                                 "image_steps": images * run.config.num_epochs if stats else 0})
         self.after_task.append({"task": task_id, **{k: mean[k] for k in SUMMARY_METRICS}})
         self.growth.append(param_counts(run.model))
         with self.phase("e2e_measurement"):
@@ -220,13 +219,6 @@ def _e2e_paths(run: Run, count: int) -> list[str]:
     return [str(sample.image_path) for sample in _round_robin(tests, count)]
 
 
-def _rate(stats: list[dict]) -> Optional[float]:
-    """Training images/s over ``stats`` (per-task rows), None when empty. From the third task on
-    nothing compiles under --compile_flow (task 1 compiles the graph later tasks share)."""
-    seconds = sum(s["seconds"] for s in stats)
-    return sum(s["image_steps"] for s in stats) / seconds if stats and seconds > 0 else None
-
-
 def _mean(rows: list[dict]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in SUMMARY_METRICS}
 
@@ -246,8 +238,7 @@ def timed_run(config: AblationConfig, weights: str, e2e_images: int = 640, e2e_b
     Returns:
         JSON-ready dict: phases, throughputs, memory, parameters, inference vs tasks, metrics.
     """
-    device = torch.device(config.device) if config.device != "auto" else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(config.device if config.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":  # peaks of this run only (the limits measured before are released)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -265,7 +256,8 @@ def timed_run(config: AblationConfig, weights: str, e2e_images: int = 640, e2e_b
     decoded = n_train + n_held + n_test
     decode_extraction = phases.get("data_decode", 0.0) + phases.get("feature_extraction", 0.0)
     stats, growth, inference = clock.train_stats, clock.growth, clock.inference
-    image_steps = sum(s["image_steps"] for s in stats)
+    image_steps, train_s = sum(s["image_steps"] for s in stats), phases.get("flow_training", 0.0)
+    steady = stats[2:]  # from the third task on nothing compiles under --compile_flow (task 1 compiles the graph)
     oracle = result.oracle_mean_row
     return {
         "tasks": run.tasks,
@@ -275,9 +267,9 @@ def timed_run(config: AblationConfig, weights: str, e2e_images: int = 640, e2e_b
         "phases_s": phases,
         "run_total_s": run_total,
         "wall_with_measurements_s": wall,
-        "training": {"image_steps": image_steps, "seconds": phases.get("flow_training", 0.0),
-                     "images_per_s": image_steps / phases["flow_training"] if phases.get("flow_training") else None,
-                     "per_task": stats, "from_third_task_images_per_s": _rate(stats[2:])},
+        "training": {"image_steps": image_steps, "seconds": train_s, "images_per_s": _per_s(image_steps, train_s),
+                     "per_task": stats, "from_third_task_images_per_s":
+                         _per_s(sum(s["image_steps"] for s in steady), sum(s["seconds"] for s in steady))},
         "decode_images_per_s": _per_s(decoded, phases.get("data_decode", 0.0)),
         "extraction_images_per_s": _per_s(decoded, phases.get("feature_extraction", 0.0)),
         # decoding overlaps extraction (data_decode: cache reads, augmenting sets): the sum is the figure to read
