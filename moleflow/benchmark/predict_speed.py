@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moleflow.benchmark.limits import sync
+from moleflow.benchmark.limits import images_per_second
 from moleflow.predictor import Predictor
 from moleflow.trained import TrainedRun
 
@@ -32,18 +32,11 @@ def trained_from_run(run: Any) -> TrainedRun:
 @torch.no_grad()
 def decoded_images_per_s(predictor: Predictor, images: Tensor, batch: int) -> float:
     """Images/s of ``Predictor.score`` over ``images`` (host tensors) in batches of ``batch``."""
-    device = predictor.trained.device
-
     def one_pass() -> Tensor:
         scores = [predictor.score(images[s:s + batch]).image_scores for s in range(0, len(images), batch)]
         return torch.cat(scores).cpu()
 
-    one_pass()
-    sync(device)
-    started = time.perf_counter()
-    one_pass()
-    sync(device)
-    return len(images) / (time.perf_counter() - started)
+    return images_per_second(one_pass, len(images), predictor.trained.device, warmup=1, iters=1)
 
 
 def files_images_per_s(predictor: Predictor, paths: list[str]) -> float:
