@@ -37,16 +37,14 @@ def build_extractor(
 
     Args:
         backbone_name: timm model name, optionally with a pretrained tag (``resnet50.a1_in1k``).
-        feature_dim: ``D``, the width of each patch feature.
+        feature_dim: ``D``, the width of each patch feature (0: chosen from the backbone's width).
         img_size: Input size, an int or ``(height, width)``.
-        weights: ``"pretrained"`` (ImageNet; offline package weights for ``efficientnet_lite0``;
-            otherwise timm's download, and a :class:`BackboneError` naming the ways out if that
-            fails) or ``"random"`` (explicit random init, for tests).
+        weights: ``"pretrained"`` (ImageNet; see :func:`~moleflow.extractors.weights.create_backbone`) or
+            ``"random"`` (explicit random init, for tests).
         weights_path: Local ``.pth``/``.pt``/``.safetensors`` state dict; overrides ``weights``.
         amp: On CUDA, bfloat16 autocast (and channels-last for CNNs); output stays float32.
         strides: CNNs: the strides of the stages to use (``--feature_strides``).
-        pooling: CNNs: ``'unfold'`` (reference) or ``'avg'`` (``--feature_pooling``; see
-            :mod:`moleflow.extractors.cnn_extractor`).
+        pooling: CNNs: ``'unfold'`` (reference) or ``'avg'`` (``--feature_pooling``; see :mod:`.cnn_extractor`).
 
     Returns:
         A frozen extractor mapping ``(B, 3, S_h, S_w)`` to ``(B, H', W', D)``.
@@ -67,15 +65,7 @@ def build_extractor(
 
 
 __all__ = [
-    "BackboneError",
-    "CNNPatchCoreExtractor",
-    "DEFAULT_REDUCTIONS",
-    "POOLINGS",
-    "DEFAULT_BACKBONE",
-    "FeatureExtractor",
-    "OFFLINE_BACKBONE",
-    "ViTPatchCoreExtractor",
-    "build_extractor",
-    "channel_pool",
+    "BackboneError", "CNNPatchCoreExtractor", "DEFAULT_REDUCTIONS", "POOLINGS", "DEFAULT_BACKBONE", "FeatureExtractor",
+    "OFFLINE_BACKBONE", "ViTPatchCoreExtractor", "build_extractor", "channel_pool",
     "efficientnet_lite0_offline_state_dict",
 ]

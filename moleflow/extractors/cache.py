@@ -157,8 +157,7 @@ class FeatureCache:
         description = self.folder / DESCRIPTION
         if not description.is_file():
             _atomic_write(description, json.dumps({"format": FORMAT, **identity}, indent=1).encode())
-        probe = tempfile.NamedTemporaryFile(dir=self.folder, prefix=".probe", delete=True)
-        probe.close()
+        tempfile.NamedTemporaryFile(dir=self.folder, prefix=".probe", delete=True).close()  # OSError: not writable
         self.index = self._open_index()
 
     def _open_index(self) -> CacheIndex:
@@ -184,13 +183,13 @@ class FeatureCache:
         """Where each key's entry lies (None: not in the cache)."""
         return self.index.locate(keys)
 
-    def read(self, key: str, out: Tensor, mask: Optional[Tensor] = None) -> Optional["Entry"]:
+    def read(self, key: str, out: Tensor, mask: Optional[Tensor] = None) -> Optional[Entry]:
         """The entry ``key`` read into ``out`` (and ``mask``; see ``read_located``), or None."""
         (location,) = self.locate([key])
         return self.read_located([(location, out, mask)])()[0] if location is not None else None
 
     def read_located(self, requests: Sequence[Request],
-                     submit: Callable[..., Future] = _at_once) -> Callable[[], list[Optional["Entry"]]]:
+                     submit: Callable[..., Future] = _at_once) -> Callable[[], list[Optional[Entry]]]:
         """Start reading entries; returns a function that waits for them and gives them in order.
 
         Args:
@@ -261,7 +260,9 @@ class FeatureCache:
                 if end - first.offset > done:
                     raise ValueError("truncated")
                 header = _parse_head(head, location.key)
-                _check_layout(header, out)
+                if tuple(header["shape"]) != tuple(out.shape) or header["dtype"] != dtype_name(out.dtype):
+                    raise ValueError(f"{header['dtype']} rows of shape {tuple(header['shape'])}, expected "
+                                     f"{dtype_name(out.dtype)} {tuple(out.shape)}")
                 if features is None or (header["mask"] or 0) != location.mask:
                     raise ValueError(f"{location.size} bytes with a mask of side {header['mask']}, the index says "
                                      f"a mask of side {location.mask}")
@@ -309,13 +310,10 @@ class FeatureCache:
             return segment, offset
 
     def trim(self) -> int:
-        """Bring the cache's segments under ``max_bytes``; returns their bytes. Call it with none of this
-        cache's writes in flight: it first lets go of its segments.
-
-        Deletes an older format's files and killed writers' segments without entries (unchanged for
-        ``STALE_S``); past the bound, forgets the least recently used entries until the live ones fit and
-        rewrites the segments with dead bytes, most dead first, until the folder fits. A busy index or a
-        failed rewrite is reported; the cache stays usable."""
+        """Bring the cache's segments under ``max_bytes`` (module docstring); returns their bytes. Call it with
+        none of this cache's writes in flight: it first lets go of its segments. Also deletes an older format's
+        files and killed writers' segments (no entries, unchanged for ``STALE_S``). A busy index or a failed
+        rewrite is reported; the cache stays usable."""
         with self._segment_lock:
             for segment in self._segments:
                 os.close(segment.fd)
@@ -368,12 +366,6 @@ def _parse_head(head: bytearray, key: str) -> dict:
     if header["key"] != key:
         raise ValueError("its key does not match its name")
     return header
-
-
-def _check_layout(header: dict, out: Tensor) -> None:
-    if tuple(header["shape"]) != tuple(out.shape) or header["dtype"] != dtype_name(out.dtype):
-        raise ValueError(f"{header['dtype']} rows of shape {tuple(header['shape'])}, expected "
-                         f"{dtype_name(out.dtype)} {tuple(out.shape)}")
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

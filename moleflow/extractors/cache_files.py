@@ -9,6 +9,7 @@ entries' bytes are then dead space that compaction reclaims).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import secrets
@@ -16,7 +17,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -84,7 +85,7 @@ class CacheIndex:
     def add(self, location: Location) -> None:
         """Record an entry (replacing the key's earlier location, whose bytes become dead space)."""
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)", _row(location))
+            self._db.execute("INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)", astuple(location))
 
     def remove(self, locations: Iterable[Location]) -> None:
         """Forget entries, each only if it is still where it was seen (another run may have rewritten it)."""
@@ -117,20 +118,12 @@ class CacheIndex:
             self._db.execute("COMMIT")
 
 
-def _row(location: Location) -> tuple:
-    return (location.key, location.folder, location.segment, location.offset, location.size, location.mask,
-            location.used)
-
-
 def cache_entries(root: Path) -> list[Location]:
     """Every entry of the cache at ``root`` (none when it has no index)."""
     if not (Path(root) / INDEX).is_file():
         return []
-    index = CacheIndex(Path(root))
-    try:
+    with contextlib.closing(CacheIndex(Path(root))) as index:
         return index.entries()
-    finally:
-        index.close()
 
 
 def backbone_folders(root: Path) -> list[Path]:

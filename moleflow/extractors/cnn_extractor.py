@@ -77,12 +77,9 @@ class CNNPatchCoreExtractor(FeatureExtractor):
         backbone_name: timm CNN name, e.g. ``wide_resnet50_2``, ``resnet18``, ``efficientnet_lite0``.
         feature_dim: ``D``; 0 = :func:`auto_feature_dim` of the pooled width (``'avg'``: the summed
             channels; ``'unfold'``: the widest stage's C*9).
-        img_size: Input size, an int or ``(height, width)``.
-        weights: ``"pretrained"`` or ``"random"`` (tests only); see :func:`create_backbone`.
-        weights_path: Local state dict; overrides ``weights``.
-        amp: On CUDA, run the backbone channels-last in bfloat16 autocast.
         reductions: Strides of the stages to use (each the deepest stage with that stride).
         pooling: ``'unfold'`` or ``'avg'`` (module docstring).
+        img_size, weights, weights_path, amp: as for :func:`~moleflow.extractors.build_extractor`.
     """
 
     def __init__(

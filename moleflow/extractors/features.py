@@ -56,23 +56,16 @@ def decode_threads() -> int:
 
 
 def stored_rows(extractor: nn.Module, images: Tensor) -> Tensor:
-    """``extractor.stored(images)`` with the backbone run :func:`by_chunks` of ``EXTRACT_CHUNK`` images:
-    an image's features never depend on which images share its batch (a run with the feature cache, a
-    partly filled one, another seed's held-out pick or another ``--batch_size`` gives the same bits)."""
+    """``extractor.stored(images)`` with the backbone run :func:`by_chunks` of ``EXTRACT_CHUNK`` images, so an
+    image's features never depend on its batch (the cache, a held-out pick or ``--batch_size`` keep the bits)."""
     return by_chunks(extractor.stored, images, EXTRACT_CHUNK)
 
 
 def iter_batches(dataset: Dataset, batch_size: int, threads: Optional[int] = None,
                  pin_memory: bool = False) -> Iterator[dict]:
-    """Yield the dataset's items in order, collated into batches.
-
-    Args:
-        dataset: items are dicts of tensors and ints (AnomalyDataset).
-        batch_size: items per batch.
-        threads: thread-pool size; default :func:`decode_threads` (an augmenting dataset: the
-            calling thread alone).
-        pin_memory: collate into page-locked memory (faster, asynchronous copies to a GPU).
-    """
+    """Yield the items of ``dataset`` (an AnomalyDataset) in order, collated into batches, read on ``threads``
+    threads (default :func:`decode_threads`; an augmenting dataset: the calling thread alone); ``pin_memory``:
+    collate into page-locked memory (asynchronous copies to a GPU)."""
     threads = decode_threads() if threads is None else threads
     n = len(dataset)
     if threads <= 1 or getattr(dataset, "augment", False):
@@ -114,16 +107,14 @@ def decode_all(dataset: Dataset) -> int:
 def extract_features(extractor: nn.Module, dataset: Dataset, batch_size: int, device: torch.device,
                      keep_masks: bool, desc: str = "extract", progress: bool = True,
                      stored: Optional[Callable[[Tensor], None]] = None) -> FeatureSet:
-    """Run ``extractor`` over ``dataset`` (items: dict with image, mask, label).
+    """Run ``extractor`` over ``dataset`` (an AnomalyDataset: items are dicts with image, mask, label).
 
     Args:
         extractor: frozen backbone, (B, 3, S, S) -> (B, H, W, D).
-        dataset: AnomalyDataset.
         batch_size: images per forward pass.
         device: where the backbone runs and the features are kept.
         keep_masks: keep the masks (test sets) or drop them (training sets).
-        desc: progress-bar label.
-        progress: show a tqdm bar.
+        desc, progress: the tqdm bar's label, and whether to show it.
         stored: called with each batch's stored rows (:func:`stored_rows`: what a cache keeps).
     """
     pin = device.type == "cuda"

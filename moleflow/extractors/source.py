@@ -113,11 +113,10 @@ class FeatureSource:
     def _features(self, dataset: AnomalyDataset, keep_masks: bool, desc: str,
                   phase: Phase) -> tuple[FeatureSet, FeatureCount]:
         n, size = len(dataset), dataset.img_size
-        (h, w), dim = self.extractor.grid_size(), self.extractor.feature_dim
         masks = torch.zeros(n, size, size, dtype=torch.uint8) if keep_masks else None
         keys: list[Optional[str]] = [None] * n
         found = [False] * n
-        patches = torch.empty(n, h, w, dim, device=self.device)
+        patches = torch.empty(n, *self.extractor.grid_size(), self.extractor.feature_dim, device=self.device)
         with phase("data_decode"):  # features read instead of images decoded
             if self.cache is not None:
                 keys, found = self._read(dataset, patches, masks)
@@ -224,11 +223,11 @@ class FeatureSource:
                  keys: list[Optional[str]], desc: str) -> None:
         """Decode and extract the images ``indices`` of ``dataset`` into ``patches`` (and ``masks``),
         queuing each new entry for the cache."""
-        samples = [dataset.samples[i] for i in indices]
         if not self.workers:  # no worker processes: the images on a thread pool, then the backbone
             self._extract_in_process(dataset, indices, patches, masks, keys, desc)
             return
-        workers = self.workers if len(samples) > 2 * CHUNK else 0  # a few images: worker start-up costs more
+        workers = self.workers if len(indices) > 2 * CHUNK else 0  # a few images: worker start-up costs more
+        samples = [dataset.samples[i] for i in indices]
         chunks = decoded_chunks(samples, dataset.img_size, dataset.resize_mode, workers)
         pending: list[tuple[np.ndarray, Optional[np.ndarray]]] = []  # decoded, not yet extracted
         done = 0

@@ -37,11 +37,8 @@ class ViTPatchCoreExtractor(FeatureExtractor):
         backbone_name: timm ViT name, e.g. ``vit_base_patch16_224``, ``deit_small_patch16_224``,
             ``vit_small_patch14_dinov2``.
         feature_dim: ``D``; 0 = :func:`auto_feature_dim` of the token width.
-        img_size: Input size, an int or ``(height, width)``; positional embeddings are created
-            (and pretrained ones resampled by timm) for it.
-        weights: ``"pretrained"`` or ``"random"`` (tests only).
-        weights_path: Local state dict; overrides ``weights``.
-        amp: On CUDA, run the backbone in bfloat16 autocast.
+        img_size: An int or ``(height, width)``; positional embeddings are made (pretrained ones resampled) for it.
+        weights, weights_path, amp: as for :func:`~moleflow.extractors.build_extractor`.
     """
 
     def __init__(

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import timm
 import torch
+from timm.models import vision_transformer
 from torch import Tensor, nn
 
 DEFAULT_BACKBONE = "wide_resnet50_2"
@@ -49,14 +50,11 @@ def check_backbone_name(backbone_name: str) -> None:
 def _unwrap(obj: Any, source: str) -> dict[str, Tensor]:
     """Find the tensor dict inside a checkpoint (``{'state_dict': ...}``, ``{'model': ...}`` ...)."""
     for _ in range(3):
-        if isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()):
+        if not isinstance(obj, dict):
+            break
+        if obj and all(isinstance(v, Tensor) for v in obj.values()):
             return dict(obj)
-        if isinstance(obj, dict):
-            inner = next((obj[k] for k in _CONTAINER_KEYS if isinstance(obj.get(k), dict)), None)
-            if inner is not None:
-                obj = inner
-                continue
-        break
+        obj = next((obj[k] for k in _CONTAINER_KEYS if isinstance(obj.get(k), dict)), None)
     raise BackboneError(f"{source}: no state dict of tensors found in the file")
 
 
@@ -121,12 +119,12 @@ def load_state_dict_into(model: nn.Module, state_dict: dict[str, Tensor], source
             wrong.append(f"{key} {tuple(value.shape)} vs {tuple(ref.shape)}")
         else:
             matched[key] = value
-    if missing or wrong:
-        detail = []
-        if missing:
-            detail.append(f"{len(missing)} of {len(own)} tensors missing (e.g. {', '.join(missing[:3])})")
-        if wrong:
-            detail.append(f"{len(wrong)} with wrong shapes (e.g. {'; '.join(wrong[:2])})")
+    detail = []
+    if missing:
+        detail.append(f"{len(missing)} of {len(own)} tensors missing (e.g. {', '.join(missing[:3])})")
+    if wrong:
+        detail.append(f"{len(wrong)} with wrong shapes (e.g. {'; '.join(wrong[:2])})")
+    if detail:
         raise BackboneError(f"{source}: does not fit the backbone: {'; '.join(detail)}")
     model.load_state_dict(matched, strict=True)
     return len(matched)
@@ -181,19 +179,9 @@ def _has_pretrained(backbone_name: str) -> bool:
 
 def create_backbone(backbone_name: str, weights: str = "pretrained", weights_path: Optional[str] = None,
                     **timm_kwargs: Any) -> nn.Module:
-    """Create a timm model and load its weights.
-
-    Order: ``weights_path`` if given; else ``weights="random"`` -> random init; else
-    ``efficientnet_lite0`` -> the offline package weights; else timm ``pretrained=True``.
-
-    Args:
-        backbone_name: timm model name (optionally with a pretrained tag).
-        weights: ``"pretrained"`` or ``"random"`` (tests only).
-        weights_path: Local state-dict file; overrides ``weights``.
-        **timm_kwargs: Passed to ``timm.create_model`` (``features_only``, ``out_indices``, ``img_size`` ...).
-
-    Returns:
-        The model, with weights loaded.
+    """A timm model with its weights: ``weights_path`` if given; else ``weights="random"`` -> random init
+    (tests only); else ``efficientnet_lite0`` -> the offline package weights; else timm ``pretrained=True``.
+    ``timm_kwargs`` go to ``timm.create_model`` (``features_only``, ``out_indices``, ``img_size`` ...).
 
     Raises:
         ValueError: ``weights`` is not one of ``WEIGHT_MODES``.
@@ -205,9 +193,9 @@ def create_backbone(backbone_name: str, weights: str = "pretrained", weights_pat
     if weights_path is not None:
         state_dict = read_state_dict_file(weights_path)
         model = timm.create_model(backbone_name, pretrained=False, **timm_kwargs)
-        filter_fn = _checkpoint_filter(model)
-        if filter_fn is not None:
-            state_dict = filter_fn(strip_prefixes(state_dict, list(model.state_dict())), model)
+        if isinstance(model, vision_transformer.VisionTransformer):  # positional embeddings resampled to img_size
+            stripped = strip_prefixes(state_dict, list(model.state_dict()))
+            state_dict = vision_transformer.checkpoint_filter_fn(stripped, model)
         load_state_dict_into(model, state_dict, f"--backbone_weights {weights_path}")
         return model
     if weights == "random":
@@ -225,12 +213,3 @@ def create_backbone(backbone_name: str, weights: str = "pretrained", weights_pat
     except Exception as exc:  # noqa: BLE001 - network, hub and file errors all end the same way
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
         raise BackboneError(f"the weights for {backbone_name} could not be loaded ({reason}); {WAYS_OUT}") from exc
-
-
-def _checkpoint_filter(model: nn.Module) -> Optional[Any]:
-    """timm's checkpoint filter for ViTs (positional-embedding resampling to ``img_size``), else None."""
-    from timm.models import vision_transformer
-
-    if isinstance(model, vision_transformer.VisionTransformer):
-        return vision_transformer.checkpoint_filter_fn
-    return None
