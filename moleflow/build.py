@@ -52,9 +52,7 @@ def score_settings(config: AblationConfig) -> ScoreSettings:
 
 def build_flow(config: AblationConfig, dim: int) -> MoLESpatialAwareNF:
     """The flow with the config's switches (a switched-off module is absent, not bypassed)."""
-    adapter = None
-    if config.use_task_adapter:
-        adapter = "whitening" if config.use_whitening_adapter else "film"
+    adapter = ("whitening" if config.use_whitening_adapter else "film") if config.use_task_adapter else None
     return MoLESpatialAwareNF(
         dim=dim,
         num_coupling_layers=config.num_coupling_layers,

@@ -50,15 +50,13 @@ def create_experiment_dir(log_dir: str, experiment_name: str) -> Path:
     root = Path(log_dir)
     check_writable(root)
     stamp = _dt.datetime.now().strftime("%Y%m%d_%H%M%S")
-    path = root / f"{experiment_name}_{stamp}"
-    suffix = 1
+    path, suffix = root / f"{experiment_name}_{stamp}", 1
     while True:
         try:
             path.mkdir(parents=False, exist_ok=False)
             return path
         except FileExistsError:
-            path = root / f"{experiment_name}_{stamp}_{suffix}"
-            suffix += 1
+            path, suffix = root / f"{experiment_name}_{stamp}_{suffix}", suffix + 1
 
 
 def close_logger(logger: logging.Logger) -> None:
@@ -151,9 +149,7 @@ def write_results_csv(path: Path, rows: Sequence[dict[str, Any]]) -> dict[str, A
     picked on the test set) follow when every row has them."""
     mean_row: dict[str, Any] = {"task_id": "mean", "class_name": "mean", **mean_metrics(rows)}
     columns = RESULT_COLUMNS + [c for c in THRESHOLD_METRICS if all(c in row for row in rows)]
-    lines: list[list[str]] = [columns]
-    for row in [*rows, mean_row]:
-        lines.append([_fmt(row[c]) for c in columns])
+    lines = [columns, *([_fmt(row[c]) for c in columns] for row in [*rows, mean_row])]
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as handle:
         csv.writer(handle).writerows(lines)

@@ -1,14 +1,12 @@
 """Compile the later tasks' fused training step in a child process while task 0 trains.
 
 Under ``--compile_flow`` task 0 trains unfused and every later task through one graph (frozen base)
-compiled for a full batch's exact shape; compiled in the run's own process at task 1, it stops training
-while it compiles. With ``compile_ahead`` (default) the runner starts a child process when task 0
-starts: it builds a two-task replica of the flow (same settings and shapes; the values do not matter),
-runs the trainer's own fused forward and backward of task 1 once, and exits. torch's on-disk compile
-caches (Inductor's FX graph and AOTAutograd caches, Triton's kernels) then hold that graph, and the
-run's compile at task 1 loads it. The child shares nothing with the run but those caches, so it cannot
-change the run's numbers; if it fails, the run compiles as it would have and says so in one warning.
-The child is ``python -m moleflow.precompile SPEC`` (``main``; SPEC: the JSON of ``CompileAhead.start``).
+compiled for a full batch's exact shape; compiled in the run's own process, it would stall task 1. With
+``compile_ahead`` (default) the runner starts ``python -m moleflow.precompile SPEC`` when task 0 starts: it
+runs the trainer's own fused forward and backward of task 1 once on a two-task replica of the flow (same
+settings and shapes), filling torch's on-disk compile caches (Inductor, AOTAutograd, Triton), which the
+run's compile at task 1 then loads. The child shares only those caches, so it cannot change the run's
+numbers; if it fails, the run compiles as it would have and says so in one warning.
 """
 
 from __future__ import annotations
@@ -33,8 +31,7 @@ from moleflow.models.fusion import fusion
 
 
 class CompileAhead:
-    """A run's compile-ahead child: started when task 0 starts training (under ``--compile_flow``
-    with ``compile_ahead``, on CUDA), waited for before the next task trains.
+    """A run's compile-ahead child: started as task 0 trains (``--compile_flow``, CUDA), waited for before task 1.
 
     Attributes:
         report: what the child reported once the run waited for it: ``seconds`` from its launch to

@@ -17,8 +17,7 @@ RESULT_FILE = "final_results.csv"
 ORACLE_FILE = "final_results_oracle.csv"
 CONTINUAL_FILE = "continual_summary.csv"
 CONFIG_FILE = "config.json"
-METRIC_COLUMNS: tuple[str, ...] = ("routing_acc", "img_auroc", "pixel_auroc", "img_ap",
-                                   "pixel_ap", "aupro")
+METRIC_COLUMNS: tuple[str, ...] = ("routing_acc", "img_auroc", "pixel_auroc", "img_ap", "pixel_ap", "aupro")
 KEY_COLUMNS: tuple[str, ...] = ("task_id", "class_name")
 CONTINUAL_COLUMNS: tuple[str, ...] = ("final_mean", "forgetting", "bwt")
 # config.json fields that do not change a run's results: runs differing only in these are averaged.
@@ -70,9 +69,9 @@ def load_results(path: Path) -> pd.DataFrame:
     missing = [c for c in (*KEY_COLUMNS, *METRIC_COLUMNS) if c not in table.columns]
     if missing:
         raise SummaryError(f"{path} lacks column(s) {', '.join(missing)}")
-    if table["class_name"].duplicated().any():
-        raise SummaryError(f"{path} lists a class twice: "
-                           f"{sorted(set(table['class_name'][table['class_name'].duplicated()]))}")
+    twice = table["class_name"].duplicated()
+    if twice.any():
+        raise SummaryError(f"{path} lists a class twice: {sorted(set(table['class_name'][twice]))}")
     return table.set_index("class_name")
 
 
@@ -162,9 +161,9 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
             parts += [f"{k}={display(v)}" for k, v in group.distinct.items()]
             group.name = " ".join(parts) or "preset unknown"
     names = [g.name for g in groups]
-    for group in groups:  # values cut short by display() could give two groups one name
+    for i, group in enumerate(groups):  # values cut short by display() could give two groups one name
         if names.count(group.name) > 1:
-            group.name += f" #{names[:groups.index(group) + 1].count(group.name)}"
+            group.name += f" #{names[:i + 1].count(group.name)}"
     return groups
 
 
@@ -269,20 +268,14 @@ def side_by_side(summaries: Sequence[GroupSummary]) -> pd.DataFrame:
             "n_runs": len(g.runs), "seeds": " ".join(r.seed for r in g.runs),
             "runs": ";".join(os.path.basename(os.path.normpath(r.folder)) for r in g.runs)}
         mean = s.routed.set_index("class_name").loc["mean"]
-        for m in METRIC_COLUMNS:
-            row[f"{m}_mean"], row[f"{m}_std"] = mean[f"{m}_mean"], mean[f"{m}_std"]
         oracle = s.oracle.set_index("class_name").loc["mean"] if s.oracle is not None else None
-        row["n_oracle"] = 0 if s.oracle is None else int(s.oracle["n_runs"].iloc[0])
-        for m in METRIC_COLUMNS[1:]:
-            for stat in ("mean", "std"):
-                row[f"oracle_{m}_{stat}"] = math.nan if oracle is None else oracle[f"{m}_{stat}"]
         continual = s.continual.set_index("metric")
-        for column in ("forgetting", "bwt"):
-            for m in METRIC_COLUMNS:
-                for stat in ("mean", "std"):
-                    row[f"{column}_{m}_{stat}"] = continual.loc[m, f"{column}_{stat}"]
+        stats = ("mean", "std")
+        row.update({f"{m}_{x}": mean[f"{m}_{x}"] for m in METRIC_COLUMNS for x in stats})
+        row["n_oracle"] = 0 if s.oracle is None else int(s.oracle["n_runs"].iloc[0])
+        row.update({f"oracle_{m}_{x}": math.nan if oracle is None else oracle[f"{m}_{x}"]
+                    for m in METRIC_COLUMNS[1:] for x in stats})
+        row.update({f"{column}_{m}_{x}": continual.loc[m, f"{column}_{x}"]
+                    for column in ("forgetting", "bwt") for m in METRIC_COLUMNS for x in stats})
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-# ------------------------------------------------------------------------------------------ formatting

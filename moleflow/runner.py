@@ -122,7 +122,10 @@ class Run:
         if config.cuda_graphs and self.device.type == "cuda" and distributed.world().active:
             self.log.warning("warning: --cuda_graphs is off under torchrun (DDP's gradient exchange is not recorded "
                              "into a graph); steps run unrecorded (config.json: effective.cuda_graphs = false)")
-        self._warn_feature_dim()
+        dims = self.extractor.layer_dims()
+        if min(dims) < config.feature_dim:
+            self.log.warning(f"warning: --feature_dim {config.feature_dim} exceeds the backbone's per-layer width "
+                             f"{dims}; adaptive pooling repeats channels (features span < D dimensions)")
         self.model = build_flow(config, self.extractor.feature_dim).to(self.device)
         self.router = build_router(config)
         self.memory = PatchMemory() if config.anomaly_score != "flow" else None
@@ -158,12 +161,6 @@ class Run:
             if getattr(self.config, flag):
                 self.log.warning(f"warning: --{flag} has no effect on {self.device} (CUDA only); {effect} "
                                  f"(config.json: effective.{flag} = false)")
-
-    def _warn_feature_dim(self) -> None:
-        dims = self.extractor.layer_dims()
-        if min(dims) < self.config.feature_dim:
-            self.log.warning(f"warning: --feature_dim {self.config.feature_dim} exceeds the backbone's per-layer width "
-                             f"{dims}; adaptive pooling repeats channels (features span < D dimensions)")
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         for _ in range(int(ckpt["tasks_done"])):
@@ -267,9 +264,8 @@ class Run:
 
     # ------------------------------------------------------------------ the task loop
     def execute(self) -> RunResult:
-        fuse = self.config.compile_flow and self.device.type == "cuda"
         try:
-            with fusion(fuse, self.log):
+            with fusion(self.config.compile_flow and self.device.type == "cuda", self.log):
                 return self._execute()
         except KeyboardInterrupt:
             self.source.flush()  # the features extracted so far stay usable by the next run
@@ -285,8 +281,9 @@ class Run:
         with self.clock.phase("output"):
             mean = distributed.on_writer(lambda: write_results_csv(self.exp_dir / f"results_after_task_{task_id}.csv",
                                                                    [r.row for r in results]))
+        routing = "n/a (oracle)" if math.isnan(mean["routing_acc"]) else f"{mean['routing_acc']:.4f}"
         self.log.info(f"after task {task_id}: mean img AUROC {mean['img_auroc']:.4f} pixel AUROC "
-                      f"{mean['pixel_auroc']:.4f} routing {_percent_or_oracle(mean['routing_acc'])}")
+                      f"{mean['pixel_auroc']:.4f} routing {routing}")
         self._checkpoint()
         return mean
 
@@ -332,10 +329,6 @@ class Run:
             result = distributed.on_writer(lambda: write_final(self, routed, oracle, history))
             self.source.flush()
         return result
-
-
-def _percent_or_oracle(value: float) -> str:
-    return "n/a (oracle)" if math.isnan(value) else f"{value:.4f}"
 
 
 def run(config: AblationConfig, resume: Optional[ResumeState] = None, progress: bool = True,

@@ -62,11 +62,7 @@ def plan(mode: str, presets: Sequence[str], seeds: Sequence[str]) -> list[tuple[
 
 def parse_gpus(text: str) -> list[str]:
     """``"0 1 2"`` / ``"0,1"`` -> one slot per entry (a GPU named twice runs two jobs on it);
-    ``"cpu"`` -> one slot with no GPU visible (``""``).
-
-    Raises:
-        SystemExit: neither ``cpu`` nor GPU ids.
-    """
+    ``"cpu"`` -> one slot with no GPU visible (``""``); anything else: SystemExit."""
     items = text.replace(",", " ").split()
     if items == ["cpu"]:
         return [""]
@@ -205,7 +201,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if finished:
         from moleflow import summarize
         print(f"\n$ python -m moleflow.summarize {shlex.join(finished)}")
-        status = 1 if summarize.main(finished) != 0 else 0
+        status = int(summarize.main(finished) != 0)
     if failed:
         print(f"\n{len(failed)} of {len(jobs)} run(s) failed:", file=sys.stderr)
         for job, why in failed:
