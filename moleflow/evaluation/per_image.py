@@ -63,8 +63,7 @@ def defect_type_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per class (in row order) and defect type (sorted): image AUROC of that type against the good
     images, from ``per_image_rows``."""
     out = []
-    classes = list(dict.fromkeys((r["task_id"], r["class_name"]) for r in rows))
-    for task_id, name in classes:
+    for task_id, name in dict.fromkeys((r["task_id"], r["class_name"]) for r in rows):
         mine = [r for r in rows if r["class_name"] == name]
         good = [r["image_score"] for r in mine if r["label"] == 0]
         for defect in sorted({r["defect_type"] for r in mine if r["label"] == 1}):

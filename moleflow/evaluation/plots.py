@@ -140,9 +140,7 @@ def _to_display(images: np.ndarray) -> np.ndarray:
 
 def plot_anomaly_overlays(images: np.ndarray, maps: np.ndarray, masks: np.ndarray,
                           titles: Sequence[str], path: str | os.PathLike) -> None:
-    """One row per image: the image | anomaly-map overlay | ground-truth contour.
-
-    The maps share one colour scale so rows can be compared.
+    """One row per image: the image | anomaly-map overlay (one colour scale for all rows) | ground truth.
 
     Args:
         images: ``(N, 3, H, W)`` ImageNet-normalised or ``(N, H, W, 3)`` uint8.
@@ -175,8 +173,7 @@ def plot_anomaly_overlays(images: np.ndarray, maps: np.ndarray, masks: np.ndarra
         else:
             ax_gt.set_title("ground truth: no defect", fontsize=9)
         for ax in axes[i]:
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
     _save(fig, path)
 
 
