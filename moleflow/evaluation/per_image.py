@@ -39,9 +39,7 @@ def per_image_rows(task_id: int, class_name: str, samples: Sequence[Sample], sco
 
     Args:
         task_id: the task the class was learned in.
-        samples: its test images.
-        scores: their image scores.
-        routed: the task each was scored with.
+        routed: the task each image was scored with.
         distances: each one's router distance to the task it was routed to (None: not routed).
         thresholds: the threshold of every task (None: none).
         root: ``--data_path``.
