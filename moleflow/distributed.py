@@ -10,7 +10,6 @@ Without ``WORLD_SIZE`` or with ``WORLD_SIZE=1`` every helper is the identity: ex
 from __future__ import annotations
 
 import atexit
-import contextlib
 import dataclasses
 import datetime
 import functools
@@ -18,7 +17,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -67,22 +66,17 @@ def world() -> World:
     return _world
 
 
-def requested_size() -> int:
-    """The process count torchrun asked for (``WORLD_SIZE``; 1 when absent)."""
-    value = os.environ.get("WORLD_SIZE", "1")
-    try:
-        return max(1, int(value))
-    except ValueError:
-        raise DistributedError(f"WORLD_SIZE={value!r} is not a number; start the run with torchrun "
-                               f"--nproc_per_node N or unset WORLD_SIZE") from None
-
-
 def start(device: torch.device) -> torch.device:
     """Join torchrun's process group (once per process) and return this process's device:
     ``cuda:LOCAL_RANK`` on CUDA (backend NCCL), the CPU with gloo; ``device`` itself when there is
     one process."""
     global _world
-    size = requested_size()
+    value = os.environ.get("WORLD_SIZE", "1")
+    try:
+        size = max(1, int(value))
+    except ValueError:
+        raise DistributedError(f"WORLD_SIZE={value!r} is not a number; start the run with torchrun "
+                               f"--nproc_per_node N or unset WORLD_SIZE") from None
     if size == 1:
         return device
     if _world.active:
@@ -110,19 +104,6 @@ def _stop() -> None:
         dist.destroy_process_group()
 
 
-@contextlib.contextmanager
-def alone() -> Iterator[None]:
-    """Inside, this process acts as a world of one (process 0's own work while the others wait:
-    a collective inside would otherwise wait for processes that never join it)."""
-    global _world
-    saved = _world
-    _world = World(device=saved.device)
-    try:
-        yield
-    finally:
-        _world = saved
-
-
 # ---------------------------------------------------------------------------------- collectives
 def shard_range(n: int) -> tuple[int, int]:
     """This process's block [lo, hi) of ``n`` rows: contiguous, in rank order, sizes differing by at
@@ -143,8 +124,7 @@ def gather_rows(part: Tensor) -> Tensor:
     sizes = [torch.zeros(1, dtype=torch.long, device=w.device) for _ in range(w.size)]
     dist.all_gather(sizes, torch.tensor([local.shape[0]], dtype=torch.long, device=w.device))
     counts = [int(s) for s in sizes]
-    longest = max(counts)
-    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=w.device)
+    padded = torch.zeros((max(counts), *local.shape[1:]), dtype=local.dtype, device=w.device)
     padded[:local.shape[0]] = local
     pieces = [torch.empty_like(padded) for _ in range(w.size)]
     dist.all_gather(pieces, padded)
@@ -181,21 +161,24 @@ def all_sum(value: Tensor) -> Tensor:
 
 
 def on_writer(fn: Callable[[], T]) -> T:
-    """Process 0 runs ``fn`` (as a world of one: :func:`alone`) and every process returns its result
-    (it must pickle). If ``fn`` raises on process 0, the error is raised there and the others raise a
+    """Process 0 runs ``fn`` as a world of one and every process returns its result (it must pickle).
+    If ``fn`` raises on process 0, the error is raised there and the others raise a
     :class:`DistributedError` with its message, so all of them stop with the same line, not a hang."""
+    global _world
     w = _world
     if not w.active:
         return fn()
     box: list[Any] = [None, None]
     error = None
     if w.writer:
+        _world = World(device=w.device)  # alone: a collective inside would wait for processes that never join
         try:
-            with alone():
-                box[0] = fn()
+            box[0] = fn()
         except Exception as err:  # noqa: BLE001 - re-raised below after the others are told
             error = err
             box[1] = f"{err}" or type(err).__name__
+        finally:
+            _world = w
     dist.broadcast_object_list(box, src=0)
     if error is not None:
         raise error

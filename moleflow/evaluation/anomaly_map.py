@@ -18,17 +18,6 @@ from moleflow.utils.precision import conv_tf32
 SCORE_METHODS: tuple[str, ...] = ("top_k", "max", "mean", "percentile")
 
 
-def gaussian_kernel1d(sigma: float, dtype: torch.dtype = torch.float32,
-                      device: torch.device | str | None = None) -> Tensor:
-    """Normalised 1-D Gaussian kernel of ``sigma`` > 0 pixels: ``(2 * ceil(4 * sigma) + 1,)`` weights."""
-    if sigma <= 0:
-        raise ValueError(f"sigma must be > 0, got {sigma}")
-    radius = math.ceil(4.0 * sigma)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    return (kernel / kernel.sum()).to(dtype=dtype, device=device)
-
-
 def _reflect_indices(size: int, radius: int, device: torch.device) -> Tensor:
     """``(size + 2 * radius,)`` indices of a reflect-padded axis (mirrored without repeating the edge);
     unlike ``F.pad(mode='reflect')``, also for a padding wider than the axis."""
@@ -55,8 +44,9 @@ def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
         raise ValueError(f"sigma must be >= 0, got {sigma}")
     if sigma == 0:
         return maps
-    kernel = gaussian_kernel1d(sigma, dtype=maps.dtype, device=maps.device)
-    radius = (kernel.numel() - 1) // 2
+    radius = math.ceil(4.0 * sigma)
+    kernel = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=torch.float64) / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(dtype=maps.dtype, device=maps.device)  # normalised, computed in float64
     _, height, width = maps.shape
     x = maps.unsqueeze(1)                                           # (B, 1, H, W)
     with conv_tf32(maps.device, False):  # cuDNN would otherwise run these float32 convolutions in TF32

@@ -70,12 +70,9 @@ class Calibration:
     def set(self, task_id: int, calibration: TaskCalibration) -> None:
         """Task ``task_id``'s calibration; tasks before it without one (a checkpoint written before
         thresholds existed) get none."""
-        while len(self.tasks) < task_id:
+        while len(self.tasks) <= task_id:
             self.tasks.append(TaskCalibration(threshold=None, quantile=calibration.quantile))
-        if task_id < len(self.tasks):
-            self.tasks[task_id] = calibration
-        else:
-            self.tasks.append(calibration)
+        self.tasks[task_id] = calibration
 
     def thresholds(self) -> list[Optional[float]]:
         return [t.threshold for t in self.tasks]

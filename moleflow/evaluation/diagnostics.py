@@ -94,13 +94,11 @@ def overlay_picks(labels: np.ndarray, scores: np.ndarray, per_kind: int = OVERLA
 
 def write_diagnostics(out: Path, classes: Sequence[ClassDiagnostics], matrices: dict[str, np.ndarray],
                       task_names: list[str], confusion: Optional[np.ndarray]) -> Path:
-    """Write the flow-analysis PNGs into ``out`` (created) and return it.
+    """Write the flow-analysis PNGs into ``out`` (``<exp_dir>/diagnostics``, created) and return it.
 
     Args:
-        out: the folder (``<exp_dir>/diagnostics``).
         classes: per class, ``class_diagnostics``.
         matrices: metric -> accuracy matrix R[i][j].
-        task_names: one name per task.
         confusion: true x routed task counts; None for an oracle run (nothing was routed).
     """
     out.mkdir(exist_ok=True)

@@ -106,22 +106,21 @@ def patch_scores(model: MoLESpatialAwareNF, memory: Optional[PatchMemory], patch
     """(N, H, W) patch anomaly scores as ``settings.anomaly_score`` asks: the flow's NLL, the
     memory distance, or both standardised and fused (``moleflow.models.memory``). Under torchrun
     each process scores its block of the images and all get every score (``distributed.by_rows``)."""
-    return by_rows(lambda lo, hi: _patch_scores(model, memory, patches[lo:hi], task_ids[lo:hi], settings, device),
-                   len(task_ids))
-
-
-def _patch_scores(model: MoLESpatialAwareNF, memory: Optional[PatchMemory], patches: Tensor, task_ids: Tensor,
-                  settings: ScoreSettings, device: torch.device) -> Tensor:
     mode = settings.anomaly_score
-    flow = None if mode == "memory" else score_patches(model, patches, task_ids, score_batch(settings, device), device,
-                                                       tf32=settings.tf32)
-    if mode == "flow":
-        return flow
-    if memory is None:
-        raise ValueError(f"--anomaly_score {mode} needs the per-task patch memory")
-    target = flow.device if flow is not None else (device if device.type == "cuda" else torch.device("cpu"))
-    with matmul_tf32(device, False):
-        return memory.fuse(flow, patches.to(target), task_ids, 1.0 if mode == "memory" else settings.memory_weight)
+
+    def block(lo: int, hi: int) -> Tensor:
+        part, ids = patches[lo:hi], task_ids[lo:hi]
+        flow = None if mode == "memory" else score_patches(model, part, ids, score_batch(settings, device), device,
+                                                           tf32=settings.tf32)
+        if mode == "flow":
+            return flow
+        if memory is None:
+            raise ValueError(f"--anomaly_score {mode} needs the per-task patch memory")
+        target = flow.device if flow is not None else (device if device.type == "cuda" else torch.device("cpu"))
+        with matmul_tf32(device, False):
+            return memory.fuse(flow, part.to(target), ids, 1.0 if mode == "memory" else settings.memory_weight)
+
+    return by_rows(block, len(task_ids))
 
 
 def score_features(model: MoLESpatialAwareNF, memory: Optional[PatchMemory], patches: Tensor, task_ids: Tensor,

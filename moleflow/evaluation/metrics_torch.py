@@ -44,10 +44,8 @@ def _integrate_pro(fpr: Tensor, pro: Tensor, fpr_limit: float) -> float:
 
 
 def region_weights(masks: Tensor) -> tuple[Tensor, int]:
-    """Per-pixel PRO weights ``(N*H*W,)`` float64 on ``masks``' device and the region count.
-
-    The 8-connected components are labelled on the CPU (``metrics.region_weights``).
-    """
+    """Per-pixel PRO weights ``(N*H*W,)`` float64 on ``masks``' device and the region count (the
+    8-connected components are labelled on the CPU by ``metrics.region_weights``)."""
     weights, num_regions = np_metrics.region_weights(masks.cpu().numpy())
     return torch.from_numpy(weights).to(masks.device), num_regions
 
@@ -63,8 +61,7 @@ def pixel_metrics(masks: Tensor, maps: Tensor, fpr_limit: float = 0.3,
         regions: :func:`region_weights` of ``masks`` if already known.
 
     Returns:
-        ``{'pixel_auroc', 'pixel_ap', 'aupro'}`` as floats (equal to the numpy metrics up to
-        float64 summation order).
+        ``{'pixel_auroc', 'pixel_ap', 'aupro'}`` as floats.
 
     Raises:
         ValueError: Shapes differ or a map value is NaN/inf.

@@ -39,9 +39,7 @@ def per_image_rows(task_id: int, class_name: str, samples: Sequence[Sample], sco
 
     Args:
         task_id: the task the class was learned in.
-        samples: its test images.
-        scores: their image scores.
-        routed: the task each was scored with.
+        routed: the task each image was scored with.
         distances: each one's router distance to the task it was routed to (None: not routed).
         thresholds: the threshold of every task (None: none).
         root: ``--data_path``.
@@ -63,8 +61,7 @@ def defect_type_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per class (in row order) and defect type (sorted): image AUROC of that type against the good
     images, from ``per_image_rows``."""
     out = []
-    classes = list(dict.fromkeys((r["task_id"], r["class_name"]) for r in rows))
-    for task_id, name in classes:
+    for task_id, name in dict.fromkeys((r["task_id"], r["class_name"]) for r in rows):
         mine = [r for r in rows if r["class_name"] == name]
         good = [r["image_score"] for r in mine if r["label"] == 0]
         for defect in sorted({r["defect_type"] for r in mine if r["label"] == 1}):

@@ -82,13 +82,8 @@ def plot_logdet_spread(logdet_per_image: np.ndarray, path: str | os.PathLike) ->
 
 def plot_znorm_vs_logdet(znorm: np.ndarray, logdet: np.ndarray, labels: np.ndarray,
                          path: str | os.PathLike) -> None:
-    """Scatter of latent norm against log-determinant, coloured by the true label.
-
-    Args:
-        znorm: ``(N,)`` ||z|| per image or patch (standard units).
-        logdet: ``(N,)`` log|det J| (nats).
-        labels: ``(N,)`` 0 = good, 1 = defect.
-    """
+    """Scatter of ``znorm`` ``(N,)`` (||z|| per image or patch, standard units) against ``logdet`` ``(N,)``
+    (log|det J|, nats), coloured by the true ``labels`` ``(N,)`` (0 = good, 1 = defect)."""
     znorm, logdet = np.asarray(znorm, float).ravel(), np.asarray(logdet, float).ravel()
     labels = np.asarray(labels).ravel()
     fig = _new_figure(6.5, 5)
@@ -104,13 +99,8 @@ def plot_znorm_vs_logdet(znorm: np.ndarray, logdet: np.ndarray, labels: np.ndarr
 
 def plot_score_distributions(scores: np.ndarray, labels: np.ndarray, class_name: str,
                              path: str | os.PathLike) -> None:
-    """Histograms of image scores split by the TRUE label (good vs defect).
-
-    Args:
-        scores: ``(N,)`` image anomaly scores (NLL, nats).
-        labels: ``(N,)`` 0 = good, 1 = defect.
-        class_name: Class shown in the title.
-    """
+    """Histograms of image scores ``(N,)`` (NLL, nats) split by the TRUE ``labels`` ``(N,)`` (0 = good,
+    1 = defect); ``class_name`` in the title."""
     scores = np.asarray(scores, dtype=np.float64).ravel()
     labels = np.asarray(labels).ravel()
     bins = np.histogram_bin_edges(scores, bins=min(40, max(8, scores.size // 3)))
@@ -140,9 +130,7 @@ def _to_display(images: np.ndarray) -> np.ndarray:
 
 def plot_anomaly_overlays(images: np.ndarray, maps: np.ndarray, masks: np.ndarray,
                           titles: Sequence[str], path: str | os.PathLike) -> None:
-    """One row per image: the image | anomaly-map overlay | ground-truth contour.
-
-    The maps share one colour scale so rows can be compared.
+    """One row per image: the image | anomaly-map overlay (one colour scale for all rows) | ground truth.
 
     Args:
         images: ``(N, 3, H, W)`` ImageNet-normalised or ``(N, H, W, 3)`` uint8.
@@ -175,8 +163,7 @@ def plot_anomaly_overlays(images: np.ndarray, maps: np.ndarray, masks: np.ndarra
         else:
             ax_gt.set_title("ground truth: no defect", fontsize=9)
         for ax in axes[i]:
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
     _save(fig, path)
 
 
@@ -200,12 +187,8 @@ def _annotated_heatmap(fig: Figure, values: np.ndarray, task_names: Sequence[str
 
 
 def plot_confusion_matrix(conf: np.ndarray, task_names: Sequence[str], path: str | os.PathLike) -> None:
-    """Routing confusion matrix: rows true task, columns routed task, counts annotated.
-
-    Args:
-        conf: ``(T, T)`` integer counts.
-        task_names: ``T`` task names.
-    """
+    """Routing confusion matrix ``conf`` ``(T, T)`` of integer counts: rows true task, columns routed task,
+    counts annotated."""
     conf = np.asarray(conf)
     size = len(task_names)
     if conf.shape != (size, size):
@@ -222,13 +205,8 @@ def plot_confusion_matrix(conf: np.ndarray, task_names: Sequence[str], path: str
 
 def plot_accuracy_matrix(R: np.ndarray, task_names: Sequence[str], metric_name: str,
                          path: str | os.PathLike) -> None:
-    """Heatmap of the continual accuracy matrix; unmeasured (NaN) cells blank.
-
-    Args:
-        R: ``(T, T)`` metric on task j (column) after training task i (row), NaN where j > i.
-        task_names: ``T`` task names.
-        metric_name: Metric shown in the title and colour bar.
-    """
+    """Heatmap of the continual accuracy matrix ``R`` ``(T, T)``: ``metric_name`` on task j (column) after
+    training task i (row); unmeasured (NaN) cells blank."""
     R = np.asarray(R, dtype=np.float64)
     size = len(task_names)
     if R.shape != (size, size):
@@ -242,12 +220,8 @@ def plot_accuracy_matrix(R: np.ndarray, task_names: Sequence[str], metric_name: 
 
 
 def save_confusion_csv(conf: np.ndarray, task_names: Sequence[str], path: str | os.PathLike) -> None:
-    """Write the routing confusion matrix: header ``true\\routed, <names>``, one row per true task.
-
-    Args:
-        conf: ``(T, T)`` integer counts.
-        task_names: ``T`` task names.
-    """
+    """Write the routing confusion matrix ``conf`` ``(T, T)`` of integer counts: header
+    ``true\\routed, <names>``, one row per true task."""
     conf = np.asarray(conf)
     if conf.shape != (len(task_names), len(task_names)):
         raise ValueError(f"conf shape {conf.shape} does not match {len(task_names)} task names")

@@ -25,9 +25,7 @@ THRESHOLD_METRICS: tuple[str, ...] = ("f1_at_threshold", "precision_at_threshold
 def quantile_threshold(scores: ArrayLike, quantile: float) -> Optional[float]:
     """The ``quantile`` of held-out image scores (as ``numpy.quantile``); None without scores."""
     values = np.asarray(scores, dtype=np.float64).ravel()
-    if values.size == 0:
-        return None
-    return float(np.quantile(values, quantile))
+    return float(np.quantile(values, quantile)) if values.size else None
 
 
 def decisions(scores: ArrayLike, thresholds: ArrayLike) -> np.ndarray:

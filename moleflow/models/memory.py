@@ -60,8 +60,7 @@ def greedy_coreset(features: Tensor, size: int, seed: int = 0) -> Tensor:
         torch.addmv(squared, points, centre, alpha=-2.0, out=out)
         return out.add_(centre.pow(2).sum()).clamp_min_(0.0)
 
-    # Thousands of small sequential steps: on a CPU one thread avoids a thread barrier per step, which
-    # on a busy machine cost many times the arithmetic (the same picks either way).
+    # Thousands of small sequential steps: one CPU thread avoids a thread barrier per step (same picks).
     with _one_cpu_thread(features.device):
         to(first, nearest)
         for i in range(1, size):
@@ -176,10 +175,6 @@ class PatchMemory:
     def __init__(self) -> None:
         self.tasks: list[TaskMemory] = []
         self._banks: dict[tuple[int, str], Tensor] = {}
-
-    @property
-    def num_tasks(self) -> int:
-        return len(self.tasks)
 
     def add_task(self, memory: TaskMemory) -> None:
         self.tasks.append(memory)

@@ -7,8 +7,7 @@
   moments and step counts stay exactly as without the step), and losses and skips are summed on the
   device and read once per epoch: a step never waits for the GPU.
 * recorded (``cuda_graphs``): the sync-free step of a full batch recorded once as a CUDA graph and
-  replayed (the same kernels on the same inputs, without a Python launch for each of its ~1,000
-  kernels).
+  replayed (no Python launch per kernel).
 * compiled (``--compile_flow``): a full batch runs the graph compiled for its exact shape
   (``fusion.static_shapes``), a smaller last batch runs unfused; task 0, the only task whose
   shared weights train, trains unfused (``task_compute``).
@@ -105,11 +104,8 @@ def step_fusion(full_batch: bool) -> Iterator[None]:
 
 
 class PlainStep:
-    """Loss, backward, clip, step; a non-finite loss is detected on the host and not stepped.
-
-    ``optimizer`` is over ``params``, which are clipped together to the global norm ``grad_clip``;
-    ``batch_size`` is the size of a full batch, ``device`` where the flow trains.
-    """
+    """The plain step (module docstring): ``params`` clipped together to the global norm ``grad_clip``;
+    ``batch_size`` is a full batch's size, ``device`` where the flow trains."""
 
     def __init__(self, loss_fn: LossFn, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
                  grad_clip: float, batch_size: int, device: torch.device) -> None:
