@@ -22,6 +22,7 @@ import torch
 from moleflow.benchmark.limits import measure_limits
 from moleflow.benchmark.synthetic import SyntheticSpec, generate_synthetic_dataset
 from moleflow.benchmark.timing import timed_run
+from moleflow.build import resolve_device
 from moleflow.config.ablation import DEMO_SETTINGS, PRESETS, AblationConfig, apply_overrides, config_fields
 from moleflow.data import generate_demo_dataset, list_classes
 
@@ -253,7 +254,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.warm_cache and not args.feature_cache:
         args.feature_cache = str(Path(args.data_path).parent / "feature_cache")
-    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     cuda = device.type == "cuda"
     classes, dataset, data_info = prepare_data(args)
     path = Path(args.json) if args.json else Path(args.data_path).parent / f"benchmark_{time.strftime('%Y%m%d_%H%M%S')}.json"

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from moleflow.benchmark.limits import sync
 from moleflow.benchmark.predict_speed import predict_throughput
-from moleflow.build import build_dataset
+from moleflow.build import build_dataset, resolve_device
 from moleflow.config.ablation import AblationConfig
 from moleflow.evaluation import anomaly_map
 from moleflow.evaluation.evaluator import score_patches
@@ -238,7 +238,7 @@ def timed_run(config: AblationConfig, weights: str, e2e_images: int = 640, e2e_b
     Returns:
         JSON-ready dict: phases, throughputs, memory, parameters, inference vs tasks, metrics.
     """
-    device = torch.device(config.device if config.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(config.device)
     if device.type == "cuda":  # peaks of this run only (the limits measured before are released)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
