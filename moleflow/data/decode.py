@@ -1,11 +1,8 @@
 """Image and mask files -> uint8 arrays at the network's size: the decoding and resizing of
 ``AnomalyDataset`` (SPEC §3 Data), kept free of torch so decoding worker processes start quickly
-(``moleflow.extractors.decoding``).
-
-``resize_mode`` ``'crop'`` resizes the shorter side to ``size`` (bilinear) and centre-crops
-``size x size``; ``'squash'`` resizes the whole image to ``size x size``. Masks get the same resize
-with nearest-neighbour sampling and the same crop; any non-zero mask pixel is anomalous. The readers
-raise ``DataError`` when a file cannot be read or decoded.
+(``moleflow.extractors.decoding``). Images are resized bilinearly (``resize_crop``: ``'crop'`` or
+``'squash'``), masks the same way with nearest-neighbour sampling; any non-zero mask pixel is
+anomalous. The readers raise ``DataError`` when a file cannot be read or decoded.
 """
 
 from __future__ import annotations

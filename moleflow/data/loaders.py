@@ -46,11 +46,9 @@ def load_class_split(dataset: str, root: Path, class_name: str) -> ClassSplit:
 
 
 def load_checked_splits(dataset: str, root: Path, classes: Sequence[str]) -> dict[str, ClassSplit]:
-    """Load every class of a run and check everything training and evaluation will read.
-
-    Per class: the split (:func:`load_class_split`), a test set with both defect-free and
-    defective images (image AUROC and AP need both) and every file's header
-    (:func:`validate_samples`). Runs before the first training step, without torch.
+    """Load every class of a run and check, without torch, everything training and evaluation will
+    read: the split, a test set with both defect-free and defective images (image AUROC and AP need
+    both) and every file's header (:func:`validate_samples`).
 
     Returns:
         ``{class name: split}`` in the order of ``classes``.
