@@ -237,15 +237,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # The embedded demo: generated data, the offline ImageNet backbone, sizes for 2 CPU cores.
 DEMO_SETTINGS: dict[str, Any] = {
-    "dataset": "folder",
-    "data_path": "./data/moleflow_demo",
-    "backbone_name": "efficientnet_lite0",
-    "img_size": 160,
-    "lora_rank": 16,
-    "num_epochs": 12,
-    "batch_size": 8,
-    "lr": 1e-3,
-    "experiment_name": "demo",
+    "dataset": "folder", "data_path": "./data/moleflow_demo", "backbone_name": "efficientnet_lite0",
+    "img_size": 160, "lora_rank": 16, "num_epochs": 12, "batch_size": 8, "lr": 1e-3, "experiment_name": "demo",
 }
 
 

@@ -99,16 +99,12 @@ def resolve_config(explicit: dict[str, Any]) -> AblationConfig:
 
 # flag -> (setting, the value it must have for the flag to matter)
 _DEPENDS_ON: dict[str, tuple[str, Any]] = {
-    "lora_rank": ("use_lora", True),
-    "lora_alpha": ("use_lora", True),
-    "dia_n_blocks": ("use_dia", True),
-    "dia_hidden_ratio": ("use_dia", True),
+    "lora_rank": ("use_lora", True), "lora_alpha": ("use_lora", True),
+    "dia_n_blocks": ("use_dia", True), "dia_hidden_ratio": ("use_dia", True),
     "scale_context_kernel": ("use_scale_context", True),
     "spatial_context_kernel": ("use_spatial_context", True),
-    "tail_weight": ("use_tail_aware_loss", True),
-    "tail_top_k_ratio": ("use_tail_aware_loss", True),
-    "slow_blocks_k": ("enable_slow_stage", True),
-    "slow_lr_ratio": ("enable_slow_stage", True),
+    "tail_weight": ("use_tail_aware_loss", True), "tail_top_k_ratio": ("use_tail_aware_loss", True),
+    "slow_blocks_k": ("enable_slow_stage", True), "slow_lr_ratio": ("enable_slow_stage", True),
     "slow_stage_start": ("enable_slow_stage", True),
     "use_mahalanobis": ("use_router", True),
     "use_whitening_adapter": ("use_task_adapter", True),
@@ -118,8 +114,7 @@ _DEPENDS_ON: dict[str, tuple[str, Any]] = {
     "compile_ahead": ("compile_flow", True),
     "memory_size": ("anomaly_score", ("memory", "fused")),
     "memory_weight": ("anomaly_score", "fused"),
-    "feature_cache": ("use_feature_cache", True),
-    "feature_cache_max_gb": ("use_feature_cache", True),
+    "feature_cache": ("use_feature_cache", True), "feature_cache_max_gb": ("use_feature_cache", True),
 }
 
 

@@ -17,36 +17,22 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Sample:
-    """One image of a dataset.
-
-    Attributes:
-        image_path: The image file.
-        label: 0 for a good (defect-free) image, 1 for a defective one.
-        mask_path: The ground-truth mask of a defective image; ``None`` for good images.
-        defect_type: ``'good'`` or the name of the defect folder / kind.
-        class_name: The product class the image belongs to.
-    """
+    """One image of a dataset."""
 
     image_path: Path
-    label: int
-    mask_path: Optional[Path]
-    defect_type: str
-    class_name: str
+    label: int                  # 0 good (defect-free), 1 defective
+    mask_path: Optional[Path]   # the ground-truth mask of a defective image; None for good images
+    defect_type: str            # 'good' or the name of the defect folder / kind
+    class_name: str             # the product class
 
 
 @dataclass
 class ClassSplit:
-    """The training (good only) and test images of one class.
-
-    Attributes:
-        class_name: The product class.
-        train: Defect-free training images, sorted by file name.
-        test: Good and defective test images, sorted by defect type then file name.
-    """
+    """The training and test images of one class."""
 
     class_name: str
-    train: list[Sample]
-    test: list[Sample]
+    train: list[Sample]         # defect-free training images, sorted by file name
+    test: list[Sample]          # good and defective test images, sorted by defect type then file name
 
 
 DATASET_CLASSES: dict[str, list[str]] = {
@@ -58,9 +44,7 @@ DATASET_CLASSES: dict[str, list[str]] = {
         "candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
         "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum",
     ],
-    "mpdd": [
-        "bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes",
-    ],
+    "mpdd": ["bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes"],
 }
 
 DATASETS: tuple[str, ...] = ("mvtec", "visa", "mpdd", "folder")
@@ -84,24 +68,21 @@ def check_root(root: Path) -> Path:
     return root
 
 
-def image_files(folder: Path) -> list[Path]:
-    """Non-hidden files with an image extension (any case) directly inside ``folder``, sorted by name
-    (empty when ``folder`` is missing)."""
+def _visible(folder: Path) -> list[Path]:
+    """Non-hidden entries of ``folder``, sorted by name (empty when ``folder`` is missing)."""
     if not folder.is_dir():
         return []
-    return sorted(
-        (p for p in folder.iterdir()
-         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS),
-        key=lambda p: p.name,
-    )
+    return sorted((p for p in folder.iterdir() if not p.name.startswith(".")), key=lambda p: p.name)
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Non-hidden files with an image extension (any case) directly inside ``folder``, sorted by name."""
+    return [p for p in _visible(folder) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
 
 
 def subfolders(folder: Path) -> list[Path]:
-    """Non-hidden sub-folders of ``folder``, sorted by name (empty when ``folder`` is missing)."""
-    if not folder.is_dir():
-        return []
-    return sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                  key=lambda p: p.name)
+    """Non-hidden sub-folders of ``folder``, sorted by name."""
+    return [p for p in _visible(folder) if p.is_dir()]
 
 
 def order_classes(found: set[str], dataset: str) -> list[str]:

@@ -1,11 +1,8 @@
 """Image and mask files -> uint8 arrays at the network's size: the decoding and resizing of
 ``AnomalyDataset`` (SPEC §3 Data), kept free of torch so decoding worker processes start quickly
-(``moleflow.extractors.decoding``).
-
-``resize_mode`` ``'crop'`` resizes the shorter side to ``size`` (bilinear) and centre-crops
-``size x size``; ``'squash'`` resizes the whole image to ``size x size``. Masks get the same resize
-with nearest-neighbour sampling and the same crop; any non-zero mask pixel is anomalous. The readers
-raise ``DataError`` when a file cannot be read or decoded.
+(``moleflow.extractors.decoding``). Images are resized bilinearly (``resize_crop``: ``'crop'`` or
+``'squash'``), masks the same way with nearest-neighbour sampling; any non-zero mask pixel is
+anomalous. The readers raise ``DataError`` when a file cannot be read or decoded.
 """
 
 from __future__ import annotations
@@ -23,37 +20,33 @@ RESIZE_MODES: tuple[str, ...] = ("crop", "squash")
 
 
 @contextlib.contextmanager
-def _opened_rgb(path: Path) -> Iterator[Image.Image]:
-    """The decoded file as 8-bit RGB, valid inside the block (closing the file frees it)."""
+def _opened(path: Path, kind: str) -> Iterator[Image.Image]:
+    """The decoded file, valid inside the block (closing the file frees it); DataError when unreadable."""
     try:
         with Image.open(path) as image:
             image.load()
-            yield image if image.mode == "RGB" else _to_rgb(image)
+            yield image
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise DataError(f"cannot read image {path}: {one_line(error)}; replace or remove the file") from error
+        raise DataError(f"cannot read {kind} {path}: {one_line(error)}; replace or remove the file") from error
 
 
 def read_rgb(path: Path) -> Image.Image:
     """Decode an image as 8-bit RGB (grey, 16-bit, palette, RGBA and 1-bit inputs included)."""
-    with _opened_rgb(path) as rgb:
-        return rgb.copy()
+    with _opened(path, "image") as image:
+        return _to_rgb(image).copy()
 
 
 def read_rgb_resized(path: Path, size: int, mode: str = "crop") -> tuple[Image.Image, tuple[int, int]]:
     """``read_rgb`` then ``resize_crop(..., size, BILINEAR, mode=mode)`` (the same pixels, without a
     full-size copy): (the ``size x size`` RGB image, the decoded image's (width, height))."""
-    with _opened_rgb(path) as rgb:
-        return resize_crop(rgb, size, Image.Resampling.BILINEAR, mode=mode), rgb.size
+    with _opened(path, "image") as image:
+        return resize_crop(_to_rgb(image), size, Image.Resampling.BILINEAR, mode=mode), image.size
 
 
 def read_mask(path: Path) -> np.ndarray:
     """Decode a mask as a boolean array ``(H, W)``: True wherever any colour channel is non-zero."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            values = np.asarray(image)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise DataError(f"cannot read mask {path}: {one_line(error)}; replace or remove the file") from error
+    with _opened(path, "mask") as image:
+        values = np.asarray(image)
     if values.ndim == 3:
         if values.shape[2] in (2, 4):  # LA / RGBA: the alpha channel is not the mask
             values = values[..., :-1]
@@ -109,7 +102,9 @@ def decode_chunk(files: list[tuple[str, Optional[str]]], size: int,
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode as 8-bit RGB; 16-bit and float images are scaled into 0..255."""
+    """Any PIL mode as 8-bit RGB (an RGB image itself); 16-bit and float images are scaled into 0..255."""
+    if image.mode == "RGB":
+        return image
     if image.mode.startswith("I;16"):
         values = np.asarray(image, dtype=np.float64) / 257.0
         image = Image.fromarray(values.round().astype(np.uint8))

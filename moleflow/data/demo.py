@@ -30,15 +30,8 @@ def generate_demo_dataset(root: Path, seed: int = 0, *, size: int = 224, n_train
 
     Per class: ``n_train`` good training images, ``n_test_good`` good test images and
     ``n_test_defect`` images of each of its three defect types, ``size`` x ``size`` RGB PNG,
-    masks 0/255 PNG in ``ground_truth/<defect>/<stem>_mask.png``.
-
-    Args:
-        root: The dataset folder to create (its parent is created if needed).
-        seed: Seed of all randomness; the same arguments always give the same bytes.
-        size: Image side in pixels.
-        n_train: Training images per class.
-        n_test_good: Good test images per class.
-        n_test_defect: Test images per defect type and class.
+    masks 0/255 PNG in ``ground_truth/<defect>/<stem>_mask.png``. ``seed`` drives all randomness:
+    the same arguments always give the same bytes. The parent of ``root`` is created if needed.
 
     Returns:
         The class names in task order (:data:`DEMO_CLASSES`).

@@ -34,10 +34,8 @@ def stroke_alpha(size: int, points: np.ndarray, width: float) -> np.ndarray:
 
 def curve_points(rng: np.random.Generator, middle: np.ndarray, length: float,
                  heading: Optional[float] = None) -> np.ndarray:
-    """A gently bent quadratic Bezier curve ``(64, 2)`` of about ``length`` px around ``middle``.
-
-    ``heading`` is the direction (radians) from start to end; random when None.
-    """
+    """A gently bent quadratic Bezier curve ``(64, 2)`` of about ``length`` px around ``middle``;
+    ``heading``: the direction (radians) from start to end, random when None."""
     heading = rng.uniform(0.0, 2 * np.pi) if heading is None else heading
     half = length / 2 * np.array([np.cos(heading), np.sin(heading)])
     start, end = middle - half, middle + half

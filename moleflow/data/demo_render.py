@@ -17,17 +17,11 @@ from scipy.ndimage import gaussian_filter
 
 @dataclass
 class Scene:
-    """A rendered image and the layers defects are drawn against.
+    """A rendered image and the layers defects are drawn against (coverage, background: None for textures)."""
 
-    Attributes:
-        image: RGB ``(S, S, 3)`` float in [0, 1].
-        coverage: Object coverage ``(S, S)`` in [0, 1] (None for textures).
-        background: What lies behind the object, RGB ``(S, S, 3)`` (None for textures).
-    """
-
-    image: np.ndarray
-    coverage: Optional[np.ndarray] = None
-    background: Optional[np.ndarray] = None
+    image: np.ndarray                          # RGB (S, S, 3) float in [0, 1]
+    coverage: Optional[np.ndarray] = None      # object coverage (S, S) in [0, 1]
+    background: Optional[np.ndarray] = None    # what lies behind the object, RGB (S, S, 3)
 
 
 def smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:

@@ -27,13 +27,8 @@ def held_out_count(n_train: int, fraction: float) -> int:
 
 def hold_out(split: ClassSplit, fraction: float, seed: int) -> tuple[ClassSplit, list[Sample]]:
     """Split a class's training images into (the split with the images left to train on, the held-out
-    images); both keep the file order.
-
-    Args:
-        split: the class's full split.
-        fraction: ``--val_fraction``.
-        seed: ``--seed`` (with the class name, it fixes the pick).
-    """
+    images); both keep the file order. ``fraction`` is ``--val_fraction``; ``seed`` (``--seed``) and the
+    class name fix the pick."""
     count = held_out_count(len(split.train), fraction)
     picked = set(random.Random(f"moleflow-held-out:{seed}:{split.class_name}").sample(range(len(split.train)), count))
     train = [s for i, s in enumerate(split.train) if i not in picked]

@@ -46,11 +46,9 @@ def load_class_split(dataset: str, root: Path, class_name: str) -> ClassSplit:
 
 
 def load_checked_splits(dataset: str, root: Path, classes: Sequence[str]) -> dict[str, ClassSplit]:
-    """Load every class of a run and check everything training and evaluation will read.
-
-    Per class: the split (:func:`load_class_split`), a test set with both defect-free and
-    defective images (image AUROC and AP need both) and every file's header
-    (:func:`validate_samples`). Runs before the first training step, without torch.
+    """Load every class of a run and check, without torch, everything training and evaluation will
+    read: the split, a test set with both defect-free and defective images (image AUROC and AP need
+    both) and every file's header (:func:`validate_samples`).
 
     Returns:
         ``{class name: split}`` in the order of ``classes``.
@@ -95,19 +93,14 @@ def validate_samples(samples: Sequence[Sample]) -> None:
     is missing, corrupt or not an image, or a mask whose aspect ratio differs from its image's (a
     mask may be a scaled copy, within :data:`ASPECT_TOLERANCE`)."""
     for sample in samples:
-        image_size = check_image_file(sample.image_path, "image")
-        if sample.mask_path is not None:
-            mask_size = check_image_file(sample.mask_path, "mask")
-            check_mask_shape(sample.image_path, image_size, sample.mask_path, mask_size)
-
-
-def check_mask_shape(image: Path, image_size: tuple[int, int], mask: Path, mask_size: tuple[int, int]) -> None:
-    """Raise :class:`DataError` when a mask's width/height ratio differs from its image's by more
-    than :data:`ASPECT_TOLERANCE` (sizes are (width, height))."""
-    (iw, ih), (mw, mh) = image_size, mask_size
-    if abs((mw / mh) / (iw / ih) - 1.0) > ASPECT_TOLERANCE:
-        raise DataError(f"mask {mask} is {mw}x{mh} px but its image {image} is {iw}x{ih} px (aspect ratios "
-                        "differ, the mask would be stretched); replace the mask with one of the image's shape")
+        iw, ih = check_image_file(sample.image_path, "image")
+        if sample.mask_path is None:
+            continue
+        mw, mh = check_image_file(sample.mask_path, "mask")
+        if abs((mw / mh) / (iw / ih) - 1.0) > ASPECT_TOLERANCE:
+            raise DataError(f"mask {sample.mask_path} is {mw}x{mh} px but its image {sample.image_path} is "
+                            f"{iw}x{ih} px (aspect ratios differ, the mask would be stretched); replace the mask "
+                            "with one of the image's shape")
 
 
 def check_image_file(path: Path, kind: str) -> tuple[int, int]:
@@ -118,8 +111,7 @@ def check_image_file(path: Path, kind: str) -> tuple[int, int]:
             size = image.size
             image.verify()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        message = f"cannot read {kind} {path}: {one_line(error)}; replace or remove the file"
-        raise DataError(message) from error
+        raise DataError(f"cannot read {kind} {path}: {one_line(error)}; replace or remove the file") from error
     if min(size) < 1:
         raise DataError(f"{kind} {path} is {size[0]}x{size[1]} px (empty); replace or remove the file")
     return size

@@ -52,8 +52,7 @@ def load_mvtec_split(dataset: str, root: Path, class_name: str) -> ClassSplit:
     if not train:
         raise DataError(f"no training images in {class_dir / 'train' / GOOD}; "
                         "add defect-free .png/.jpg images there")
-    test = _test_samples(class_dir, class_name)
-    return ClassSplit(class_name, train, test)
+    return ClassSplit(class_name, train, _test_samples(class_dir, class_name))
 
 
 def _test_samples(class_dir: Path, class_name: str) -> list[Sample]:

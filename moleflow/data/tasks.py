@@ -37,6 +37,4 @@ def split_tasks(classes: Sequence[str], scenario: str) -> list[list[str]]:
     if base > len(classes):
         raise DataError(f"--cl_scenario {scenario} puts {base} classes in the first task but only "
                         f"{len(classes)} are given ({', '.join(classes)}); lower B or add classes")
-    tasks = [classes[:base]]
-    tasks += [classes[i:i + increment] for i in range(base, len(classes), increment)]
-    return tasks
+    return [classes[:base]] + [classes[i:i + increment] for i in range(base, len(classes), increment)]
