@@ -30,7 +30,7 @@ from moleflow.config.cli import OneLineParser
 from moleflow.data import IMAGENET_MEAN, IMAGENET_STD
 from moleflow.evaluation.anomaly_map import anomaly_maps, image_scores
 from moleflow.models.loss import patch_nll
-from moleflow.trained import TrainedRun, load_trained
+from moleflow.trained import LOAD_ERRORS, TrainedRun, load_trained
 
 FORMATS = ("torchscript",)
 OUTPUTS = ["image_scores", "maps", "routed_task", "router_distance", "threshold", "router_limit"]
@@ -134,12 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from moleflow.checkpoint import CheckpointError
-    from moleflow.config.ablation import ConfigError
-    from moleflow.extractors import BackboneError
     try:
         trained = load_trained(args.run_dir, device=args.device)
-    except (CheckpointError, ConfigError, BackboneError) as error:
+    except LOAD_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else trained.run_dir / "scorer.pt"

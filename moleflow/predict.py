@@ -62,15 +62,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         print(f"error: --batch_size {args.batch_size} must be >= 1", file=sys.stderr)
         return 2
-    from moleflow.checkpoint import CheckpointError
-    from moleflow.config.ablation import ConfigError
-    from moleflow.extractors import BackboneError
     from moleflow.predictor import Predictor, expand_inputs
-    from moleflow.trained import load_trained
+    from moleflow.trained import LOAD_ERRORS, load_trained
     try:
         trained = load_trained(args.run_dir, device=args.device)
         predictor = Predictor(trained, batch_size=args.batch_size, task=args.task)
-    except (CheckpointError, ConfigError, BackboneError, ValueError) as error:
+    except (*LOAD_ERRORS, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     paths = expand_inputs(args.inputs)

@@ -59,7 +59,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run_dir = Path(args.pop("run_dir"))
     from moleflow.checkpoint import CheckpointError, saved_config
     from moleflow.cli_main import _user_errors, check_data
-    from moleflow.data import DataError
     from moleflow.resume import ResumeState
     from moleflow.runner import Run
     from moleflow.trained import read_checkpoint
@@ -71,11 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                   f"with python run_moleflow.py --resume {run_dir} first")
         config, changed = resolve(saved_config(ckpt), args, run_dir)
         splits = check_data(config)
-    except (ConfigError, DataError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    notes = {"reevaluated_from": str(run_dir), "changed": changed}
-    try:
+        notes = {"reevaluated_from": str(run_dir), "changed": changed}
         run = Run(config, resume=ResumeState(ckpt, run_dir, extend=True, tasks=tasks), splits=splits, notes=notes)
         run.log.info(f"re-evaluating {run_dir} with {changed or 'its own settings'}")
         for task_id in range(len(tasks)):

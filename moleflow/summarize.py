@@ -100,13 +100,13 @@ def format_report(summaries: Sequence[GroupSummary], differing: dict[str, dict[s
     lines: list[str] = []
     for s in summaries:
         g = s.group
-        lines += ["", f"== {g.name}: {len(g.runs)} run(s), seeds {' '.join(r.seed for r in g.runs)}",
+        seeds = [r.seed for r in g.runs]
+        lines += ["", f"== {g.name}: {len(g.runs)} run(s), seeds {' '.join(seeds)}",
                   *(f"   {r.folder}" for r in g.runs), "", "final results, routed (%):", *format_classes(s.routed)]
         if s.oracle is not None:
             lines += ["", f"final results, oracle: true task given ({int(s.oracle['n_runs'].iloc[0])} run(s), %):",
                       *format_classes(s.oracle)]
         lines += ["", "continual (%, percent points):", *format_continual(s.continual)]
-        seeds = [r.seed for r in g.runs]
         if len(set(seeds)) < len(seeds):
             lines.append(f"warning: group {g.name} averages runs with the same seed ({' '.join(seeds)})")
     lines += ["", "settings that differ between groups:" if differing else

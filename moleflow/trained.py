@@ -11,13 +11,16 @@ import torch
 
 from moleflow.build import build_backbone, build_flow, build_router, resolve_device, score_settings
 from moleflow.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint, saved_config
-from moleflow.config.ablation import AblationConfig
+from moleflow.config.ablation import AblationConfig, ConfigError
 from moleflow.evaluation.calibration import Calibration
 from moleflow.evaluation.evaluator import ScoreSettings
-from moleflow.extractors import FeatureExtractor
+from moleflow.extractors import BackboneError, FeatureExtractor
 from moleflow.models.memory import PatchMemory
 from moleflow.models.mole_nf import MoLESpatialAwareNF
 from moleflow.models.routing import PrototypeRouter
+
+# What loading a run folder raises for a user's mistake (each a one-line message).
+LOAD_ERRORS = (CheckpointError, ConfigError, BackboneError)
 
 
 @dataclass
