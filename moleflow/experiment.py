@@ -149,7 +149,7 @@ def write_results_csv(path: Path, rows: Sequence[dict[str, Any]]) -> dict[str, A
     picked on the test set) follow when every row has them."""
     mean_row: dict[str, Any] = {"task_id": "mean", "class_name": "mean", **mean_metrics(rows)}
     columns = RESULT_COLUMNS + [c for c in THRESHOLD_METRICS if all(c in row for row in rows)]
-    lines = [columns, *([_fmt(row[c]) for c in columns] for row in [*rows, mean_row])]
+    lines = [columns] + [[_fmt(row[c]) for c in columns] for row in [*rows, mean_row]]
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as handle:
         csv.writer(handle).writerows(lines)

@@ -45,8 +45,9 @@ def write_final(run: Any, routed: list[ClassEvaluation], oracle: Optional[list[C
     cfg, exp_dir, names = run.config, run.exp_dir, ["+".join(t) for t in run.tasks]
     rows = [r.row for r in routed]
     mean = write_results_csv(exp_dir / "final_results.csv", rows)
-    oracle_mean = None if oracle is None else write_results_csv(exp_dir / "final_results_oracle.csv",
-                                                                [r.row for r in oracle])
+    oracle_mean = None
+    if oracle is not None:
+        oracle_mean = write_results_csv(exp_dir / "final_results_oracle.csv", [r.row for r in oracle])
     image_rows = _per_image(run, routed)
     write_rows(exp_dir / "per_image_scores.csv", PER_IMAGE_COLUMNS, image_rows)
     write_rows(exp_dir / "results_by_defect_type.csv", DEFECT_COLUMNS, defect_type_rows(image_rows))

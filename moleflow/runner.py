@@ -73,7 +73,8 @@ class Run:
 
     The data (``splits`` when the caller checked them already) and the top-k against the backbone's
     patch grid are checked before the first training step. ``progress=False`` or ``--quiet`` keeps the
-    console to warnings; bars only on a terminal. ``weights='random'``: the benchmark's speed-only runs.
+    console to warnings; bars only on a terminal. ``clock`` is told the phases (``RunClock``; the benchmark
+    times them). ``weights='random'``: the benchmark's speed-only runs.
     """
 
     def __init__(self, config: AblationConfig, resume: Optional[ResumeState] = None, progress: bool = True,

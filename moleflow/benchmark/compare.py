@@ -6,10 +6,11 @@
 Every run is the real CLI (``run_moleflow.py``, ``--dataset folder``) in its own process: one continual
 run per variant and seed over the classes in the order given, from one data root of links under ``--out``.
 Variants (default): ``ours`` (the defaults) and ``paper_main`` (the paper's method exactly). Baselines,
-run once each (deterministic), the task known: ``patchcore_oracle`` (PatchCore as PatchCore builds it)
-and ``knn_our_features`` (the same nearest-neighbour scoring on our patch features). The table (per class
-and mean: metrics in percent as mean ± std over seeds; per variant forgetting and routing accuracy) is
-printed and written to ``DIR/compare.md`` and ``DIR/compare.csv``.
+run once each (deterministic), the task known: ``patchcore_oracle`` (PatchCore as PatchCore builds it:
+its own features, every training patch of the class, k = 1, image score = max) and ``knn_our_features``
+(the same nearest-neighbour scoring on our patch features). The table (per class and mean: image AUROC,
+pixel AUROC, pixel AP and AUPRO in percent as mean ± std over seeds; per variant forgetting and routing
+accuracy) is printed and written to ``DIR/compare.md`` and ``DIR/compare.csv``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The real ``Run`` timed phase by phase, with end-to-end inference measured after every task.
 
-The clock a ``Run`` is given (``moleflow.runner.RunClock``) synchronises the device at every phase
-boundary and charges a phase nested in another (routing inside an evaluation) to the inner phase
-only. The end-to-end measurement after each task is kept out of the run's total.
+``PhaseClock``, the ``RunClock`` (``moleflow.runner``) given to the ``Run``, synchronises the device at
+every phase boundary and charges a phase nested in another (routing inside an evaluation) to the inner
+phase only. The end-to-end measurement after each task is kept out of the run's total.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class BenchmarkClock(PhaseClock):
                                  "skipped": stats.skipped_batches if stats else 0,
                                  "final_loss": stats.final_loss if stats else None,
                                  "seconds": self.last.get("flow_training", 0.0) if stats else 0.0,
-                                 "image_steps": images * run.config.num_epochs if stats else 0})
+                                 "image_steps": (images * run.config.num_epochs) if stats else 0})
         self.after_task.append({"task": task_id, **{k: mean[k] for k in SUMMARY_METRICS}})
         self.growth.append(param_counts(run.model))
         with self.phase("e2e_measurement"):
@@ -256,8 +256,10 @@ def timed_run(config: AblationConfig, weights: str, e2e_images: int = 640, e2e_b
     decoded = n_train + n_held + n_test
     decode_extraction = phases.get("data_decode", 0.0) + phases.get("feature_extraction", 0.0)
     stats, growth, inference = clock.train_stats, clock.growth, clock.inference
-    image_steps, train_s = sum(s["image_steps"] for s in stats), phases.get("flow_training", 0.0)
+    image_steps = sum(s["image_steps"] for s in stats)
+    train_s = phases.get("flow_training", 0.0)
     steady = stats[2:]  # from the third task on nothing compiles under --compile_flow (task 1 compiles the graph)
+    steady_rate = _per_s(sum(s["image_steps"] for s in steady), sum(s["seconds"] for s in steady))
     oracle = result.oracle_mean_row
     return {
         "tasks": run.tasks,
@@ -268,8 +270,7 @@ def timed_run(config: AblationConfig, weights: str, e2e_images: int = 640, e2e_b
         "run_total_s": run_total,
         "wall_with_measurements_s": wall,
         "training": {"image_steps": image_steps, "seconds": train_s, "images_per_s": _per_s(image_steps, train_s),
-                     "per_task": stats, "from_third_task_images_per_s":
-                         _per_s(sum(s["image_steps"] for s in steady), sum(s["seconds"] for s in steady))},
+                     "per_task": stats, "from_third_task_images_per_s": steady_rate},
         "decode_images_per_s": _per_s(decoded, phases.get("data_decode", 0.0)),
         "extraction_images_per_s": _per_s(decoded, phases.get("feature_extraction", 0.0)),
         # decoding overlaps extraction (data_decode: cache reads, augmenting sets): the sum is the figure to read

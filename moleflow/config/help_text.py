@@ -106,7 +106,7 @@ HELP: dict[str, str] = {
     "seed": "seed of every random draw (same seed + data on the CPU = same bytes)",
     "device": "where the flow runs, one of auto (CUDA if present), cpu, cuda, cuda:N",
     "num_workers": "image-decoding worker processes (at most 16), started once per run and overlapped with the "
-                   "backbone; 0 (default): decode on a thread pool of this process, then run the backbone",
+                   "backbone; 0 (default): decode on a thread pool of this process, also while the backbone runs",
     "amp": "on CUDA, bf16 autocast and channels-last for the frozen backbone (no effect on the CPU, says so)",
     "tf32": "on CUDA, TF32 float32 matrix products in the flow (routing stays full float32; no effect on the "
             "CPU, says so)",

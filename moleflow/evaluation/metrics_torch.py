@@ -103,8 +103,9 @@ def _numpy_pixel_metrics(masks: np.ndarray, maps: np.ndarray, fpr_limit: float) 
 
 def class_metrics(image_labels: Tensor, image_scores: Tensor, masks: Tensor, maps: Tensor,
                   fpr_limit: float = 0.3, regions: Optional[tuple[Tensor, int]] = None) -> dict[str, float]:
-    """:func:`moleflow.evaluation.metrics.class_metrics` on tensors: the image metrics with numpy, the
-    pixel metrics on the tensors' device (:func:`pixel_metrics`, same ``regions``)."""
+    """:func:`moleflow.evaluation.metrics.class_metrics` on tensors: the image metrics (``(N,)`` labels and
+    scores) with numpy, the pixel metrics of ``(N, H, W)`` masks and maps (on the same device) there
+    (:func:`pixel_metrics`, same ``regions``)."""
     if len(masks) != image_labels.numel():
         raise ValueError(f"{image_labels.numel()} image labels but {len(masks)} masks")
     labels = image_labels.cpu().numpy()

@@ -39,7 +39,7 @@ def available_cpus() -> int:
 
 def decode_workers(requested: int) -> int:
     """Worker processes for ``--num_workers requested``: that many, at most 16 (0: none, the images
-    are decoded on a thread pool of this process first, then extracted)."""
+    are decoded on a thread pool of this process while the backbone runs)."""
     return max(0, min(MAX_WORKERS, requested))
 
 

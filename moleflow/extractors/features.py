@@ -1,10 +1,11 @@
 """``FeatureSet`` and the plain path: the frozen backbone run over a dataset's items in order.
 
-A run takes this path for augmenting datasets (``source.py`` takes every other one): their draws come
-from torch's global generator, so they are read in order on the calling thread (the draws must not
-depend on thread timing); ``decode_all`` decodes the images once, on a small thread pool, into the
-dataset's own cache, so later epochs only augment. ``iter_batches`` also serves plain datasets with a
-thread pool.
+A run takes this path for every dataset it does not read from the feature cache or decode in worker
+processes (``source.py``). A plain dataset's items are decoded on ``iter_batches``' thread pool while the
+backbone runs over the batches already collated. An augmenting dataset draws from torch's global
+generator, so its items are read in order on the calling thread (the draws must not depend on thread
+timing); ``decode_all`` decodes its images first, once, on a thread pool, into the dataset's own cache,
+so later epochs only augment.
 """
 
 from __future__ import annotations

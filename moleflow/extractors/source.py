@@ -1,11 +1,13 @@
 """Where a run's features come from: the feature cache, else decoding and the frozen backbone.
 
 ``FeatureSource.features(dataset, ...)`` gives the same ``FeatureSet`` as extracting every image: cached
-images are read (threads; reading releases the GIL), the others are decoded by worker processes
-(``decoding.py``) while the backbone runs on the batches already decoded; the uint8 images are normalised
-on the device with ``AnomalyDataset``'s arithmetic (true divisions), so the backbone sees the same floats.
-A few threads write new features to the cache meanwhile. An augmenting dataset (augmentations drawn from
-torch's global generator in item order) takes the plain path (``features.py``) and is never cached.
+images are read (threads; reading releases the GIL); the others are decoded while the backbone runs on the
+batches already decoded, on a thread pool (``features.py``) or, with ``--num_workers``, by worker processes
+(``decoding.py``; their uint8 images are normalised on the device with ``AnomalyDataset``'s arithmetic, so
+the backbone sees the same floats). A few threads write new features to the cache meanwhile. An augmenting
+dataset (augmentations drawn from torch's global generator in item order) is decoded first, then extracted
+in order (``features.py``), and never cached. Without a cache and worker processes every dataset takes the
+``features.py`` path.
 """
 
 from __future__ import annotations
@@ -94,14 +96,14 @@ class FeatureSource:
                  phase: Phase = _no_phase) -> tuple[FeatureSet, FeatureCount]:
         """The ``FeatureSet`` of ``dataset`` and how many images came from the cache.
 
-        ``phase`` is told ``data_decode`` (reading the cache; decoding an augmenting dataset) and
-        ``feature_extraction`` (decoding overlapped with the backbone) around the work.
+        ``phase`` is told ``data_decode`` (reading the cache; decoding an augmenting dataset first) and
+        ``feature_extraction`` (the backbone, with the decoding of every other dataset) around the work.
         """
         if dataset.augment or (self.cache is None and not self.workers):
             if dataset.augment:  # augmented in item order on this thread: the images decoded first, in parallel
                 with phase("data_decode"):
                     decode_all(dataset)
-            with phase("feature_extraction"):  # plain images: decoded on a thread pool while the backbone runs
+            with phase("feature_extraction"):  # a plain dataset is decoded on a thread pool while the backbone runs
                 feats = extract_features(self.extractor, dataset, self.batch_size, self.device, keep_masks,
                                          desc=desc, progress=self.progress)
             count = FeatureCount(extracted=len(dataset))
@@ -223,7 +225,7 @@ class FeatureSource:
                  keys: list[Optional[str]], desc: str) -> None:
         """Decode and extract the images ``indices`` of ``dataset`` into ``patches`` (and ``masks``),
         queuing each new entry for the cache."""
-        if not self.workers:  # no worker processes: the images on a thread pool, then the backbone
+        if not self.workers:  # no worker processes: decoded on a thread pool while the backbone runs
             self._extract_in_process(dataset, indices, patches, masks, keys, desc)
             return
         workers = self.workers if len(indices) > 2 * CHUNK else 0  # a few images: worker start-up costs more

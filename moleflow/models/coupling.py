@@ -1,7 +1,9 @@
 """Invertible blocks of the flow: one affine-coupling base, the shared MoLE blocks and the DIA blocks.
 
-``AffineCoupling`` does the split, soft clamp, affine update, join and per-row log-determinant once,
-in both directions; subclasses write only their coefficients and any fixed channel arrangement.
+``AffineCoupling`` does the arithmetic once, in both directions: split x into (x1, x2), take (a_s, t)
+from the subclass's ``coefficients(x1, ...)``, soft-clamp s = c * tanh(a_s), y2 = x2 * exp(s) + t
+(reverse: x2 = (y2 - t) * exp(-s)), join [x1, y2]; log|det J| per row = sum(s) (reverse: -sum(s)).
+Subclasses write only their coefficients and any fixed channel arrangement.
 
 Why not FrEIA's modules: the loss and the anomaly score need the log-determinant *per patch*, but
 FrEIA's couplings sum it over all non-batch axes; the MoLE subnet also needs the patch grid

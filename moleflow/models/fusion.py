@@ -68,8 +68,8 @@ def _set(**changes: object) -> Iterator[None]:
 
 @contextlib.contextmanager
 def fusion(enabled: bool, log: Optional[logging.Logger] = None) -> Iterator[None]:
-    """Fusion on or off inside the block (on: torch's recompile limit at least ``_RECOMPILE_LIMIT``);
-    ``log`` gets the warning when a function cannot be compiled (it then runs eagerly)."""
+    """Fusion on or off inside the block (on: torch's recompile limit at least ``_RECOMPILE_LIMIT``); both
+    are as before on exit. ``log`` gets the warning when a function cannot be compiled (it then runs eagerly)."""
     with contextlib.ExitStack() as stack:
         if enabled:
             config = torch._dynamo.config
