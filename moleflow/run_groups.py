@@ -250,8 +250,7 @@ class GroupSummary:
 
 def summarize_group(group: Group) -> GroupSummary:
     """Class tables (routed, oracle) and the continual table of one group."""
-    names = [r.folder for r in group.runs]
-    routed = summarize_runs([r.final for r in group.runs], names)
+    routed = summarize_runs([r.final for r in group.runs], [r.folder for r in group.runs])
     with_oracle = [r for r in group.runs if r.oracle is not None]
     oracle = summarize_runs([r.oracle for r in with_oracle], [r.folder for r in with_oracle]) if with_oracle else None
     return GroupSummary(group, routed, oracle, summarize_continual([r.continual for r in group.runs]))

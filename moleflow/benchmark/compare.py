@@ -55,20 +55,14 @@ def link_root(roots: Sequence[Path], classes: Sequence[str], target: Path) -> Pa
     return target
 
 
-def read_rows(path: Path) -> dict[str, dict[str, float]]:
-    """class name (and 'mean') -> metric -> value of a results CSV."""
+def read_rows(path: Path, key: str = "class_name") -> dict[str, dict[str, float]]:
+    """Row name (column ``key``: class name and 'mean', or metric) -> column -> value of a results CSV."""
     out: dict[str, dict[str, float]] = {}
     with open(path, newline="") as handle:
         for row in csv.DictReader(handle):
-            out[row["class_name"]] = {k: float(v) if v not in ("", None) else math.nan
-                                      for k, v in row.items() if k not in ("task_id", "class_name")}
+            out[row[key]] = {k: float(v) if v not in ("", None) else math.nan
+                             for k, v in row.items() if k not in ("task_id", key)}
     return out
-
-
-def read_forgetting(path: Path) -> dict[str, float]:
-    """metric -> forgetting from continual_summary.csv."""
-    with open(path, newline="") as handle:
-        return {r["metric"]: float(r["forgetting"]) if r["forgetting"] else math.nan for r in csv.DictReader(handle)}
 
 
 def run_one(name: str, flags: list[str], seed: int, data_root: Path, classes: Sequence[str], out: Path,
@@ -87,11 +81,12 @@ def run_one(name: str, flags: list[str], seed: int, data_root: Path, classes: Se
     exp_dir = sorted(log_dir.glob(f"{experiment}_*"))[-1]
     oracle = exp_dir / "final_results_oracle.csv"
     routed = read_rows(exp_dir / "final_results.csv")
+    continual = read_rows(exp_dir / "continual_summary.csv", key="metric")
     mean = " ".join(f"{m} {100 * routed['mean'][m]:.2f}" for m in METRICS)
     print(f"  {name} seed {seed}: {time.time() - started:.0f}s, routed mean {mean} -> {exp_dir}", flush=True)
     return {"routed": routed,
             "oracle": read_rows(oracle) if oracle.exists() else None,
-            "forgetting": read_forgetting(exp_dir / "continual_summary.csv"), "dir": str(exp_dir),
+            "forgetting": {m: row["forgetting"] for m, row in continual.items()}, "dir": str(exp_dir),
             "baseline": is_baseline(flags)}
 
 
@@ -101,15 +96,11 @@ def is_baseline(flags: Sequence[str]) -> bool:
     return "patchcore_oracle" in joined or "--anomaly_score memory" in joined
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def cell(values: list[float]) -> str:
-    mean, std = mean_std([100.0 * v for v in values])
+    """``mean ± std`` in percent over the non-NaN values; the mean alone for one run, ``n/a`` for none."""
+    kept = [100.0 * v for v in values if not math.isnan(v)]
+    mean = statistics.fmean(kept) if kept else math.nan
+    std = statistics.stdev(kept) if len(kept) > 1 else 0.0
     if math.isnan(mean):
         return "n/a"
     return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ± {std:.2f}"
@@ -119,7 +110,6 @@ def build_table(classes: Sequence[str], results: dict[str, list[dict]]) -> tuple
     """Markdown table and CSV rows: one line per (class or mean, result), metric columns."""
     baselines = {n for n, runs in results.items() if n in BASELINES or runs[0].get("baseline")}
     header = ["class", "result", *[SHORT[m] for m in METRICS], "forgetting (img/pixel AUROC)", "routing"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     rows: list[list[str]] = [header]
     for name in [*classes, "mean"]:
         for variant, runs in results.items():
@@ -132,9 +122,9 @@ def build_table(classes: Sequence[str], results: dict[str, list[dict]]) -> tuple
                 if name == "mean" and kind == "routed" and variant not in baselines:
                     forget = " / ".join(cell([r["forgetting"][m] for r in runs]) for m in ("img_auroc", "pixel_auroc"))
                     routing = cell([r["routed"][name]["routing_acc"] for r in runs])
-                row = [name, label, *cells, forget, routing]
-                rows.append(row)
-                lines.append("| " + " | ".join(row) + " |")
+                rows.append([name, label, *cells, forget, routing])
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    lines.insert(1, "|" + "---|" * len(header))
     return "\n".join(lines), rows
 
 
