@@ -55,11 +55,6 @@ class AnomalyDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    @property
-    def labels(self) -> list[int]:
-        """Image labels (0 good, 1 defect) in item order."""
-        return [s.label for s in self.samples]
-
     def __getitem__(self, index: int) -> dict:
         image, mask = self.decoded(index)
         image = image.float().div_(255.0)                       # (3, S, S) in [0, 1]

@@ -9,7 +9,7 @@ from PIL import Image
 
 from moleflow.data.base import DATASET_CLASSES, ClassSplit, DataError, Sample, check_dataset_name, one_line
 from moleflow.data.mvtec import list_mvtec_classes, load_mvtec_split
-from moleflow.data.visa import list_visa_classes, load_visa_split
+from moleflow.data.visa import SPLIT_CSV, list_visa_classes, load_visa_split
 
 
 def list_classes(dataset: str, root: Path) -> list[str]:
@@ -74,7 +74,7 @@ def check_test_labels(split: ClassSplit, dataset: str, root: Path) -> None:
     good_missing = 0 not in labels
     kind = "defect-free" if good_missing else "defective"
     if dataset == "visa":
-        where = root / "split_csv" / "1cls.csv"
+        where = root / SPLIT_CSV
         fix = f"add rows with object={name}, split=test, label={'normal' if good_missing else 'anomaly'} to {where}"
     else:
         test_dir = root / name / "test"

@@ -28,32 +28,19 @@ OVERLAYS_PER_KIND = 2
 
 @dataclass
 class ClassDiagnostics:
-    """What the plots of one class need.
-
-    Attributes:
-        name: the class.
-        labels: (N,) 0 good / 1 defect.
-        image_scores: (N,) image anomaly scores.
-        coords: (N, K) a few latent coordinates per image.
-        log_det: (N,) mean log-det over each image's patches.
-        z_norm: (N,) mean |z| over each image's patches.
-        picks: indices of the images shown as overlays: the highest-scored good images and the
-            lowest-scored defective ones (the nearest to a false alarm and to a miss).
-        titles: one per pick: defect type, file name, score.
-        images: (P, 3, S, S) those images (ImageNet-normalised), maps and masks (P, S, S).
-    """
+    """What the plots of one class need (N test images, P overlay picks, side S)."""
 
     name: str
-    labels: np.ndarray
-    image_scores: np.ndarray
-    coords: torch.Tensor
-    log_det: np.ndarray
-    z_norm: np.ndarray
-    picks: list[int]
-    titles: list[str]
-    images: np.ndarray
-    maps: np.ndarray
-    masks: np.ndarray
+    labels: np.ndarray          # (N,) 0 good / 1 defect
+    image_scores: np.ndarray    # (N,) image anomaly scores
+    coords: torch.Tensor        # (N, K) a few latent coordinates per image
+    log_det: np.ndarray         # (N,) mean log-det over each image's patches
+    z_norm: np.ndarray          # (N,) mean |z| over each image's patches
+    picks: list[int]            # indices of the overlay images (overlay_picks)
+    titles: list[str]           # one per pick: defect type, file name, score
+    images: np.ndarray          # (P, 3, S, S) the picks, ImageNet-normalised
+    maps: np.ndarray            # (P, S, S) their anomaly maps
+    masks: np.ndarray           # (P, S, S) their ground truth
 
 
 @torch.no_grad()
@@ -74,7 +61,7 @@ def class_diagnostics(model: MoLESpatialAwareNF, device: torch.device, test: Fea
         log_dets.append(log_det.float().mean().cpu())
         norms.append(z.norm(dim=1).mean())
     labels, scores = test.labels.numpy(), result.image_scores.numpy()
-    picks = [int(i) for i in overlay_picks(labels, scores)]
+    picks = overlay_picks(labels, scores)
     titles = [f"{images.samples[i].defect_type}/{images.samples[i].image_path.name} score {scores[i]:.2f}"
               for i in picks]
     return ClassDiagnostics(result.row["class_name"], labels, scores, torch.stack(coords),
