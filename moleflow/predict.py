@@ -1,13 +1,11 @@
 """``python -m moleflow.predict RUN_DIR INPUT [INPUT ...] --out OUT_DIR``: a trained run on new images.
 
 Inputs are files, folders (their images, recursively) or glob patterns; any size, RGB or grey. For
-each input ``OUT_DIR/predictions.csv`` gets one row (path, routed_task, class_name, router_distance,
-router_limit, unknown_class, image_score, threshold, is_anomalous, width, height, map_path,
-overlay_path, error), ``OUT_DIR/maps/<n>_<name>.npy`` its anomaly map (float32, the image's height x
-width, the scores' units; NaN where the model did not look: outside the centre crop under
-``--resize_mode crop``) and ``OUT_DIR/overlays/<n>_<name>.png`` a heat map over the image. An
-unreadable input is a row with its error; the others go on. Exit status: 0, 1 when some input
-could not be read, 2 for a usage error (e.g. a folder without a checkpoint).
+each input ``OUT_DIR/predictions.csv`` gets one row (``COLUMNS``), ``OUT_DIR/maps/<n>_<name>.npy`` its
+anomaly map (float32, the image's height x width, the scores' units; NaN where the model did not look:
+outside the centre crop under ``--resize_mode crop``) and ``OUT_DIR/overlays/<n>_<name>.png`` a heat
+map over the image. An unreadable input is a row with its error; the others go on. Exit status: 0, 1
+when some input could not be read, 2 for a usage error (e.g. a folder without a checkpoint).
 """
 
 from __future__ import annotations
@@ -90,10 +88,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         writer.writerow(COLUMNS)
         for n, prediction in enumerate(predictor.predict(paths, maps=not args.no_maps,
                                                          progress=not args.quiet and interactive())):
-            map_path = overlay_path = ""
-            if prediction.anomaly_map is not None:
-                map_path, overlay_path = _write_map(out, n, prediction, trained)
-            writer.writerow(_row(prediction, map_path, overlay_path))
+            written = _write_map(out, n, prediction, trained) if prediction.anomaly_map is not None else ("", "")
+            writer.writerow(_row(prediction, *written))
             handle.flush()
             counts["images"] += 1
             counts["errors"] += bool(prediction.error)

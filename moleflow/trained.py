@@ -77,28 +77,24 @@ def read_checkpoint(run_dir: Path) -> dict:
     return load_checkpoint(run_dir / CHECKPOINT_NAME)
 
 
-def load_trained(run_dir: Path | str, device: str = "auto", config: Optional[AblationConfig] = None,
-                 weights: str = "pretrained") -> TrainedRun:
+def load_trained(run_dir: Path | str, device: str = "auto") -> TrainedRun:
     """Load a run folder's checkpoint and build its parts on ``device``.
 
     Args:
         run_dir: the experiment folder (with ``checkpoint.pt``).
         device: auto, cpu, cuda or cuda:N.
-        config: settings to score with instead of the saved ones (scoring settings only: the
-            re-evaluation); the architecture must be the saved one.
-        weights: backbone weights, ``pretrained`` (as the run) or ``random`` (tests of speed only).
 
     Raises:
         CheckpointError: no folder, no checkpoint, or a checkpoint that cannot be read.
     """
     run_dir = Path(run_dir)
     ckpt = read_checkpoint(run_dir)
-    config = config or saved_config(ckpt)
+    config = saved_config(ckpt)
     where = resolve_device(device)
     done = int(ckpt["tasks_done"])
     if done < 1:
         raise CheckpointError(f"{run_dir / CHECKPOINT_NAME} holds no trained task; let the run finish a task first")
-    extractor = build_backbone(config, where, weights)
+    extractor = build_backbone(config, where)
     model = build_flow(config, extractor.feature_dim)
     for _ in range(done):
         model.add_task()
